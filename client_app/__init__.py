@@ -1,0 +1,1 @@
+"""Flower ClientApp: DP-SGD training on the node's own shard."""

@@ -1,0 +1,1 @@
+"""What the ClientApp and ServerApp share: config, data, model, DP training, topology."""

@@ -1,0 +1,123 @@
+"""Every run-config key of the app: its default, its type and what values are valid.
+
+Flower passes the run config as a kebab-case dict whose values were parsed as TOML, so
+`eps=2` arrives as an int and `eps=inf` as a float. `RunConfig.from_run_config` is the single
+gate: it rejects unknown keys, casts each value to the field's type and validates it, raising
+`ConfigError` with one line naming the key, the bad value and what is valid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad run config: one line naming key, value and what is valid."""
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _choice(*valid: str) -> dict[str, Any]:
+    return {"choices": valid}
+
+
+def _check(pred: Callable[[Any], bool], valid: str) -> dict[str, Any]:
+    return {"check": pred, "valid": valid}
+
+
+_POSITIVE_INT = _check(lambda v: v >= 1, "an integer >= 1")
+_NON_NEGATIVE_INT = _check(lambda v: v >= 0, "an integer >= 0 (0 = no cap)")
+_POSITIVE_FLOAT = _check(lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The resolved run config; field `foo_bar` is run-config key `foo-bar`."""
+
+    num_server_rounds: int = field(default=20, metadata=_POSITIVE_INT)
+    strategy: str = field(default="fedavg", metadata=_choice("fedavg"))
+    eps: float = field(
+        default=8.0,
+        metadata=_check(lambda v: v > 0 and not math.isnan(v), "a number > 0, or inf for no DP"),
+    )
+    delta: float = field(default=1e-5, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
+    max_grad_norm: float = field(default=1.0, metadata=_POSITIVE_FLOAT)
+    local_epochs: int = field(default=1, metadata=_POSITIVE_INT)
+    batch_size: int = field(default=64, metadata=_POSITIVE_INT)
+    lr: float = field(default=0.1, metadata=_POSITIVE_FLOAT)
+    momentum: float = field(
+        default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+    )
+    model: str = field(default="cnn", metadata=_choice("cnn", "mlp"))
+    dataset: str = field(default="fashion-mnist", metadata=_choice("fashion-mnist", "mnist"))
+    data_dir: str = ""
+    partitioner: str = field(default="dirichlet", metadata=_choice("dirichlet", "iid", "shards"))
+    alpha: float = field(default=0.5, metadata=_POSITIVE_FLOAT)
+    shards_per_node: int = field(default=2, metadata=_POSITIVE_INT)
+    seed: int = field(default=7, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    samples_per_node: int = field(default=0, metadata=_NON_NEGATIVE_INT)
+    test_samples: int = field(default=0, metadata=_NON_NEGATIVE_INT)
+    accountant: str = field(default="rdp", metadata=_choice("rdp", "prv"))
+    grad_sample_mode: str = field(
+        default="hooks", metadata=_choice("hooks", "ghost", "functorch", "ew")
+    )
+    results_dir: str = ""
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        """Check every field against its metadata, so a bad value never reaches training."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if choices := f.metadata.get("choices"):
+                if value not in choices:
+                    raise ConfigError(
+                        f"{_key(f.name)}={value!r} is not valid; "
+                        f"choose one of: {', '.join(choices)}"
+                    )
+            elif (check := f.metadata.get("check")) and not check(value):
+                raise ConfigError(
+                    f"{_key(f.name)}={value!r} is not valid; expected {f.metadata['valid']}"
+                )
+
+    @property
+    def private(self) -> bool:
+        """Whether DP-SGD is on (eps=inf turns it off)."""
+        return math.isfinite(self.eps)
+
+    @classmethod
+    def from_run_config(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's kebab-case dict; unknown keys are typos, not ignored."""
+        by_key = {_key(f.name): f for f in fields(cls)}
+        if unknown := sorted(set(raw) - set(by_key)):
+            raise ConfigError(
+                f"unknown run-config key(s): {', '.join(unknown)}; "
+                f"valid keys: {', '.join(sorted(by_key))}"
+            )
+        return cls(**{by_key[k].name: _cast(k, by_key[k].type, v) for k, v in raw.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case dict, as Flower and `config.json` spell the keys."""
+        return {_key(k): v for k, v in asdict(self).items()}
+
+
+def defaults() -> dict[str, Any]:
+    """Every key with its default, kebab-case (what pyproject.toml must declare)."""
+    return RunConfig().to_dict()
+
+
+def _cast(key: str, type_name: str, value: Any) -> Any:
+    try:
+        if type_name == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if type_name == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key}={value!r} is not valid; expected a {type_name}") from None

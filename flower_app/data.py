@@ -1,0 +1,168 @@
+"""Image data, offline first: loading idx files, partitioning across nodes, tensors.
+
+Everything expensive is cached per process, so a simulation worker loads and partitions the
+data once per run, not once per round.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+MNIST_CACHE_DIR = Path.home() / ".cache" / "flower-dp-gossip"
+IDX_STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Per-dataset pixel mean and std, for normalisation.
+NORMALISATION = {"fashion-mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
+NUM_CLASSES = 10
+
+
+class DatasetMissing(FileNotFoundError):
+    """The dataset's files are not on this machine; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class Arrays:
+    """A dataset as numpy arrays: uint8 images (N, 28, 28) and int64 labels (N,)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse one idx file (optionally gzipped) into a numpy array.
+
+    Hand-written because torchvision's reader wants its own folder layout and no gzip.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: expected shape {shape}")
+    return data.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_idx_folder(folder: Path) -> Arrays | None:
+    """All four idx files from one folder, or None when any is missing."""
+    found = {
+        split: tuple(_find_idx(folder, stem) for stem in stems)
+        for split, stems in IDX_STEMS.items()
+    }
+    if any(p is None for paths in found.values() for p in paths):
+        return None
+    (xtr, ytr), (xte, yte) = (
+        tuple(read_idx(p) for p in found[split]) for split in ("train", "test")
+    )
+    return Arrays(xtr, ytr.astype(np.int64), xte, yte.astype(np.int64))
+
+
+def _idx_help(folder: Path | str) -> str:
+    names = ", ".join(s for stems in IDX_STEMS.values() for s in stems)
+    return f"expected the idx files {names} (optionally .gz) in {folder}"
+
+
+def _load_mnist_online() -> Arrays:
+    from torchvision.datasets import MNIST  # local import: only this path needs it
+
+    try:
+        train = MNIST(str(MNIST_CACHE_DIR), train=True, download=True)
+        test = MNIST(str(MNIST_CACHE_DIR), train=False, download=True)
+    except Exception as err:  # torchvision raises plain RuntimeError/URLError offline
+        raise DatasetMissing(
+            "dataset=mnist is not available: this machine is offline and torchvision could "
+            f"not download it ({type(err).__name__}); pass data-dir=/path/to/mnist-idx with "
+            f"MNIST's four idx files, or use dataset=fashion-mnist"
+        ) from None
+    return Arrays(
+        train.data.numpy(),
+        train.targets.numpy().astype(np.int64),
+        test.data.numpy(),
+        test.targets.numpy().astype(np.int64),
+    )
+
+
+@lru_cache(maxsize=2)
+def load_arrays(dataset: str, data_dir: str = "") -> Arrays:
+    """Load a dataset's train and test arrays (cached per process).
+
+    Fashion-MNIST comes from the Debian package `dataset-fashion-mnist` unless `data_dir`
+    names another folder; MNIST comes from `data_dir`, else through torchvision when online.
+    """
+    if data_dir:
+        folder = Path(data_dir).expanduser()
+        arrays = _read_idx_folder(folder) or _read_idx_folder(folder / "raw")
+        if arrays is None:
+            raise DatasetMissing(f"dataset={dataset}: {_idx_help(folder)}")
+        return arrays
+    if dataset == "fashion-mnist":
+        arrays = _read_idx_folder(FASHION_MNIST_DIR)
+        if arrays is None:
+            raise DatasetMissing(
+                f"dataset=fashion-mnist not found in {FASHION_MNIST_DIR}: install it with "
+                "`apt-get install dataset-fashion-mnist` (or run scripts/setup), "
+                "or pass data-dir=/path/to/idx-files"
+            )
+        return arrays
+    if dataset == "mnist":
+        cached = _read_idx_folder(MNIST_CACHE_DIR / "MNIST" / "raw")
+        return cached if cached is not None else _load_mnist_online()
+    raise DatasetMissing(f"unknown dataset {dataset!r}")
+
+
+class BatchTensorDataset(TensorDataset):
+    """A TensorDataset that hands a DataLoader a whole batch with one indexing operation.
+
+    The default fetch indexes sample by sample and stacks, which costs more than training
+    the small models here. Use with `collate_fn=keep_batch`.
+    """
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        """The batch at `indices` (empty indices give empty tensors of the right shape)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[idx] for t in self.tensors)
+
+
+def keep_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Collate function for `BatchTensorDataset`: the batch is already stacked."""
+    return batch
+
+
+def to_tensors(dataset: str, x: np.ndarray, y: np.ndarray) -> BatchTensorDataset:
+    """Normalised float images (N, 1, 28, 28) and labels, all in memory."""
+    mean, std = NORMALISATION[dataset]
+    images = (torch.from_numpy(x.astype(np.float32)) / 255.0 - mean) / std
+    return BatchTensorDataset(images.unsqueeze(1), torch.from_numpy(y))
+
+
+def cap(indices: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """A seeded random subset of at most `limit` indices (0 = keep all), order kept."""
+    if limit <= 0 or limit >= len(indices):
+        return indices
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(indices, size=limit, replace=False))

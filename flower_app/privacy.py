@@ -1,0 +1,126 @@
+"""Privacy accounting: pure (ε, δ) maths over Opacus accountants, and the per-node ledger.
+
+Privacy unit: one training sample of one node (sample-level DP, as Opacus DP-SGD gives).
+Trust model: each node trusts only itself; the server and other nodes see only models that
+already carry DP noise. ε is cumulative over the whole run, never per round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+PRIVACY_UNIT = "sample-level (ε, δ)-DP per node: the unit is one training example of one node"
+TRUST_MODEL = "each node trusts only itself; the server sees only noisy models"
+# Binary-search tolerance of the calibration: final ε lands in [target - tol, target].
+EPS_TOLERANCE = 0.01
+# Opacus's default RDP orders stop at 63, which is loose for few steps or large ε; more
+# orders only tighten the bound (every order gives a valid ε).
+RDP_ORDERS = [*RDPAccountant.DEFAULT_ALPHAS, 80, 96, 128, 192, 256, 512, 1024]
+
+
+def _orders(accountant: str) -> dict[str, list[float]]:
+    return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    """What a node has spent so far: enough to re-audit its ε from the results alone."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    accountant: str
+
+    def epsilon(self) -> float:
+        """Cumulative ε after `steps` optimizer steps."""
+        return epsilon(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.steps,
+            delta=self.delta,
+            accountant=self.accountant,
+        )
+
+    def after(self, steps: int) -> PrivacyLedger:
+        """The ledger once `steps` more optimizer steps were taken."""
+        return PrivacyLedger(**{**asdict(self), "steps": self.steps + steps})
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """Plain dict, for records and JSON."""
+        return asdict(self)
+
+
+def epsilon(
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "rdp",
+) -> float:
+    """ε of the subsampled Gaussian mechanism after `steps` steps (pure, no training)."""
+    if steps == 0:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    return float(acc.get_epsilon(delta=delta, **_orders(accountant)))
+
+
+def calibrate_noise(
+    *,
+    target_eps: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+) -> float:
+    """Smallest noise multiplier (within tolerance) whose ε after `steps` stays <= target.
+
+    Takes the exact step count of the whole run, so the budget covers every round and
+    local epoch, not one round.
+    """
+    if not math.isfinite(target_eps):
+        return 0.0
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_eps,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=EPS_TOLERANCE,
+            **_orders(accountant),
+        )
+    )
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch under Poisson sampling (Opacus: 1 / sample rate)."""
+    return max(1, math.ceil(num_samples / batch_size))
+
+
+def plan_ledger(
+    *,
+    num_samples: int,
+    batch_size: int,
+    total_epochs: int,
+    target_eps: float,
+    delta: float,
+    accountant: str,
+) -> PrivacyLedger:
+    """A node's empty ledger, with noise calibrated for all the epochs of the run."""
+    per_epoch = steps_per_epoch(num_samples, batch_size)
+    sample_rate = 1 / per_epoch
+    sigma = calibrate_noise(
+        target_eps=target_eps,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=per_epoch * total_epochs,
+        accountant=accountant,
+    )
+    return PrivacyLedger(sigma, sample_rate, 0, delta, accountant)

@@ -1,0 +1,165 @@
+"""The results contract: `<results-dir>/<run-name>/{config.json, rounds.csv, summary.json}`.
+
+Every file is replaced atomically (write a temporary file, then rename), and `summary.json`
+with `"status": "completed"` is written last, so a crashed run never looks complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+DISTRIBUTION = "flower-dp-gossip"
+ROUND_COLUMNS = (
+    "round",
+    "strategy",
+    "eps_target",
+    "eps_spent",
+    "accuracy",
+    "loss",
+    "train_loss",
+    "nodes_trained",
+    "round_s",
+    "wall_s",
+)
+SUMMARY = "summary.json"
+ROUNDS = "rounds.csv"
+CONFIG = "config.json"
+
+
+def project_root() -> Path | None:
+    """The source folder of an editable install (PEP 610 direct_url.json), if any.
+
+    The ServerApp may run from another working directory (Flower installs the app bundle
+    under FLWR_HOME), but results belong next to the project the user launched.
+    """
+    try:
+        raw = metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return None
+    if not raw:
+        return None
+    info = json.loads(raw)
+    if not info.get("dir_info", {}).get("editable"):
+        return None
+    url = urlparse(info.get("url", ""))
+    return Path(unquote(url.path)) if url.scheme == "file" else None
+
+
+def resolve_results_dir(value: str) -> Path:
+    """`results-dir` as an absolute path; relative paths and the default hang off the project."""
+    base = project_root() or Path.cwd()
+    if not value:
+        return base / "results"
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def format_eps(eps: float) -> str:
+    """ε for names and labels: 'inf' for no DP, else compact ('2', '0.5')."""
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def default_run_name(strategy: str, eps: float, seed: int, now: datetime | None = None) -> str:
+    """`<strategy>-eps<ε>-seed<seed>-<UTC timestamp>`: sortable and unique per launch."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{strategy}-eps{format_eps(eps)}-seed{seed}-{stamp}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def to_json(data: Any) -> str:
+    """JSON with inf written as the string "inf" (strict JSON has no infinity)."""
+    return json.dumps(_finite(data), indent=2, default=_json_default) + "\n"
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, Mapping):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically write `data` as JSON."""
+    atomic_write_text(path, to_json(data))
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """CSV text with a header; missing cells are empty, extra keys are an error."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+class RunFiles:
+    """The folder of one run; every write is atomic."""
+
+    def __init__(self, folder: Path, columns: Sequence[str] = ROUND_COLUMNS) -> None:
+        """Claim `folder`; a folder holding a completed run is never overwritten."""
+        self.folder = folder
+        self.columns = list(columns)
+        self.rows: list[dict[str, Any]] = []
+        if is_completed(folder):
+            raise FileExistsError(
+                f"{folder} already holds a completed run; choose another run-name"
+            )
+
+    def start(self, config: Mapping[str, Any]) -> None:
+        """Clear what an interrupted run left and write the resolved config."""
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        write_json(self.folder / CONFIG, dict(config))
+
+    def add_round(self, row: Mapping[str, Any]) -> None:
+        """Append one round and rewrite `rounds.csv` atomically."""
+        self.rows.append({c: row.get(c, "") for c in self.columns})
+        atomic_write_text(self.folder / ROUNDS, csv_text(self.rows, self.columns))
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """Write `summary.json` last: its presence with status completed marks the run done."""
+        write_json(self.folder / SUMMARY, dict(summary))
+
+
+def is_completed(folder: Path) -> bool:
+    """Whether `folder` holds a run whose summary says it completed."""
+    try:
+        summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return summary.get("status") == "completed"

@@ -1,0 +1,147 @@
+"""Local training (plain SGD or Opacus DP-SGD) and evaluation of one model."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from flower_app.data import keep_batch
+from flower_app.privacy import PrivacyLedger
+
+EVAL_BATCH = 500
+
+# Importing Opacus runs logging.basicConfig, which makes every Flower log line print twice.
+logging.getLogger("flwr").propagate = False
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What one round of local training did."""
+
+    loss: float
+    steps: int
+
+
+def _optimizer(model: nn.Module, lr: float, momentum: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+
+def train_plain(
+    model: nn.Module,
+    data: TensorDataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    generator: torch.Generator | None = None,
+) -> LocalResult:
+    """Non-private SGD (eps=inf): shuffled mini-batches, no clipping, no noise."""
+    loader = DataLoader(
+        data, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=keep_batch
+    )
+    optimizer = _optimizer(model, lr, momentum)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            steps += 1
+    return LocalResult(loss=total / max(steps, 1), steps=steps)
+
+
+def train_dp(
+    model: nn.Module,
+    data: TensorDataset,
+    ledger: PrivacyLedger,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    max_grad_norm: float,
+    grad_sample_mode: str,
+    generator: torch.Generator | None = None,
+) -> LocalResult:
+    """DP-SGD with Opacus: Poisson batches, per-sample clipping, Gaussian noise.
+
+    The accountant starts from the node's ledger, so Opacus itself tracks the cumulative
+    spend; the steps it counts this round are returned for the ledger.
+    """
+    loader = DataLoader(data, batch_size=batch_size, generator=generator, collate_fn=keep_batch)
+    optimizer = _optimizer(model, lr, momentum)
+    with warnings.catch_warnings():
+        # secure_mode=False (a seeded RNG, fine for research) makes Opacus warn on every call.
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant=ledger.accountant, secure_mode=False)
+        if ledger.steps:
+            engine.accountant.history = [
+                (ledger.noise_multiplier, ledger.sample_rate, ledger.steps)
+            ]
+        steps_before = ledger.steps
+        made = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=nn.CrossEntropyLoss(),
+            data_loader=loader,
+            noise_multiplier=ledger.noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            grad_sample_mode=grad_sample_mode,
+            poisson_sampling=True,
+        )
+    if grad_sample_mode == "ghost":
+        private_model, dp_optimizer, criterion, dp_loader = made
+    else:
+        private_model, dp_optimizer, dp_loader = made
+        criterion = nn.CrossEntropyLoss()
+    if abs(1 / len(dp_loader) - ledger.sample_rate) > 1e-12:
+        raise RuntimeError(
+            f"sample rate {1 / len(dp_loader)} differs from the calibrated {ledger.sample_rate}: "
+            "the node's data changed between rounds"
+        )
+    private_model.train()
+    total, batches = 0.0, 0
+    for _ in range(epochs):
+        for x, y in dp_loader:
+            dp_optimizer.zero_grad(set_to_none=True)
+            loss = criterion(private_model(x), y)
+            loss.backward()
+            dp_optimizer.step()
+            if len(y):  # Poisson sampling can draw an empty batch: a step, but no loss
+                total += loss.item()
+                batches += 1
+    steps_after = sum(n for _, _, n in engine.accountant.history)
+    if steps_after - steps_before != epochs * len(dp_loader):
+        raise RuntimeError(
+            f"the accountant counted {steps_after - steps_before} steps, expected "
+            f"{epochs * len(dp_loader)}: privacy accounting would be wrong"
+        )
+    if grad_sample_mode != "ghost":
+        private_model._close()  # remove Opacus hooks; the caller keeps using `model`
+    return LocalResult(loss=total / max(batches, 1), steps=steps_after - steps_before)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: TensorDataset) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy over `data`."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    images, labels = data.tensors
+    for start in range(0, len(labels), EVAL_BATCH):
+        x, y = images[start : start + EVAL_BATCH], labels[start : start + EVAL_BATCH]
+        logits = model(x)
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    n = len(data)
+    return loss_sum / n, correct / n

@@ -1,0 +1,1 @@
+"""Flower ServerApp: config, strategy, central evaluation, results."""

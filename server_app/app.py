@@ -1,0 +1,166 @@
+"""ServerApp: validate the run config, run the chosen strategy, evaluate, write results."""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, INFO
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from flower_app.config import ConfigError, RunConfig
+from flower_app.data import DatasetMissing, cap, load_arrays, to_tensors
+from flower_app.model import build_model
+from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
+from flower_app.results import RunFiles, default_run_name, format_eps, resolve_results_dir
+from flower_app.train import evaluate
+from strategies import STRATEGIES
+
+app = ServerApp()
+
+
+class RoundRecorder:
+    """Evaluates the model after each round, logs one line and appends a row to rounds.csv."""
+
+    def __init__(self, cfg: RunConfig, files: RunFiles, strategy: Any, test: Any) -> None:
+        """Keep what each round's row needs."""
+        self.cfg, self.files, self.strategy, self.test = cfg, files, strategy, test
+        self.t0 = self.t_last = time.monotonic()
+        self.initial: dict[str, float] = {}
+        self.last_row: dict[str, Any] = {}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower's `evaluate_fn`: called with round 0 before training, then after each round."""
+        model = build_model(self.cfg.model)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, self.test)
+        now = time.monotonic()
+        if server_round == 0:
+            self.initial = {"accuracy": accuracy, "loss": loss}
+            self.t0 = self.t_last = now
+            return MetricRecord(self.initial)
+        row = {
+            "round": server_round,
+            "strategy": self.cfg.strategy,
+            "eps_target": self.cfg.eps,
+            "accuracy": accuracy,
+            "loss": loss,
+            "round_s": round(now - self.t_last, 3),
+            "wall_s": round(now - self.t0, 3),
+            **self.strategy.round_diagnostics(),
+        }
+        self.t_last = now
+        self.files.add_round(row)
+        self.last_row = row
+        log(
+            INFO,
+            "round %d/%d  accuracy %.4f  loss %.4f  ε spent %.3f of %s (δ=%g, sample-level)  %.1fs",
+            server_round,
+            self.cfg.num_server_rounds,
+            accuracy,
+            loss,
+            row["eps_spent"],
+            format_eps(self.cfg.eps),
+            self.cfg.delta,
+            row["round_s"],
+        )
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+
+class RunRejected(RuntimeError):
+    """The run cannot start; the message is the one line the user needs."""
+
+
+def _fail(message: str) -> None:
+    log(ERROR, "%s", message)
+    # An exception, not sys.exit: Flower marks the run failed only when main raises.
+    raise RunRejected(message)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run `strategy` for `num-server-rounds` rounds and write the run's results folder."""
+    try:
+        cfg = RunConfig.from_run_config(context.run_config)
+        arrays = load_arrays(cfg.dataset, cfg.data_dir)
+    except (ConfigError, DatasetMissing) as err:
+        _fail(f"invalid run: {err}")
+        return
+    torch.set_num_threads(1)  # the simulated nodes use the cores; see client_app
+    node_ids = list(grid.get_node_ids())
+    run_name = cfg.run_name or default_run_name(cfg.strategy, cfg.eps, cfg.seed)
+    try:
+        files = RunFiles(resolve_results_dir(cfg.results_dir) / run_name)
+    except FileExistsError as err:
+        _fail(str(err))
+        return
+    idx = cap(torch.arange(len(arrays.y_test)).numpy(), cfg.test_samples, cfg.seed)
+    test = to_tensors(cfg.dataset, arrays.x_test[idx], arrays.y_test[idx])
+    strategy = STRATEGIES[cfg.strategy](cfg, max(1, len(node_ids)))
+
+    if cfg.private:
+        log(
+            INFO,
+            "Privacy: target ε=%s, δ=%g per node over the whole run (%d rounds × %d "
+            "local epochs), RDP-calibrated noise; %s; %s.",
+            format_eps(cfg.eps),
+            cfg.delta,
+            cfg.num_server_rounds,
+            cfg.local_epochs,
+            PRIVACY_UNIT,
+            TRUST_MODEL,
+        )
+    else:
+        log(INFO, "Privacy: none (eps=inf): plain SGD, no clipping, no noise.")
+    log(INFO, "Results: %s", files.folder)
+
+    recorder = RoundRecorder(cfg, files, strategy, test)
+    files.start(cfg.to_dict() | {"run-name": run_name, "num-nodes": len(node_ids)})
+    t0 = time.monotonic()
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(build_model(cfg.model, seed=cfg.seed).state_dict()),
+            num_rounds=cfg.num_server_rounds,
+            train_config=ConfigRecord(),
+            evaluate_fn=recorder,
+        )
+    except BaseException as err:
+        files.finish({"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        raise
+    last = recorder.last_row
+    files.finish(
+        {
+            "status": "completed" if len(files.rows) == cfg.num_server_rounds else "incomplete",
+            "run_name": run_name,
+            "strategy": cfg.strategy,
+            "rounds_completed": len(files.rows),
+            "final_accuracy": last.get("accuracy"),
+            "final_loss": last.get("loss"),
+            "initial_accuracy": recorder.initial.get("accuracy"),
+            "eps_target": cfg.eps,
+            "eps_spent": last.get("eps_spent", 0.0),
+            "wall_s": round(time.monotonic() - t0, 3),
+            "num_nodes": len(node_ids),
+            "privacy": {
+                "unit": PRIVACY_UNIT,
+                "trust_model": TRUST_MODEL,
+                "mechanism": "Opacus DP-SGD" if cfg.private else "none",
+                "delta": cfg.delta,
+                "accountant": cfg.accountant,
+                "max_grad_norm": cfg.max_grad_norm,
+                "nodes": strategy.privacy_by_node() if cfg.private else {},
+            },
+            **strategy.run_summary(),
+        }
+    )
+    log(
+        INFO,
+        "Done: %d rounds, final accuracy %.4f; results in %s",
+        len(files.rows),
+        last.get("accuracy", float("nan")),
+        files.folder,
+    )

@@ -1,0 +1,1 @@
+"""Privacy sweeps on Flower's simulation engine, tidy results, plots, benchmarks."""

@@ -1,0 +1,104 @@
+"""FedAvg whose evaluation is central and which keeps each node's privacy spend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from flower_app.records import METRICS, NUM_EXAMPLES
+
+
+def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean training loss, and the largest and mean ε among the repliers."""
+    metrics = [r[METRICS] for r in replies]
+    total = sum(float(m[weight_key]) for m in metrics)
+    out: dict[str, float] = {
+        "train-loss": sum(float(m["train-loss"]) * float(m[weight_key]) for m in metrics) / total
+    }
+    if eps := [float(m["eps"]) for m in metrics if "eps" in m]:
+        out |= {"eps-max": max(eps), "eps-mean": sum(eps) / len(eps)}
+    return MetricRecord(out)
+
+
+class NodeLedgerMixin:
+    """Remembers each node's latest training metrics, keyed by partition id."""
+
+    node_reports: dict[int, dict[str, Any]]
+
+    def remember(self, replies: Iterable[Message]) -> list[Message]:
+        """Store the metrics of replies without error; return those replies."""
+        ok = [r for r in replies if not r.has_error()]
+        for r in ok:
+            m = r.content[METRICS]
+            self.node_reports[int(m["partition-id"])] = dict(m)
+        return ok
+
+    def eps_spent(self) -> float:
+        """Largest cumulative ε over all nodes that trained so far (0 without DP)."""
+        return max((float(m.get("eps", 0.0)) for m in self.node_reports.values()), default=0.0)
+
+    def privacy_by_node(self) -> dict[str, dict[str, Any]]:
+        """Each node's privacy parameters as it last reported them, for `summary.json`."""
+        keys = ("eps", "noise-multiplier", "sample-rate", "steps", NUM_EXAMPLES)
+        return {
+            str(pid): {k: m[k] for k in keys if k in m}
+            for pid, m in sorted(self.node_reports.items())
+        }
+
+
+class CentralFedAvg(NodeLedgerMixin, FedAvg):
+    """Global example-weighted average of the sampled nodes' models (McMahan et al.).
+
+    Evaluation happens on the server, on the central test set, so there is no federated
+    evaluation round.
+    """
+
+    def __init__(self, *, fraction_train: float = 1.0, min_available_nodes: int = 2) -> None:
+        """Store the knobs; weights come from each reply's `num-examples`."""
+        super().__init__(
+            fraction_train=fraction_train,
+            min_train_nodes=1,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=NUM_EXAMPLES,
+            train_metrics_aggr_fn=aggregate_train_metrics,
+        )
+        self.node_reports = {}
+        self.last_round: dict[str, Any] = {}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's weighted average, plus bookkeeping of who trained and what they spent."""
+        replies = list(replies)
+        ok = self.remember(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self.last_round = {
+            "nodes_trained": len(ok),
+            "nodes_failed": len(replies) - len(ok),
+            "train_loss": float(metrics["train-loss"]) if metrics else float("nan"),
+        }
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the ServerApp evaluates centrally."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate (see `configure_evaluate`)."""
+        return None
+
+    def round_diagnostics(self) -> dict[str, Any]:
+        """Per-round columns beyond accuracy and loss."""
+        return {**self.last_round, "eps_spent": self.eps_spent()}
+
+    def run_summary(self) -> dict[str, Any]:
+        """Strategy facts for `summary.json` (a global average has no topology)."""
+        return {"aggregation": "example-weighted mean of all sampled nodes"}
