@@ -112,6 +112,8 @@ def train_dp(
         )
     private_model.train()
     total, batches = 0.0, 0
+    # Opacus's hooks trip a PyTorch warning about inputs without grad on every batch.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     for _ in range(epochs):
         for x, y in dp_loader:
             dp_optimizer.zero_grad(set_to_none=True)
@@ -127,8 +129,7 @@ def train_dp(
             f"the accountant counted {steps_after - steps_before} steps, expected "
             f"{epochs * len(dp_loader)}: privacy accounting would be wrong"
         )
-    if grad_sample_mode != "ghost":
-        private_model._close()  # remove Opacus hooks; the caller keeps using `model`
+    private_model._close()  # remove Opacus hooks; the caller keeps using `model`
     return LocalResult(loss=total / max(batches, 1), steps=steps_after - steps_before)
 
 

@@ -1,0 +1,55 @@
+"""The real `flwr run .` path: SuperLink, simulation runtime, Ray, ClientApps with Opacus."""
+
+import csv
+import json
+import math
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+SMALL = {"num-server-rounds": 2, "samples-per-node": 500, "test-samples": 1000}
+
+
+def read_run(folder):
+    rows = list(csv.DictReader((folder / "rounds.csv").open()))
+    summary = json.loads((folder / "summary.json").read_text())
+    return rows, summary
+
+
+@pytest.mark.parametrize("eps", [2.0, math.inf], ids=["eps2", "no-dp"])
+def test_fedavg_run_completes_and_writes_results(superlink, tmp_path, eps):
+    outcome = superlink.run(
+        {**SMALL, "eps": eps, "results-dir": str(tmp_path), "run-name": "r"}, num_nodes=4,
+        timeout=600,
+    )
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{superlink.logs(outcome.run_id)}"
+    rows, summary = read_run(tmp_path / "r")
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert float(rows[-1]["accuracy"]) > 0.2, "not clearly better than chance (0.1)"
+    assert all(int(r["nodes_trained"]) == 4 for r in rows)
+    if math.isfinite(eps):
+        spent = [float(r["eps_spent"]) for r in rows]
+        assert 0 < spent[0] < spent[1] <= eps
+        assert spent[1] >= 0.9 * eps
+        nodes = summary["privacy"]["nodes"]
+        assert set(nodes) == {"0", "1", "2", "3"}
+        assert all(n["noise-multiplier"] > 0 and n["steps"] > 0 for n in nodes.values())
+        assert "sample-level" in summary["privacy"]["unit"]
+    else:
+        assert all(float(r["eps_spent"]) == 0 for r in rows)
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["eps"] == ("inf" if math.isinf(eps) else eps)
+
+
+def test_bad_run_config_fails_the_run_with_one_clear_line_and_writes_nothing(
+    superlink, tmp_path
+):
+    outcome = superlink.run(
+        {**SMALL, "eps": -1, "results-dir": str(tmp_path), "run-name": "bad"}, num_nodes=2,
+        timeout=300,
+    )
+    assert outcome.status == "finished:failed"
+    assert "eps=-1.0 is not valid" in outcome.details and "inf for no DP" in outcome.details
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,69 @@
+import csv
+import json
+import math
+import re
+from datetime import UTC, datetime
+
+import pytest
+
+from flower_app.results import (
+    ROUND_COLUMNS,
+    RunFiles,
+    default_run_name,
+    is_completed,
+    resolve_results_dir,
+    write_json,
+)
+
+
+def test_default_run_name_has_strategy_eps_seed_and_timestamp():
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert default_run_name("fedavg", 2.0, 7, now).startswith("fedavg-eps2-seed7-20260102T030405")
+    assert default_run_name("gossip", math.inf, 1, now).startswith("gossip-epsinf-seed1-")
+
+
+def test_run_files_write_rounds_then_summary_last(tmp_path):
+    files = RunFiles(tmp_path / "run")
+    files.start({"eps": math.inf})
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"eps": "inf"}
+    for r in (1, 2):
+        files.add_round({"round": r, "accuracy": 0.5})
+    assert not is_completed(tmp_path / "run")
+    rows = list(csv.DictReader((tmp_path / "run" / "rounds.csv").open()))
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == list(ROUND_COLUMNS)
+    files.finish({"status": "completed"})
+    assert is_completed(tmp_path / "run")
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_completed_run_is_never_overwritten_but_an_interrupted_one_is(tmp_path):
+    done = RunFiles(tmp_path / "done")
+    done.start({})
+    done.finish({"status": "completed"})
+    with pytest.raises(FileExistsError, match="completed run"):
+        RunFiles(tmp_path / "done")
+    crashed = RunFiles(tmp_path / "crashed")
+    crashed.start({})
+    crashed.add_round({"round": 1})
+    again = RunFiles(tmp_path / "crashed")
+    again.start({"fresh": 1})
+    assert not (tmp_path / "crashed" / "rounds.csv").exists()
+
+
+def test_failed_write_leaves_the_old_file(tmp_path):
+    path = tmp_path / "x.json"
+    write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_default_results_dir_is_in_the_project_not_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = resolve_results_dir("")
+    assert root.name == "results" and not str(root).startswith(str(tmp_path))
+    assert (root.parent / "pyproject.toml").exists()
+    assert resolve_results_dir("/abs/where") .as_posix() == "/abs/where"
+    assert re.search(r"/mine$", resolve_results_dir("mine").as_posix())
