@@ -40,7 +40,7 @@ class RunConfig:
     """The resolved run config; field `foo_bar` is run-config key `foo-bar`."""
 
     num_server_rounds: int = field(default=20, metadata=_POSITIVE_INT)
-    strategy: str = field(default="fedavg", metadata=_choice("fedavg"))
+    strategy: str = field(default="fedavg", metadata=_choice("fedavg", "gossip"))
     eps: float = field(
         default=8.0,
         metadata=_check(lambda v: v > 0 and not math.isnan(v), "a number > 0, or inf for no DP"),
@@ -66,6 +66,28 @@ class RunConfig:
     grad_sample_mode: str = field(
         default="hooks", metadata=_choice("hooks", "ghost", "functorch", "ew")
     )
+    topology: str = field(
+        default="ring",
+        metadata=_choice(
+            "ring",
+            "torus",
+            "k-regular",
+            "erdos-renyi",
+            "small-world",
+            "complete",
+            "star",
+            "exponential",
+        ),
+    )
+    gossip_mode: str = field(
+        default="matching", metadata=_choice("matching", "edges", "metropolis")
+    )
+    gossip_edges: int = field(default=10, metadata=_POSITIVE_INT)
+    degree: int = field(default=4, metadata=_POSITIVE_INT)
+    edge_prob: float = field(
+        default=0.3, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
+    )
+    node_eval_samples: int = field(default=1000, metadata=_NON_NEGATIVE_INT)
     results_dir: str = ""
     run_name: str = ""
 

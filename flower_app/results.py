@@ -29,7 +29,13 @@ ROUND_COLUMNS = (
     "accuracy",
     "loss",
     "train_loss",
+    "node_acc_mean",
+    "node_acc_min",
+    "node_acc_max",
+    "consensus_distance",
+    "bytes_sent_per_node",
     "nodes_trained",
+    "nodes_failed",
     "round_s",
     "wall_s",
 )

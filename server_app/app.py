@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import ERROR, INFO
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from flower_app.config import ConfigError, RunConfig
-from flower_app.data import DatasetMissing, cap, load_arrays, to_tensors
+from flower_app.data import BatchTensorDataset, DatasetMissing, cap, load_arrays, to_tensors
 from flower_app.model import build_model
 from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
 from flower_app.results import RunFiles, default_run_name, format_eps, resolve_results_dir
@@ -20,6 +22,33 @@ from flower_app.train import evaluate
 from strategies import STRATEGIES
 
 app = ServerApp()
+
+
+def central_test_sets(cfg: RunConfig) -> tuple[BatchTensorDataset, BatchTensorDataset]:
+    """The central test set (`test-samples`) and its fixed subset for per-node models."""
+    arrays = load_arrays(cfg.dataset, cfg.data_dir)
+    idx = cap(np.arange(len(arrays.y_test)), cfg.test_samples, cfg.seed)
+    node_idx = cap(idx, cfg.node_eval_samples, cfg.seed + 1)
+    return (
+        to_tensors(cfg.dataset, arrays.x_test[idx], arrays.y_test[idx]),
+        to_tensors(cfg.dataset, arrays.x_test[node_idx], arrays.y_test[node_idx]),
+    )
+
+
+def model_evaluator(
+    cfg: RunConfig, test: BatchTensorDataset
+) -> Callable[[list[np.ndarray]], tuple[float, float]]:
+    """(loss, accuracy) of a model given as its list of arrays, on `test`."""
+    model = build_model(cfg.model)
+    keys = list(model.state_dict())
+
+    def evaluate_arrays(arrays: list[np.ndarray]) -> tuple[float, float]:
+        model.load_state_dict(
+            {k: torch.from_numpy(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)}
+        )
+        return evaluate(model, test)
+
+    return evaluate_arrays
 
 
 class RoundRecorder:
@@ -48,20 +77,32 @@ class RoundRecorder:
             "eps_target": self.cfg.eps,
             "accuracy": accuracy,
             "loss": loss,
-            "round_s": round(now - self.t_last, 3),
-            "wall_s": round(now - self.t0, 3),
+            # Where every node holds the evaluated model (FedAvg), node accuracy is its accuracy.
+            "node_acc_mean": accuracy,
+            "node_acc_min": accuracy,
+            "node_acc_max": accuracy,
             **self.strategy.round_diagnostics(),
         }
+        now = time.monotonic()  # after the per-node evaluation, which is part of the round
+        row |= {"round_s": round(now - self.t_last, 3), "wall_s": round(now - self.t0, 3)}
         self.t_last = now
         self.files.add_round(row)
         self.last_row = row
+        gossip = (
+            f"  nodes {row['node_acc_min']:.3f}..{row['node_acc_max']:.3f}"
+            f"  consensus {row['consensus_distance']:.3g}"
+            if self.cfg.strategy == "gossip"
+            else ""
+        )
         log(
             INFO,
-            "round %d/%d  accuracy %.4f  loss %.4f  ε spent %.3f of %s (δ=%g, sample-level)  %.1fs",
+            "round %d/%d  accuracy %.4f  loss %.4f%s  ε spent %.3f of %s (δ=%g, sample-level)"
+            "  %.1fs",
             server_round,
             self.cfg.num_server_rounds,
             accuracy,
             loss,
+            gossip,
             row["eps_spent"],
             format_eps(self.cfg.eps),
             self.cfg.delta,
@@ -83,23 +124,21 @@ def _fail(message: str) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run `strategy` for `num-server-rounds` rounds and write the run's results folder."""
+    torch.set_num_threads(1)  # the simulated nodes use the cores; see client_app
+    node_ids = list(grid.get_node_ids())
     try:
         cfg = RunConfig.from_run_config(context.run_config)
-        arrays = load_arrays(cfg.dataset, cfg.data_dir)
+        test, node_test = central_test_sets(cfg)
+        strategy = STRATEGIES[cfg.strategy](cfg, len(node_ids), model_evaluator(cfg, node_test))
     except (ConfigError, DatasetMissing) as err:
         _fail(f"invalid run: {err}")
         return
-    torch.set_num_threads(1)  # the simulated nodes use the cores; see client_app
-    node_ids = list(grid.get_node_ids())
     run_name = cfg.run_name or default_run_name(cfg.strategy, cfg.eps, cfg.seed)
     try:
         files = RunFiles(resolve_results_dir(cfg.results_dir) / run_name)
     except FileExistsError as err:
         _fail(str(err))
         return
-    idx = cap(torch.arange(len(arrays.y_test)).numpy(), cfg.test_samples, cfg.seed)
-    test = to_tensors(cfg.dataset, arrays.x_test[idx], arrays.y_test[idx])
-    strategy = STRATEGIES[cfg.strategy](cfg, max(1, len(node_ids)))
 
     if cfg.private:
         log(

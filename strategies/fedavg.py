@@ -80,6 +80,14 @@ class CentralFedAvg(NodeLedgerMixin, FedAvg):
             "nodes_trained": len(ok),
             "nodes_failed": len(replies) - len(ok),
             "train_loss": float(metrics["train-loss"]) if metrics else float("nan"),
+            # Every node ends the round holding the same global model.
+            "consensus_distance": 0.0,
+            # Each trained node uploads its model once (downloads are not counted).
+            "bytes_sent_per_node": (
+                arrays.count_bytes() * len(ok) / max(self.min_available_nodes, len(ok))
+                if arrays is not None
+                else 0.0
+            ),
         }
         return arrays, metrics
 

@@ -26,7 +26,11 @@ def reply(pid, value, n, eps=None, error=False):
 
 def test_aggregate_train_is_the_example_weighted_mean_and_skips_errors():
     strategy = CentralFedAvg(min_available_nodes=3)
-    replies = [reply(0, 1.0, 100, eps=0.5), reply(1, 4.0, 300, eps=0.7), reply(2, 99.0, 1, error=True)]
+    replies = [
+        reply(0, 1.0, 100, eps=0.5),
+        reply(1, 4.0, 300, eps=0.7),
+        reply(2, 99.0, 1, error=True),
+    ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     w = arrays.to_numpy_ndarrays()[0]
     np.testing.assert_allclose(w, np.full(3, (1.0 * 100 + 4.0 * 300) / 400))

@@ -23,7 +23,11 @@ def independent_rdp_eps(noise_multiplier, sample_rate, steps, delta):
 @pytest.mark.parametrize("target", [8.0, 4.0, 2.0, 1.0])
 def test_calibration_spends_close_to_but_never_above_the_target(target):
     ledger = plan_ledger(
-        num_samples=3000, batch_size=64, total_epochs=20, target_eps=target, delta=1e-5,
+        num_samples=3000,
+        batch_size=64,
+        total_epochs=20,
+        target_eps=target,
+        delta=1e-5,
         accountant="rdp",
     )
     total_steps = 20 * math.ceil(3000 / 64)
@@ -61,16 +65,27 @@ def test_ledger_across_rounds_matches_an_independent_recount(mode):
     data = _tiny_data()
     rounds, target = 3, 2.0
     ledger = plan_ledger(
-        num_samples=len(data), batch_size=32, total_epochs=rounds, target_eps=target,
-        delta=1e-5, accountant="rdp",
+        num_samples=len(data),
+        batch_size=32,
+        total_epochs=rounds,
+        target_eps=target,
+        delta=1e-5,
+        accountant="rdp",
     )
     model = build_model("cnn", seed=0)
     spent = []
     for _ in range(rounds):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         result = train_dp(
-            model, data, ledger, epochs=1, batch_size=32, lr=0.1, momentum=0.0,
-            max_grad_norm=1.0, grad_sample_mode=mode,
+            model,
+            data,
+            ledger,
+            epochs=1,
+            batch_size=32,
+            lr=0.1,
+            momentum=0.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=mode,
         )
         assert result.steps == math.ceil(len(data) / 32)
         ledger = ledger.after(result.steps)

@@ -65,5 +65,5 @@ def test_default_results_dir_is_in_the_project_not_the_cwd(tmp_path, monkeypatch
     root = resolve_results_dir("")
     assert root.name == "results" and not str(root).startswith(str(tmp_path))
     assert (root.parent / "pyproject.toml").exists()
-    assert resolve_results_dir("/abs/where") .as_posix() == "/abs/where"
+    assert resolve_results_dir("/abs/where").as_posix() == "/abs/where"
     assert re.search(r"/mine$", resolve_results_dir("mine").as_posix())

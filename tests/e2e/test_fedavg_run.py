@@ -20,10 +20,13 @@ def read_run(folder):
 @pytest.mark.parametrize("eps", [2.0, math.inf], ids=["eps2", "no-dp"])
 def test_fedavg_run_completes_and_writes_results(superlink, tmp_path, eps):
     outcome = superlink.run(
-        {**SMALL, "eps": eps, "results-dir": str(tmp_path), "run-name": "r"}, num_nodes=4,
+        {**SMALL, "eps": eps, "results-dir": str(tmp_path), "run-name": "r"},
+        num_nodes=4,
         timeout=600,
     )
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{superlink.logs(outcome.run_id)}"
+    assert outcome.completed, (
+        f"{outcome.status}: {outcome.details}\n{superlink.logs(outcome.run_id)}"
+    )
     rows, summary = read_run(tmp_path / "r")
     assert [int(r["round"]) for r in rows] == [1, 2]
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
@@ -43,11 +46,10 @@ def test_fedavg_run_completes_and_writes_results(superlink, tmp_path, eps):
     assert config["eps"] == ("inf" if math.isinf(eps) else eps)
 
 
-def test_bad_run_config_fails_the_run_with_one_clear_line_and_writes_nothing(
-    superlink, tmp_path
-):
+def test_bad_run_config_fails_the_run_with_one_clear_line_and_writes_nothing(superlink, tmp_path):
     outcome = superlink.run(
-        {**SMALL, "eps": -1, "results-dir": str(tmp_path), "run-name": "bad"}, num_nodes=2,
+        {**SMALL, "eps": -1, "results-dir": str(tmp_path), "run-name": "bad"},
+        num_nodes=2,
         timeout=300,
     )
     assert outcome.status == "finished:failed"

@@ -1,0 +1,247 @@
+"""Gossip learning emulated in Flower: the server only relays neighbour averages.
+
+No global model exists. Every node keeps its own model (indexed by partition id, the graph
+vertex); each round every node trains its own model, then neighbour pairs chosen on the
+topology replace their models by their plain mean. The server plays the network: it holds
+the models between rounds only because Flower's nodes cannot talk to each other directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import INFO
+from typing import Any
+
+import networkx as nx
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from flower_app.gossip import (
+    apply_metropolis,
+    apply_pairs,
+    consensus_distance,
+    gossip_matrix,
+    mean_model,
+    metropolis_weights,
+    random_edges,
+    random_matching,
+)
+from flower_app.records import ARRAYS, CONFIG, METRICS
+from flower_app.topology import graph_facts
+from strategies.fedavg import NodeLedgerMixin
+
+# Evaluates one model given as the list of its arrays: returns (loss, accuracy).
+ArraysEvaluator = Callable[[list[np.ndarray]], tuple[float, float]]
+
+
+class Layout:
+    """How to flatten a model's arrays into one float64 vector and back."""
+
+    def __init__(self, record: ArrayRecord) -> None:
+        """Remember names, shapes and dtypes of the template model."""
+        self.keys = list(record.keys())
+        arrays = record.to_numpy_ndarrays()
+        self.shapes = [a.shape for a in arrays]
+        self.dtypes = [a.dtype for a in arrays]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.nbytes = int(sum(a.nbytes for a in arrays))
+
+    def flatten(self, record: ArrayRecord) -> np.ndarray:
+        """One float64 vector (averaging in float64 keeps repeated means exact enough)."""
+        return np.concatenate(
+            [np.asarray(a, dtype=np.float64).ravel() for a in record.to_numpy_ndarrays()]
+        )
+
+    def unflatten(self, vector: np.ndarray) -> list[np.ndarray]:
+        """The model's arrays again, in their original shapes and dtypes."""
+        parts = np.split(vector, np.cumsum(self.sizes)[:-1])
+        return [
+            p.reshape(s).astype(d) for p, s, d in zip(parts, self.shapes, self.dtypes, strict=True)
+        ]
+
+    def to_record(self, vector: np.ndarray) -> ArrayRecord:
+        """An ArrayRecord with the model's own array names (a state_dict's keys)."""
+        arrays = self.unflatten(vector)
+        return ArrayRecord({k: Array(a) for k, a in zip(self.keys, arrays, strict=True)})
+
+
+class Gossip(NodeLedgerMixin, Strategy):
+    """Decentralised learning on a graph: train locally, then average with neighbours.
+
+    Modes: `matching` (a random maximal matching, pairs average at once), `edges` (k random
+    edges averaged one after another, Boyd et al.), `metropolis` (every node takes the
+    Metropolis-Hastings weighted mean of its neighbourhood, D-PSGD style). Averages are
+    plain (unweighted), so the network mean is conserved. Nodes that did not answer keep
+    their last model and skip pairing.
+    """
+
+    def __init__(
+        self,
+        graph: nx.Graph,
+        *,
+        mode: str = "matching",
+        edges_per_round: int = 10,
+        seed: int = 0,
+        min_available_nodes: int = 2,
+        evaluate_arrays: ArraysEvaluator | None = None,
+    ) -> None:
+        """Store the knobs; models appear once the first round's replies arrive."""
+        self.graph = graph
+        self.mode = mode
+        self.edges_per_round = edges_per_round
+        self.rng = np.random.default_rng([seed, 0x6055])
+        self.min_available_nodes = min_available_nodes
+        self.evaluate_arrays = evaluate_arrays
+        self.models: dict[int, np.ndarray] = {}
+        self.vertex_of: dict[int, int] = {}  # Flower node id -> partition id (vertex)
+        self.layout: Layout | None = None
+        self.initial: ArrayRecord | None = None
+        self.node_reports = {}
+        self.last_round: dict[str, Any] = {}
+
+    def summary(self) -> None:
+        """Log the topology and the gossip mode."""
+        facts = self.topology_facts()
+        log(
+            INFO,
+            "\t├──> Topology %s: %d nodes, %d edges, diameter %d, spectral gap %.4f (%s)",
+            self.graph.graph.get("name", "graph"),
+            facts["nodes"],
+            facts["edges"],
+            facts["diameter"],
+            facts["spectral_gap"],
+            self.mode,
+        )
+
+    def topology_facts(self) -> dict[str, Any]:
+        """Size, diameter and spectral gap of the gossip matrix this mode actually uses."""
+        w = gossip_matrix(self.graph, self.mode, edges_per_round=self.edges_per_round)
+        return {
+            "name": self.graph.graph.get("name", "graph"),
+            "mode": self.mode,
+            **({"edges_per_round": self.edges_per_round} if self.mode == "edges" else {}),
+            **graph_facts(self.graph, w),
+        }
+
+    def _record_for(self, node_id: int) -> ArrayRecord:
+        vertex = self.vertex_of.get(node_id)
+        if vertex is None or vertex not in self.models or self.layout is None:
+            # Not heard from yet: its own model is still the common initial one.
+            assert self.initial is not None
+            return self.initial
+        return self.layout.to_record(self.models[vertex])
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send every node ITS OWN model (never an average over all nodes)."""
+        if self.initial is None:
+            self.initial = arrays  # round 1: `arrays` is the common initial model
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, len(list(grid.get_node_ids())))
+        config["server-round"] = server_round
+        return [
+            Message(
+                content=RecordDict({ARRAYS: self._record_for(n), CONFIG: config}),
+                message_type=MessageType.TRAIN,
+                dst_node_id=n,
+            )
+            for n in node_ids
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Store each answering node's trained model, then let neighbours average.
+
+        Returns the mean of all node models only as a diagnostic for central evaluation;
+        no node ever receives it.
+        """
+        replies = list(replies)
+        ok = self.remember(replies)
+        trained: dict[int, np.ndarray] = {}
+        for r in ok:
+            vertex = int(r.content[METRICS]["partition-id"])
+            if vertex not in self.graph:
+                raise ValueError(
+                    f"partition-id={vertex} is not a vertex of the {self.graph.number_of_nodes()}"
+                    "-node topology; num-partitions must equal the number of nodes"
+                )
+            self.vertex_of[r.metadata.src_node_id] = vertex
+            record = r.content[ARRAYS]
+            self.layout = self.layout or Layout(record)
+            trained[vertex] = self.layout.flatten(record)
+        if self.layout is None:
+            self.last_round = {"nodes_trained": 0, "nodes_failed": len(replies)}
+            return None, None
+        if not self.models:  # vertices never heard from hold the initial model
+            start = self.layout.flatten(self.initial)
+            self.models = {v: start for v in self.graph.nodes}
+        self.models.update(trained)
+        messages_sent = self._gossip(set(trained))
+        self.last_round = {
+            "nodes_trained": len(trained),
+            "nodes_failed": len(replies) - len(ok),
+            "train_loss": float(np.mean([float(r.content[METRICS]["train-loss"]) for r in ok])),
+            "consensus_distance": consensus_distance(self.models),
+            "bytes_sent_per_node": messages_sent * self.layout.nbytes / len(self.models),
+        }
+        mean = self.layout.to_record(mean_model(self.models))
+        return mean, MetricRecord({"train-loss": self.last_round["train_loss"]})
+
+    def _gossip(self, active: set[int]) -> int:
+        """Average along the chosen edges among `active` vertices; returns models sent."""
+        if self.mode == "metropolis":
+            w = metropolis_weights(self.graph, active)
+            mixed = apply_metropolis({v: self.models[v] for v in active}, w)
+            self.models.update(mixed)
+            return sum(1 for (i, j) in w if i != j)
+        if self.mode == "matching":
+            pairs = random_matching(self.graph, self.rng, active)
+            self.models = apply_pairs(self.models, pairs, sequential=False)
+        else:
+            pairs = random_edges(self.graph, self.edges_per_round, self.rng, active)
+            self.models = apply_pairs(self.models, pairs, sequential=True)
+        return 2 * len(pairs)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: node models are evaluated centrally (see diagnostics)."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate."""
+        return None
+
+    def round_diagnostics(self) -> dict[str, Any]:
+        """Per-round columns: each node's own accuracy on the node test set, consensus, bytes."""
+        out = {**self.last_round, "eps_spent": self.eps_spent()}
+        if self.evaluate_arrays is not None and self.models and self.layout is not None:
+            accs = [self.evaluate_arrays(self.layout.unflatten(m))[1] for m in self.models.values()]
+            out |= {
+                "node_acc_mean": float(np.mean(accs)),
+                "node_acc_min": float(np.min(accs)),
+                "node_acc_max": float(np.max(accs)),
+            }
+        return out
+
+    def run_summary(self) -> dict[str, Any]:
+        """Topology facts for `summary.json`."""
+        return {
+            "aggregation": f"gossip ({self.mode}), plain pairwise means",
+            "topology": self.topology_facts(),
+        }
