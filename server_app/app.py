@@ -88,21 +88,22 @@ class RoundRecorder:
         self.t_last = now
         self.files.add_round(row)
         self.last_row = row
-        gossip = (
-            f"  nodes {row['node_acc_min']:.3f}..{row['node_acc_max']:.3f}"
-            f"  consensus {row['consensus_distance']:.3g}"
-            if self.cfg.strategy == "gossip"
-            else ""
-        )
+        if self.cfg.strategy == "gossip":
+            # No global model exists: lead with the nodes' own models.
+            quality = (
+                f"node accuracy {row['node_acc_mean']:.4f} "
+                f"({row['node_acc_min']:.3f}..{row['node_acc_max']:.3f})  "
+                f"consensus {row['consensus_distance']:.3g}  "
+                f"avg-model accuracy {accuracy:.4f}"
+            )
+        else:
+            quality = f"accuracy {accuracy:.4f}  loss {loss:.4f}"
         log(
             INFO,
-            "round %d/%d  accuracy %.4f  loss %.4f%s  ε spent %.3f of %s (δ=%g, sample-level)"
-            "  %.1fs",
+            "round %d/%d  %s  ε spent %.3f of %s (δ=%g, sample-level)  %.1fs",
             server_round,
             self.cfg.num_server_rounds,
-            accuracy,
-            loss,
-            gossip,
+            quality,
             row["eps_spent"],
             format_eps(self.cfg.eps),
             self.cfg.delta,
