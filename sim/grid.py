@@ -1,0 +1,290 @@
+"""Sweep grids: presets, TOML specs and CLI flags -> validated cells with deterministic ids.
+
+A spec has `fixed` run-config keys, `grid` keys with a list of values (their cartesian
+product gives the cells) and `nodes`. A key may be scoped to one strategy, `gossip:topology`,
+so strategy-specific knobs neither reach nor multiply the cells of other strategies. Every
+cell is checked by `RunConfig.from_run_config` before anything runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from flower_app.config import ConfigError, RunConfig
+from flower_app.results import format_eps
+
+SCOPE = ":"
+CORE = ("strategy", "eps", "seed")
+RESERVED = ("results-dir", "run-name")  # the sweep sets these: <out>/runs and the cell id
+DEFAULT_NODES = 10
+
+
+class SweepError(ValueError):
+    """A sweep that cannot run: one line naming the key or value."""
+
+
+def split_scope(key: str) -> tuple[str | None, str]:
+    """`gossip:topology` -> ("gossip", "topology"); `eps` -> (None, "eps")."""
+    scope, sep, name = key.rpartition(SCOPE)
+    return (scope, name) if sep else (None, key)
+
+
+@dataclass
+class SweepSpec:
+    """What to run: fixed keys, swept keys (lists) and the number of simulated nodes."""
+
+    fixed: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    nodes: int = DEFAULT_NODES
+
+    def copy(self) -> SweepSpec:
+        """A deep copy, so presets are never mutated."""
+        return copy.deepcopy(self)
+
+    def _drop(self, key: str) -> None:
+        """Forget `key`; an unscoped key also overrides every scoped use of it."""
+        scope, name = split_scope(key)
+        for table in (self.fixed, self.grid):
+            for k in list(table):
+                if k == key or (scope is None and split_scope(k)[1] == name):
+                    del table[k]
+
+    def set(self, key: str, value: Any) -> SweepSpec:
+        """Fix `key` (replacing any list or scoped value of it)."""
+        _check_key(key)
+        self._drop(key)
+        self.fixed[key] = value
+        return self
+
+    def sweep(self, key: str, values: Iterable[Any]) -> SweepSpec:
+        """Sweep `key` over `values` (replacing any fixed or scoped value of it)."""
+        _check_key(key)
+        values = list(values)
+        if not values:
+            raise SweepError(f"--sweep {key}= has no values")
+        keys = list(self.grid)
+        self._drop(key)
+        if key in keys:  # keep its place in the product order
+            kept = self.grid
+            self.grid = {k: values if k == key else kept[k] for k in keys if k == key or k in kept}
+        else:
+            self.grid[key] = values
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the manifest."""
+        return {"fixed": dict(self.fixed), "swept": dict(self.grid), "nodes": self.nodes}
+
+
+def _check_key(key: str) -> None:
+    scope, name = split_scope(key)
+    if not name or scope == "":
+        raise SweepError(f"bad key {key!r}: expected a run-config key, or strategy:key")
+    if name in RESERVED:
+        raise SweepError(
+            f"{name} is set by the sweep (results-dir = <out>/runs, run-name = cell id); remove it"
+        )
+    if scope is not None and name == "strategy":
+        raise SweepError(f"{key}: strategy cannot be scoped to a strategy")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named spec; flags given with it override it."""
+
+    description: str
+    spec: SweepSpec
+
+
+PRESETS: dict[str, Preset] = {
+    "reference": Preset(
+        "20 nodes, Dirichlet α=0.5, ε ∈ {∞,8,4,2,1}, 20 rounds, FedAvg vs gossip (ring), 3 seeds",
+        SweepSpec(
+            fixed={
+                "num-server-rounds": 20,
+                "partitioner": "dirichlet",
+                "alpha": 0.5,
+                "gossip:topology": "ring",
+            },
+            grid={
+                "strategy": ["fedavg", "gossip"],
+                "eps": [math.inf, 8, 4, 2, 1],
+                "seed": [7, 8, 9],
+            },
+            nodes=20,
+        ),
+    ),
+    "quick": Preset(
+        "the reference shape shrunk to minutes on 2 CPU cores: 6 nodes, 3 rounds, ε ∈ {∞,2}",
+        SweepSpec(
+            fixed={
+                "num-server-rounds": 3,
+                "partitioner": "dirichlet",
+                "alpha": 0.5,
+                "samples-per-node": 300,
+                "test-samples": 1000,
+                "gossip:topology": "ring",
+            },
+            grid={"strategy": ["fedavg", "gossip"], "eps": [math.inf, 2], "seed": [7]},
+            nodes=6,
+        ),
+    ),
+}
+
+
+def parse_value(text: str) -> Any:
+    """A value as TOML would read it (`inf` float, `2` int, `true` bool); else the bare string."""
+    text = text.strip()
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_values(text: str) -> list[Any]:
+    """`inf,8,2` -> [inf, 8, 2]."""
+    values = [parse_value(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise SweepError(f"no values in {text!r}")
+    return values
+
+
+def parse_assignment(text: str, flag: str) -> tuple[str, str]:
+    """`key=value` -> (key, value), with a one-line error naming the flag."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SweepError(f"{flag} {text!r}: expected key=value")
+    return key.strip(), value
+
+
+def load_spec(path: Path, base: SweepSpec | None = None) -> SweepSpec:
+    """Read a SPEC.toml (`nodes`, `[fixed]`, `[grid]`; sub-tables scope keys to a strategy)."""
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise SweepError(f"cannot read spec {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise SweepError(f"spec {path} is not valid TOML: {err}") from None
+    if unknown := sorted(set(doc) - {"nodes", "fixed", "grid"}):
+        raise SweepError(f"spec {path}: unknown entries {unknown}; expected nodes, [fixed], [grid]")
+    spec = base.copy() if base else SweepSpec()
+    if "nodes" in doc:
+        spec.nodes = doc["nodes"]
+    for key, value in _flatten(doc.get("fixed", {}), "fixed", path).items():
+        if isinstance(value, list):
+            raise SweepError(f"spec {path}: fixed.{key} is a list; put it under [grid]")
+        spec.set(key, value)
+    for key, value in _flatten(doc.get("grid", {}), "grid", path).items():
+        if not isinstance(value, list):
+            raise SweepError(f"spec {path}: grid.{key} must be a list, e.g. {key} = [1, 2]")
+        spec.sweep(key, value)
+    return spec
+
+
+def _flatten(table: Any, name: str, path: Path) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise SweepError(f"spec {path}: {name} must be a table")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):  # [grid.gossip] -> gossip:key
+            out |= {f"{key}{SCOPE}{k}": v for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the sweep.
+
+    `params` are the run-config overrides (canonical types, kebab-case); `coords` are the
+    cell's coordinates: strategy, eps and seed always, plus every swept key.
+    """
+
+    id: str
+    params: dict[str, Any]
+    coords: dict[str, Any]
+    rounds: int
+
+
+def swept_keys(spec: SweepSpec) -> list[str]:
+    """Swept run-config keys without scope, in product order."""
+    keys: list[str] = []
+    for key in spec.grid:
+        name = split_scope(key)[1]
+        if name not in keys:
+            keys.append(name)
+    return keys
+
+
+def expand(spec: SweepSpec) -> list[Cell]:
+    """Every cell of the grid, each validated by RunConfig; SweepError on the first bad one."""
+    if isinstance(spec.nodes, bool) or not isinstance(spec.nodes, int) or spec.nodes < 1:
+        raise SweepError(f"nodes={spec.nodes!r} is not valid; expected an integer >= 1")
+    for key, values in spec.grid.items():
+        _check_key(key)
+        if not values:
+            raise SweepError(f"grid key {key} has no values")
+    for key in spec.fixed:
+        _check_key(key)
+    plain = [k for k in spec.grid if split_scope(k)[0] is None]
+    default_strategy = spec.fixed.get("strategy", RunConfig().strategy)
+    cells: list[Cell] = []
+    for combo in product(*(spec.grid[k] for k in plain)):
+        chosen = dict(zip(plain, combo, strict=True))
+        strategy = str(chosen.get("strategy", default_strategy))
+        scoped = [k for k in spec.grid if split_scope(k)[0] == strategy]
+        for scombo in product(*(spec.grid[k] for k in scoped)):
+            extra = {split_scope(k)[1]: v for k, v in zip(scoped, scombo, strict=True)}
+            params = {k: v for k, v in spec.fixed.items() if split_scope(k)[0] is None}
+            params |= {
+                split_scope(k)[1]: v for k, v in spec.fixed.items() if split_scope(k)[0] == strategy
+            }
+            params |= chosen | extra
+            cells.append(_cell(params, list(chosen) + list(extra)))
+    seen: set[str] = set()
+    for cell in cells:
+        if cell.id in seen:
+            raise SweepError(f"two cells share the id {cell.id}: is a value listed twice?")
+        seen.add(cell.id)
+    return cells
+
+
+def _cell(params: Mapping[str, Any], swept: list[str]) -> Cell:
+    try:
+        cfg = RunConfig.from_run_config({**params, "results-dir": "", "run-name": ""})
+    except ConfigError as err:
+        raise SweepError(f"invalid sweep: {err}") from None
+    full = cfg.to_dict()
+    coords = {k: full[k] for k in CORE} | {k: full[k] for k in swept}
+    return Cell(
+        id=cell_id(coords),
+        params={k: full[k] for k in params},
+        coords=coords,
+        rounds=cfg.num_server_rounds,
+    )
+
+
+def _token(value: Any) -> str:
+    if isinstance(value, float):
+        return format_eps(value)
+    return str(value)
+
+
+def cell_id(coords: Mapping[str, Any]) -> str:
+    """`fedavg-eps2-seed7`, then each other swept key: `lr0.1`, `topology-ring`."""
+    parts = [str(coords["strategy"]), f"eps{_token(coords['eps'])}", f"seed{coords['seed']}"]
+    for key, value in coords.items():
+        if key in CORE:
+            continue
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        parts.append(f"{key}{_token(value)}" if numeric else f"{key}-{_token(value)}")
+    return re.sub(r"[^A-Za-z0-9.+_-]", "_", "-".join(parts))
