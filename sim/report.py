@@ -1,0 +1,217 @@
+"""`<out>/report.md`: figures, final accuracy with confidence intervals, privacy unit and δ.
+
+Everything comes from the stored results, so a report can be regenerated (or re-targeted)
+long after the sweep ran.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
+from flower_app.results import atomic_write_text
+from sim.plots import (
+    TARGET_FRACTION,
+    Figure,
+    Skipped,
+    SweepData,
+    choose_targets,
+    eps_label,
+    plot_all,
+    rounds_table,
+)
+from sim.tidy import eps_order, summarize
+
+REPORT = "report.md"
+
+
+def final_summary(data: SweepData) -> pd.DataFrame:
+    """Per series and ε: seeds, final accuracy mean ± CI half-width, ε spent, wall time."""
+    if data.tidy.empty:
+        return pd.DataFrame(columns=[*data.by, "eps", "n", "mean", "half", "eps_spent", "wall_s"])
+    summary = summarize(data.finals, [*data.by, "eps"])
+    return _ordered(data, summary)
+
+
+def _ordered(data: SweepData, df: pd.DataFrame) -> pd.DataFrame:
+    """Rows in series order, then ∞ first and decreasing ε."""
+    order = {s: i for i, s in enumerate(data.series)}
+    eps_rank = {e: i for i, e in enumerate(eps_order(df["eps"]))}
+    keys = [
+        (order.get(tuple(None if _nan(r[k]) else r[k] for k in data.by), 0), eps_rank[r["eps"]])
+        for _, r in df.iterrows()
+    ]
+    return df.iloc[sorted(range(len(df)), key=keys.__getitem__)].reset_index(drop=True)
+
+
+def _nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def format_accuracy(mean: float, half: float) -> str:
+    """`81.2 ± 1.3` in percent; no ± with a single seed."""
+    if _nan(mean):
+        return "–"
+    return f"{mean * 100:.1f}" if _nan(half) else f"{mean * 100:.1f} ± {half * 100:.1f}"
+
+
+def format_number(value: Any, spec: str = ".2f") -> str:
+    """A number for a table cell, or a dash."""
+    return "–" if value is None or _nan(value) else format(value, spec)
+
+
+def summary_rows(data: SweepData, summary: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Header and text rows of the final-accuracy table (shared by Markdown and rich)."""
+    header = [
+        *data.by,
+        "ε",
+        "seeds",
+        "final accuracy (%)",
+        "ε spent",
+        "wall time (s)",
+    ]
+    rows = [
+        [
+            *("" if _nan(r[k]) else str(r[k]) for k in data.by),
+            eps_label(r["eps"]),
+            str(r["n"]),
+            format_accuracy(r["mean"], r["half"]),
+            format_number(r["eps_spent"], ".3g"),
+            format_number(r["wall_s"], ".0f"),
+        ]
+        for _, r in summary.iterrows()
+    ]
+    return header, rows
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    out = [line(header), line(["---"] * len(header))]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _values(values: Any) -> str:
+    if isinstance(values, list):
+        return "{" + ", ".join(_value(v) for v in values) + "}"
+    return _value(values)
+
+
+def _value(value: Any) -> str:
+    return "∞" if value in ("inf", math.inf) else str(value)
+
+
+def write_report(
+    out: Path,
+    *,
+    target: float | None = None,
+    fraction: float = TARGET_FRACTION,
+    figures: tuple[list[Figure], list[Skipped]] | None = None,
+) -> Path:
+    """Draw the figures (unless given) and write `<out>/report.md`."""
+    drawn, skipped = figures if figures is not None else plot_all(out, target=target)
+    data = SweepData.load(out)
+    m = data.manifest
+    cells = m["cells"]
+    count = {s: sum(c["status"] == s for c in cells) for s in ("completed", "failed", "pending")}
+    text = [
+        f"# Privacy sweep `{m.get('name', out.name)}`",
+        "",
+        f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the stored results in this "
+        "folder (`sweep.csv`, `manifest.json`, `runs/*/summary.json`); regenerate with "
+        f"`fl-sweep report {out}`.",
+        "",
+        "## Setup",
+        "",
+    ]
+    if m.get("command"):
+        text.append(f"- Command: `{m['command']}`")
+    text += [
+        f"- Simulated nodes: {m.get('nodes')}",
+        "- Fixed: "
+        + (", ".join(f"`{k}={_value(v)}`" for k, v in m.get("fixed", {}).items()) or "nothing"),
+        "- Swept: "
+        + ("; ".join(f"`{k}` ∈ {_values(v)}" for k, v in m.get("swept", {}).items()) or "nothing"),
+        f"- Cells: {count['completed']} completed, {count['failed']} failed, "
+        f"{count['pending']} pending (of {len(cells)}).",
+        "",
+        "## Privacy",
+        "",
+        f"- Privacy unit: {PRIVACY_UNIT}.",
+        f"- Trust model: {TRUST_MODEL}.",
+        f"- δ = {data.delta_text()} per node. ε is the budget each node spends over the whole "
+        "run (not per round); the noise is calibrated so each node ends at its target. "
+        "ε = ∞ means no DP: plain SGD, no clipping, no noise.",
+        "",
+        "## Final accuracy",
+        "",
+    ]
+    summary = final_summary(data)
+    if summary.empty:
+        text += ["No completed cell yet.", ""]
+    else:
+        text += [
+            markdown_table(*summary_rows(data, summary)),
+            "",
+            "Final test accuracy: mean ± half-width of the 95% Student-t interval over seeds. "
+            f"{data.seed_note()} ε spent is the largest over the nodes, averaged over seeds; "
+            "wall time is per cell.",
+            "",
+        ]
+        targets = choose_targets(data, target, fraction)
+        text += ["## Rounds to reach the target accuracy", "", f"Target: {targets.how}.", ""]
+        if targets.values:
+            table = rounds_table(data, targets)
+            table = _ordered(data, table) if len(table) else table
+            text += [
+                markdown_table(
+                    [*data.by, "ε", "target (%)", "rounds"],
+                    [
+                        [
+                            *("" if _nan(r[k]) else str(r[k]) for k in data.by),
+                            eps_label(r["eps"]),
+                            f"{r['target'] * 100:.1f}",
+                            f"not reached in {r['max_round']}"
+                            if _nan(r["rounds"])
+                            else str(int(r["rounds"])),
+                        ]
+                        for _, r in table.iterrows()
+                    ],
+                ),
+                "",
+                "Counted on the seed-mean accuracy curve.",
+                "",
+            ]
+    text += ["## Figures", ""]
+    for fig in drawn:
+        png = fig.files[0].relative_to(out).as_posix()
+        svg = fig.files[1].relative_to(out).as_posix()
+        text += [
+            f"### {fig.title}",
+            "",
+            f"![{fig.title}]({png})",
+            "",
+            f"{fig.caption} ([SVG]({svg}))",
+            "",
+        ]
+    if skipped:
+        text += ["Figures not drawn:", ""]
+        text += [f"- `{s.name}`: {s.reason}." for s in skipped]
+        text.append("")
+    if failed := [c for c in cells if c["status"] == "failed"]:
+        text += ["## Failed cells", ""]
+        text += [f"- `{c['id']}`: {(c.get('error') or '?').splitlines()[0]}" for c in failed]
+        text += ["", "Re-run the sweep's command with the same `--out` to retry them.", ""]
+    path = out / REPORT
+    atomic_write_text(path, "\n".join(text))
+    return path
