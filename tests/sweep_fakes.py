@@ -1,0 +1,118 @@
+"""A fake cell runner: writes a results folder like the ServerApp does, without Flower."""
+
+import math
+from pathlib import Path
+
+from flower_app.config import RunConfig
+from flower_app.results import RunFiles
+from sim.flower_cli import RunOutcome
+
+BASE = [
+    "round",
+    "strategy",
+    "eps_target",
+    "eps_spent",
+    "accuracy",
+    "loss",
+    "train_loss",
+    "nodes_trained",
+    "round_s",
+    "wall_s",
+]
+GOSSIP = [
+    "node_acc_mean",
+    "node_acc_min",
+    "node_acc_max",
+    "consensus_distance",
+    "bytes_sent_per_node",
+]
+GAPS = {"ring": 0.049, "torus": 0.2, "complete": 1.0}
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL/Ctrl-C: not an Exception, so the sweep does not swallow it."""
+
+
+def accuracy(cfg: RunConfig, r: int) -> float:
+    ceiling = 0.9 if math.isinf(cfg.eps) else 0.9 - 0.4 / cfg.eps
+    if cfg.strategy == "gossip":
+        ceiling -= {"ring": 0.08, "torus": 0.04}.get(cfg.topology, 0.0)
+    return round(ceiling * (1 - 0.5**r) + 0.01 * (cfg.seed - 7), 4)
+
+
+class FakeRunner:
+    def __init__(
+        self,
+        *,
+        fail=(),
+        crash=(),
+        kill_at=None,
+        kill_mid=False,
+        kill_after_done=False,
+        no_summary=(),
+    ):
+        self.fail, self.crash, self.no_summary = set(fail), set(crash), set(no_summary)
+        self.kill_at, self.kill_mid, self.kill_after_done = kill_at, kill_mid, kill_after_done
+        self.calls: list[str] = []
+        self.polls = 0
+
+    def __call__(self, run_config, *, num_nodes, on_poll):
+        cid = run_config["run-name"]
+        self.calls.append(cid)
+        kill_now = self.kill_at is not None and len(self.calls) == self.kill_at
+        if kill_now and not (self.kill_mid or self.kill_after_done):
+            raise Killed
+        if cid in self.crash:
+            raise RuntimeError(f"flwr run failed: cannot reach SuperLink for {cid}")
+        cfg = RunConfig.from_run_config(run_config)
+        gossip = cfg.strategy == "gossip"
+        files = RunFiles(Path(run_config["results-dir"]) / cid, BASE + (GOSSIP if gossip else []))
+        files.start(cfg.to_dict() | {"num-nodes": num_nodes})
+        for r in range(1, cfg.num_server_rounds + 1):
+            acc = accuracy(cfg, r)
+            row = {
+                "round": r,
+                "strategy": cfg.strategy,
+                "eps_target": cfg.eps,
+                "eps_spent": 0.0 if math.isinf(cfg.eps) else cfg.eps * r / cfg.num_server_rounds,
+                "accuracy": acc,
+                "loss": 2 - acc,
+                "train_loss": 2.1 - acc,
+                "nodes_trained": num_nodes,
+                "round_s": 1.0,
+                "wall_s": float(r),
+            }
+            if gossip:
+                row |= {
+                    "node_acc_mean": acc - 0.02,
+                    "node_acc_min": acc - 0.05,
+                    "node_acc_max": acc,
+                    "consensus_distance": 2.0 / r,
+                    "bytes_sent_per_node": 1000 * r,
+                }
+            files.add_round(row)
+            on_poll()
+            self.polls += 1
+            if kill_now and self.kill_mid:
+                raise Killed
+        if cid in self.fail:
+            files.finish({"status": "failed", "error": "RuntimeError: boom"})
+            return RunOutcome(f"run-{cid}", "finished:failed", "RuntimeError: boom", 1.0)
+        if cid not in self.no_summary:
+            summary = {
+                "status": "completed",
+                "final_accuracy": acc,
+                "eps_spent": row["eps_spent"],
+                "wall_s": 3.0,
+                "privacy": {"delta": cfg.delta},
+            }
+            if gossip:
+                summary["topology"] = {
+                    "name": cfg.topology,
+                    "nodes": num_nodes,
+                    "spectral_gap": GAPS.get(cfg.topology, 0.5),
+                }
+            files.finish(summary)
+        if kill_now and self.kill_after_done:
+            raise Killed
+        return RunOutcome(f"run-{cid}", "finished:completed", "", 1.0)
