@@ -88,6 +88,12 @@ class RunConfig:
         default=0.3, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
     )
     node_eval_samples: int = field(default=1000, metadata=_NON_NEGATIVE_INT)
+    num_nodes: int = field(
+        default=0,
+        metadata=_check(lambda v: v >= 0, "an integer >= 0 (0 = the nodes connected at start)"),
+    )
+    min_available_nodes: int = field(default=2, metadata=_POSITIVE_INT)
+    round_timeout: float = field(default=3600.0, metadata=_POSITIVE_FLOAT)
     results_dir: str = ""
     run_name: str = ""
 

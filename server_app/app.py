@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from logging import ERROR, INFO
@@ -22,6 +23,20 @@ from flower_app.train import evaluate
 from strategies import STRATEGIES
 
 app = ServerApp()
+
+
+def wait_for_nodes(grid: Grid, want: int, timeout: float) -> list[int]:
+    """The connected node ids; with `want` > 0, first wait until that many are connected."""
+    deadline = time.monotonic() + timeout
+    while want and len(node_ids := list(grid.get_node_ids())) < want:
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"num-nodes={want}: only {len(node_ids)} node(s) connected within "
+                f"round-timeout={timeout:g}s"
+            )
+        log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), want)
+        time.sleep(2)
+    return list(grid.get_node_ids())
 
 
 def central_test_sets(cfg: RunConfig) -> tuple[BatchTensorDataset, BatchTensorDataset]:
@@ -126,9 +141,15 @@ def _fail(message: str) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Run `strategy` for `num-server-rounds` rounds and write the run's results folder."""
     torch.set_num_threads(1)  # the simulated nodes use the cores; see client_app
-    node_ids = list(grid.get_node_ids())
     try:
         cfg = RunConfig.from_run_config(context.run_config)
+        random.seed(cfg.seed)  # Flower's node sampling draws from the global `random`
+        node_ids = wait_for_nodes(grid, cfg.num_nodes, cfg.round_timeout)
+        if cfg.min_available_nodes > len(node_ids):
+            raise ConfigError(
+                f"min-available-nodes={cfg.min_available_nodes} is more than the "
+                f"{len(node_ids)} node(s) of this federation; use at most {len(node_ids)}"
+            )
         test, node_test = central_test_sets(cfg)
         strategy = STRATEGIES[cfg.strategy](cfg, len(node_ids), model_evaluator(cfg, node_test))
     except (ConfigError, DatasetMissing) as err:
@@ -167,6 +188,7 @@ def main(grid: Grid, context: Context) -> None:
             num_rounds=cfg.num_server_rounds,
             train_config=ConfigRecord(),
             evaluate_fn=recorder,
+            timeout=cfg.round_timeout,
         )
     except BaseException as err:
         files.finish({"status": "failed", "error": f"{type(err).__name__}: {err}"})

@@ -13,7 +13,7 @@ from strategies.gossip import ArraysEvaluator, Gossip
 
 
 def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> Strategy:
-    return CentralFedAvg(min_available_nodes=num_nodes)
+    return CentralFedAvg(num_nodes=num_nodes, min_available_nodes=cfg.min_available_nodes)
 
 
 def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> Strategy:
@@ -32,7 +32,7 @@ def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
         mode=cfg.gossip_mode,
         edges_per_round=cfg.gossip_edges,
         seed=cfg.seed,
-        min_available_nodes=num_nodes,
+        min_available_nodes=cfg.min_available_nodes,
         evaluate_arrays=evaluate_arrays,
     )
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -24,14 +26,37 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
     return MetricRecord(out)
 
 
+class QuorumError(RuntimeError):
+    """Too few nodes answered a round for the run to go on."""
+
+
 class NodeLedgerMixin:
     """Remembers each node's latest training metrics, keyed by partition id."""
 
     node_reports: dict[int, dict[str, Any]]
+    min_available_nodes: int
 
-    def remember(self, replies: Iterable[Message]) -> list[Message]:
-        """Store the metrics of replies without error; return those replies."""
+    def remember(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Store the metrics of replies without error; return those replies.
+
+        A node that failed or timed out is left out of the round (and logged); the run
+        stops only when fewer than `min_available_nodes` answered.
+        """
         ok = [r for r in replies if not r.has_error()]
+        for r in replies:
+            if r.has_error():
+                log(
+                    WARNING,
+                    "round %d: node %s left out: %s",
+                    server_round,
+                    r.metadata.src_node_id,
+                    r.error.reason,
+                )
+        if len(ok) < self.min_available_nodes:
+            raise QuorumError(
+                f"round {server_round}: only {len(ok)} node(s) answered, fewer than "
+                f"min-available-nodes={self.min_available_nodes}"
+            )
         for r in ok:
             m = r.content[METRICS]
             self.node_reports[int(m["partition-id"])] = dict(m)
@@ -57,15 +82,18 @@ class CentralFedAvg(NodeLedgerMixin, FedAvg):
     evaluation round.
     """
 
-    def __init__(self, *, fraction_train: float = 1.0, min_available_nodes: int = 2) -> None:
+    def __init__(
+        self, *, num_nodes: int, fraction_train: float = 1.0, min_available_nodes: int = 2
+    ) -> None:
         """Store the knobs; weights come from each reply's `num-examples`."""
         super().__init__(
             fraction_train=fraction_train,
-            min_train_nodes=1,
+            min_train_nodes=min(min_available_nodes, num_nodes),
             min_available_nodes=min_available_nodes,
             weighted_by_key=NUM_EXAMPLES,
             train_metrics_aggr_fn=aggregate_train_metrics,
         )
+        self.num_nodes = num_nodes
         self.node_reports = {}
         self.last_round: dict[str, Any] = {}
 
@@ -74,7 +102,7 @@ class CentralFedAvg(NodeLedgerMixin, FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg's weighted average, plus bookkeeping of who trained and what they spent."""
         replies = list(replies)
-        ok = self.remember(replies)
+        ok = self.remember(server_round, replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.last_round = {
             "nodes_trained": len(ok),
@@ -84,7 +112,7 @@ class CentralFedAvg(NodeLedgerMixin, FedAvg):
             "consensus_distance": 0.0,
             # Each trained node uploads its model once (downloads are not counted).
             "bytes_sent_per_node": (
-                arrays.count_bytes() * len(ok) / max(self.min_available_nodes, len(ok))
+                arrays.count_bytes() * len(ok) / max(self.num_nodes, len(ok))
                 if arrays is not None
                 else 0.0
             ),

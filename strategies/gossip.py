@@ -149,7 +149,9 @@ class Gossip(NodeLedgerMixin, Strategy):
         """Send every node ITS OWN model (never an average over all nodes)."""
         if self.initial is None:
             self.initial = arrays  # round 1: `arrays` is the common initial model
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, len(list(grid.get_node_ids())))
+        # Every node that is connected now trains; absent ones keep their model.
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
+        node_ids = list(grid.get_node_ids())
         config["server-round"] = server_round
         return [
             Message(
@@ -169,7 +171,7 @@ class Gossip(NodeLedgerMixin, Strategy):
         no node ever receives it.
         """
         replies = list(replies)
-        ok = self.remember(replies)
+        ok = self.remember(server_round, replies)
         trained: dict[int, np.ndarray] = {}
         for r in ok:
             vertex = int(r.content[METRICS]["partition-id"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from strategies.fedavg import CentralFedAvg, aggregate_train_metrics
+from strategies.fedavg import CentralFedAvg, QuorumError, aggregate_train_metrics
 
 
 def reply(pid, value, n, eps=None, error=False):
@@ -25,7 +25,7 @@ def reply(pid, value, n, eps=None, error=False):
 
 
 def test_aggregate_train_is_the_example_weighted_mean_and_skips_errors():
-    strategy = CentralFedAvg(min_available_nodes=3)
+    strategy = CentralFedAvg(num_nodes=3, min_available_nodes=2)
     replies = [
         reply(0, 1.0, 100, eps=0.5),
         reply(1, 4.0, 300, eps=0.7),
@@ -42,7 +42,7 @@ def test_aggregate_train_is_the_example_weighted_mean_and_skips_errors():
 
 
 def test_eps_spent_remembers_nodes_not_sampled_this_round():
-    strategy = CentralFedAvg(min_available_nodes=2)
+    strategy = CentralFedAvg(num_nodes=2, min_available_nodes=1)
     strategy.aggregate_train(1, [reply(0, 1.0, 10, eps=0.9), reply(1, 1.0, 10, eps=0.4)])
     strategy.aggregate_train(2, [reply(1, 1.0, 10, eps=0.6)])
     assert strategy.eps_spent() == pytest.approx(0.9)
@@ -55,4 +55,11 @@ def test_metrics_without_dp_have_no_eps():
 
 
 def test_no_federated_evaluation():
-    assert list(CentralFedAvg().configure_evaluate(1, ArrayRecord(), None, None)) == []
+    assert list(CentralFedAvg(num_nodes=2).configure_evaluate(1, ArrayRecord(), None, None)) == []
+
+
+def test_too_few_answers_stop_the_run_with_a_clear_message():
+    strategy = CentralFedAvg(num_nodes=4, min_available_nodes=3)
+    replies = [reply(0, 1.0, 10), reply(1, 1.0, 10), reply(2, 1.0, 10, error=True)]
+    with pytest.raises(QuorumError, match="only 2 node\\(s\\) answered.*min-available-nodes=3"):
+        strategy.aggregate_train(5, replies)

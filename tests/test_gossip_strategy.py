@@ -57,7 +57,7 @@ def node_value(msg):
 def make(mode="matching", n=6, evaluate=None):
     """A strategy past configure_train of round 1 (which records the initial model)."""
     graph = build_topology("ring", n, seed=0)
-    strategy = Gossip(graph, mode=mode, seed=3, min_available_nodes=n, evaluate_arrays=evaluate)
+    strategy = Gossip(graph, mode=mode, seed=3, min_available_nodes=2, evaluate_arrays=evaluate)
     list(strategy.configure_train(1, record(0.0), ConfigRecord(), grid_of(range(100, 100 + n))))
     return strategy
 
