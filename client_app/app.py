@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -26,6 +28,8 @@ def train(msg: Message, context: Context) -> Message:
     # One thread per simulated node: two nodes on two cores beat one node with two threads.
     torch.set_num_threads(int(context.node_config.get("torch-threads", 1)))
     cfg = RunConfig.from_run_config(context.run_config)
+    if data_dir := context.node_config.get("data-dir"):  # a device's own copy of the data
+        cfg = replace(cfg, data_dir=str(data_dir))
     pid = int(context.node_config["partition-id"])
     out = local_round(
         cfg,
