@@ -6,18 +6,26 @@ node gets back indices into the in-memory arrays instead of a copy of the images
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    ShardPartitioner,
-)
 
 from flower_app.config import ConfigError
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
+
+# Partitions are cached on disk: computing them (and importing Hugging Face datasets to do
+# so) cost every simulation worker several seconds at the start of every run.
+CACHE_DIR = (
+    Path(os.environ.get("FLOWER_DP_GOSSIP_CACHE", Path.home() / ".cache" / "flower-dp-gossip"))
+    / "partitions"
+)
 
 PARTITIONERS = ("dirichlet", "iid", "shards")
 # A node needs at least this many samples for DP-SGD's sampling rate to mean anything.
@@ -28,6 +36,12 @@ def make_partitioner(
     name: str, num_partitions: int, *, seed: int, alpha: float, shards_per_node: int
 ) -> Partitioner:
     """The flwr-datasets partitioner that `partitioner=<name>` stands for."""
+    from flwr_datasets.partitioner import (  # slow import: only when not cached
+        DirichletPartitioner,
+        IidPartitioner,
+        ShardPartitioner,
+    )
+
     if name == "dirichlet":
         return DirichletPartitioner(
             num_partitions=num_partitions,
@@ -81,7 +95,45 @@ def _partition_indices_cached(
     alpha: float,
     shards_per_node: int,
 ) -> tuple[np.ndarray, ...]:
+    args = f"{name}|{num_partitions}|{seed}|{alpha!r}|{shards_per_node}".encode()
+    key = hashlib.sha256(label_bytes + args).hexdigest()[:24]
+    path = CACHE_DIR / f"{key}.npz"
+    try:
+        with np.load(path) as stored:
+            return tuple(stored[f"p{i}"] for i in range(num_partitions))
+    except (OSError, KeyError, ValueError):
+        pass  # not cached yet (or unreadable): compute
     labels = np.frombuffer(label_bytes, dtype=np.int64)
+    parts = _compute_partitions(labels, name, num_partitions, seed, alpha, shards_per_node)
+    _store(path, parts)
+    return parts
+
+
+def _store(path: Path, parts: tuple[np.ndarray, ...]) -> None:
+    """Write atomically, so concurrent workers never read half a file; best effort."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    except OSError:
+        return  # a read-only home only costs the recomputation
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **{f"p{i}": p for i, p in enumerate(parts)})
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _compute_partitions(
+    labels: np.ndarray,
+    name: str,
+    num_partitions: int,
+    seed: int,
+    alpha: float,
+    shards_per_node: int,
+) -> tuple[np.ndarray, ...]:
+    import datasets  # slow import: only when not cached
+
     if num_partitions < 1:
         raise ConfigError(f"num-partitions={num_partitions} is not valid; expected >= 1")
     if len(labels) < num_partitions * MIN_PARTITION_SIZE:

@@ -1,8 +1,18 @@
 import numpy as np
 import pytest
 
+from flower_app import partition
 from flower_app.config import ConfigError
 from flower_app.partition import label_histogram, partition_indices
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    """Each test computes partitions for real, in an empty disk cache."""
+    monkeypatch.setattr(partition, "CACHE_DIR", tmp_path / "partitions")
+    partition._partition_indices_cached.cache_clear()
+    yield tmp_path / "partitions"
+    partition._partition_indices_cached.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +64,21 @@ def test_shards_give_each_node_few_labels():
 def test_too_many_nodes_for_the_data_fails_clearly():
     with pytest.raises(ConfigError, match="cannot be split into 50 partitions"):
         partition_indices(np.zeros(100, dtype=np.int64), "iid", 50, seed=1)
+
+
+def test_disk_cache_returns_the_same_partitions_and_survives_corruption(labels, fresh_cache):
+    first = partition_indices(labels, "dirichlet", 10, seed=3, alpha=0.5)
+    files = list(fresh_cache.glob("*.npz"))
+    assert len(files) == 1
+    partition._partition_indices_cached.cache_clear()
+    cached = partition_indices(labels, "dirichlet", 10, seed=3, alpha=0.5)
+    for x, y in zip(first, cached, strict=True):
+        np.testing.assert_array_equal(x, y)
+    files[0].write_bytes(b"garbage")
+    partition._partition_indices_cached.cache_clear()
+    again = partition_indices(labels, "dirichlet", 10, seed=3, alpha=0.5)
+    for x, y in zip(first, again, strict=True):
+        np.testing.assert_array_equal(x, y)
+    other = partition_indices(labels, "dirichlet", 10, seed=4, alpha=0.5)
+    assert len(list(fresh_cache.glob("*.npz"))) == 2
+    assert any(not np.array_equal(x, y) for x, y in zip(first, other, strict=True))
