@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -145,6 +145,13 @@ class SweepData:
             "marker": MARKERS[i % len(MARKERS)],
             "linestyle": LINESTYLES[i % len(LINESTYLES)],
         }
+
+    def on_graphs(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Rows of cells whose summary.json names a topology (gossip, not FedAvg)."""
+        if "topology_name" not in self.cells:
+            return df
+        graph = self.cells.loc[self.cells["topology_name"].notna(), "cell"]
+        return df[df["cell"].isin(graph)]
 
     def rows_of(self, df: pd.DataFrame, series: Sequence[Any]) -> pd.DataFrame:
         """Rows of `df` belonging to `series` (None matches a key the strategy lacks)."""
@@ -397,7 +404,7 @@ def rounds_to_target_vs_eps(data: SweepData, targets: Targets) -> Figure | Skipp
         name,
         "Rounds to reach the target accuracy",
         f"Rounds until the seed-mean test accuracy first reaches the target, {targets.how}. "
-        f"× at {ceiling}: never reached within {ceiling - 1} rounds.",
+        f"× at “not reached”: the target was not reached within {ceiling - 1} rounds.",
         _save(fig, data.out, name),
     )
 
@@ -407,10 +414,9 @@ def _has(data: SweepData, column: str) -> bool:
 
 
 def _metric_by_eps(
-    data: SweepData, column: str, ylabel: str, eps_filter: Callable[[float], bool]
+    data: SweepData, tidy: pd.DataFrame, column: str, ylabel: str
 ) -> tuple[Any, list[Axes]] | None:
     """Panels per series, one line per ε, for a per-round metric; None if nothing to draw."""
-    tidy = data.tidy[data.tidy["eps"].map(eps_filter)]
     curves = curve(tidy, [*data.by, "eps"], column)
     if curves.empty:
         return None
@@ -434,12 +440,13 @@ def consensus_vs_round(data: SweepData) -> Figure | Skipped:
     """4a) Gossip consensus distance per round, one line per ε."""
     name, column = "consensus_distance", "consensus_distance"
     if not _has(data, column):
-        return Skipped(name, f"no {column} column with values in sweep.csv (no gossip cell)")
-    drawn = _metric_by_eps(data, column, "consensus distance (parameter space)", lambda e: True)
+        return Skipped(name, f"no {column} column with values in sweep.csv")
+    tidy = data.on_graphs(data.tidy)
+    drawn = _metric_by_eps(data, tidy, column, "consensus distance (parameter space)")
     if drawn is None:
-        return Skipped(name, f"no {column} values")
+        return Skipped(name, f"no cell with a topology (gossip) has {column} values")
     fig, axes = drawn
-    values = data.tidy[column].dropna()
+    values = tidy[column].dropna()
     if (values > 0).all() and values.max() / values.min() > 50:
         for ax in axes:
             ax.set_yscale("log")
@@ -459,7 +466,10 @@ def eps_spent_vs_round(data: SweepData) -> Figure | Skipped:
     if not _has(data, column):
         return Skipped(name, f"no {column} column with values in sweep.csv")
     drawn = _metric_by_eps(
-        data, column, f"ε spent, cumulative (δ = {data.delta_text()})", math.isfinite
+        data,
+        data.tidy[np.isfinite(data.tidy["eps"])],
+        column,
+        f"ε spent, cumulative (δ = {data.delta_text()})",
     )
     if drawn is None:
         return Skipped(name, "no private (finite ε) cell")
@@ -471,8 +481,8 @@ def eps_spent_vs_round(data: SweepData) -> Figure | Skipped:
     return Figure(
         name,
         "Privacy spent per round",
-        "Largest cumulative ε over the nodes after each round (RDP accounting); dashed lines "
-        "are the targets the noise was calibrated to reach after the last round.",
+        "Largest cumulative ε over the nodes after each round, as their accountant reports "
+        "it; dashed lines are the targets the noise was calibrated to reach by the last round.",
         _save(fig, data.out, name),
     )
 
@@ -483,11 +493,7 @@ def topologies(data: SweepData) -> Figure | Skipped:
     if "topology" not in data.by:
         return Skipped(name, "topology is not swept")
     finals, cells = data.finals, data.cells[data.cells["status"] == "completed"]
-    with_topo = finals[finals["topology"].notna()]
-    if "topology_name" in cells:  # only cells whose strategy used a graph (not FedAvg)
-        with_topo = with_topo[
-            with_topo["cell"].isin(cells.loc[cells["topology_name"].notna(), "cell"])
-        ]
+    with_topo = data.on_graphs(finals[finals["topology"].notna()])
     if with_topo["topology"].nunique() < 2:
         return Skipped(name, "fewer than two topologies have completed cells")
     bar_keys = ["topology", *[k for k in data.by if k not in ("strategy", "topology")]]

@@ -146,6 +146,8 @@ def judge(outcome: RunOutcome, folder: Path) -> str | None:
         return f"Flower reported {outcome.status} but {SUMMARY} is missing or unreadable"
     if summary.get("status") != COMPLETED:
         return f"Flower reported {outcome.status} but {SUMMARY} says {summary.get('status')!r}"
+    if not (folder / ROUNDS).is_file():
+        return f"Flower reported {outcome.status} but {ROUNDS} is missing"
     return None
 
 
@@ -242,6 +244,11 @@ class Sweep:
         return str(self.entries[cell_id]["status"])
 
     @property
+    def todo(self) -> list[Cell]:
+        """Cells not completed yet, in grid order."""
+        return [c for c in self.cells if self.status(c.id) != COMPLETED]
+
+    @property
     def failed(self) -> list[str]:
         """Ids of the failed cells, in grid order."""
         return [c.id for c in self.cells if self.status(c.id) == FAILED]
@@ -256,9 +263,9 @@ class Sweep:
 
     def run(self, runner: Runner, console: Console | None = None) -> list[str]:
         """Run every cell not completed yet; return the ids of failed cells."""
-        console = console or Console(stderr=True)
+        console = console or Console(stderr=True, log_path=False)
         self.save()
-        todo = [c for c in self.cells if self.status(c.id) != COMPLETED]
+        todo = self.todo
         if skipped := len(self.cells) - len(todo):
             console.log(f"{skipped} of {len(self.cells)} cells already completed: skipped")
         columns = (
@@ -322,6 +329,9 @@ class Sweep:
 
 
 def _completed_run(folder: Path) -> bool:
+    """Whether `folder` holds a finished run the tidy table can be built from."""
+    if not (folder / ROUNDS).is_file():
+        return False
     try:
         summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -470,7 +480,7 @@ def _finish(out: Path, target: float | None, console: Console) -> None:
 
 def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | None = None) -> int:
     """`fl-sweep run`: validate everything, then run; 0 all completed, 1 some failed."""
-    console = Console(stderr=True)
+    console = Console(stderr=True, log_path=False)
     spec = spec_from_args(args)
     cells = expand(spec)
     name = args.preset or "sweep"
@@ -485,8 +495,8 @@ def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | 
     console.log(f"{len(cells)} cells on {spec.nodes} nodes → {out}")
     try:
         with _sigterm_interrupts():
-            if runner is not None:
-                sweep.run(runner, console)
+            if runner is not None or not sweep.todo:  # nothing to run: no SuperLink needed
+                sweep.run(runner or _no_runner, console)
             else:
                 with SimulationLink(ray_address=args.ray_address) as link:
                     sweep.run(FlowerRunner(link, args.timeout), console)
@@ -507,6 +517,10 @@ def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | 
     return 0
 
 
+def _no_runner(run_config: dict[str, Any], **_: Any) -> RunOutcome:
+    raise AssertionError(f"no cell should run, got {run_config['run-name']}")
+
+
 def _stderr(line: str) -> None:
     sys.stderr.write(f"fl-sweep: {line}\n")
 
@@ -523,6 +537,7 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO)
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
         logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False))
+    logger.propagate = False  # Opacus calls logging.basicConfig on import: no double lines
 
 
 def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> int:
@@ -537,10 +552,12 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
         if args.command == "plot":
             figures, _ = plot_all(out, target=args.target_accuracy)
             for fig in figures:
-                Console(stderr=True).log(f"{fig.name}: {', '.join(map(str, fig.files))}")
+                Console(stderr=True, log_path=False).log(
+                    f"{fig.name}: {', '.join(map(str, fig.files))}"
+                )
             return 0
         report = write_report(out, target=args.target_accuracy)
-        Console(stderr=True).log(f"report: {report}")
+        Console(stderr=True, log_path=False).log(f"report: {report}")
         Console().print(summary_table(SweepData.load(out)))
         return 0
     except SweepError as err:
