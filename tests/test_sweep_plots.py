@@ -1,3 +1,4 @@
+import logging
 import math
 
 import numpy as np
@@ -92,8 +93,13 @@ def test_skipped_figures_are_logged_with_a_reason(tmp_path, caplog):
     ]
     assert main(argv, runner=FakeRunner()) == 0
     caplog.clear()
-    with caplog.at_level("INFO", logger="sim"):
-        figures, skipped = plot_all(out)
+    logger = logging.getLogger("sim")
+    logger.addHandler(caplog.handler)  # main() stops "sim" from propagating to the root
+    try:
+        with caplog.at_level("INFO", logger="sim"):
+            figures, skipped = plot_all(out)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert [f.name for f in figures] == ["accuracy_vs_round", "eps_spent_vs_round"]
     reasons = {s.name: s.reason for s in skipped}
     assert "two values of ε" in reasons["final_accuracy_vs_eps"]

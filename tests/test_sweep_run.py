@@ -185,6 +185,8 @@ def test_judge_needs_flower_and_summary_to_agree(tmp_path):
     (tmp_path / "summary.json").write_text('{"status": "incomplete"}')
     assert "'incomplete'" in judge(ok, tmp_path)
     (tmp_path / "summary.json").write_text('{"status": "completed"}')
+    assert "rounds.csv is missing" in judge(ok, tmp_path)
+    (tmp_path / "rounds.csv").write_text("round,accuracy\n1,0.5\n")
     assert judge(ok, tmp_path) is None
     assert judge(RunOutcome("1", "finished:stopped", "", 1), tmp_path) == "finished:stopped"
 

@@ -1,0 +1,72 @@
+"""A real `fl-sweep run`: SuperLink, simulation runtime, Ray and Opacus, tiny grid."""
+
+import json
+
+import pandas as pd
+import pytest
+
+import sim.sweep
+from flower_app.config import RunConfig
+from sim.flower_cli import SimulationLink
+
+pytestmark = pytest.mark.e2e
+
+STRATEGIES = [
+    s
+    for s in ("fedavg", "gossip")
+    if s in RunConfig.__dataclass_fields__["strategy"].metadata["choices"]
+]
+
+
+def test_a_tiny_real_sweep_completes_every_cell_and_stops_its_superlink(
+    tmp_path, monkeypatch, capsys
+):
+    links = []
+
+    class RecordedLink(SimulationLink):
+        def __enter__(self):
+            links.append(self)
+            return super().__enter__()
+
+    monkeypatch.setattr(sim.sweep, "SimulationLink", RecordedLink)
+    out = tmp_path / "sweep"
+    argv = [
+        "run",
+        "--strategies",
+        ",".join(STRATEGIES),
+        "--eps",
+        "inf,2",
+        "--seeds",
+        "7",
+        "--nodes",
+        "3",
+        "--rounds",
+        "2",
+        "--set",
+        "samples-per-node=100",
+        "--set",
+        "test-samples=500",
+        "--timeout",
+        "600",
+        "--out",
+        str(out),
+    ]
+    rc = sim.sweep.main(argv)
+    cells = json.loads((out / "manifest.json").read_text())["cells"]
+    errors = {c["id"]: c["error"] for c in cells if c["status"] != "completed"}
+    assert rc == 0, errors
+    assert len(cells) == 2 * len(STRATEGIES) and not errors
+    assert all(c["run_id"] for c in cells)
+    df = pd.read_csv(out / "sweep.csv")
+    assert len(df) == len(cells) * 2
+    assert sorted(df.groupby("cell")["round"].apply(list).tolist()) == [[1, 2]] * len(cells)
+    assert df["accuracy"].between(0, 1).all()
+    for name in ("accuracy_vs_round", "final_accuracy_vs_eps", "eps_spent_vs_round"):
+        for ext in ("png", "svg"):
+            assert (out / "figures" / f"{name}.{ext}").stat().st_size > 0
+    assert (out / "report.md").exists()
+    assert "Final test accuracy" in capsys.readouterr().out
+    assert len(links) == 1 and links[0].process.poll() is not None, "SuperLink still running"
+    # resuming a finished sweep runs nothing and starts no SuperLink
+    assert sim.sweep.main(argv) == 0
+    assert len(links) == 1 and len(pd.read_csv(out / "sweep.csv")) == len(cells) * 2
