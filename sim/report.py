@@ -213,5 +213,5 @@ def write_report(
         text += [f"- `{c['id']}`: {(c.get('error') or '?').splitlines()[0]}" for c in failed]
         text += ["", "Re-run the sweep's command with the same `--out` to retry them.", ""]
     path = out / REPORT
-    atomic_write_text(path, "\n".join(text))
+    atomic_write_text(path, "\n".join(text).rstrip("\n") + "\n")
     return path

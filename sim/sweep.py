@@ -292,7 +292,11 @@ class Sweep:
                 outcome = entry["status"]
                 if entry["error"]:
                     outcome += f": {entry['error'].splitlines()[0]}"
-                console.log(f"[{i}/{len(todo)}] {cell.id} {outcome} ({entry['wall_s']:.0f}s)")
+                console.log(
+                    f"[{i}/{len(todo)}] {cell.id} {outcome} ({entry['wall_s']:.0f}s)",
+                    markup=False,
+                    highlight=False,
+                )
         return self.failed
 
     def _poll(self, progress: Progress, task: Any, cell: Cell, before: int) -> None:
@@ -467,7 +471,9 @@ def _finish(out: Path, target: float | None, console: Console) -> None:
     try:
         figures = plot_all(out, target=target)
         report = write_report(out, target=target, figures=figures)
-        console.log(f"{len(figures[0])} figures in {out / 'figures'}; report: {report}")
+        console.log(
+            f"{len(figures[0])} figures in {out / 'figures'}; report: {report}", markup=False
+        )
     except Exception as err:  # noqa: BLE001 - the runs are safe; plotting can be redone
         log.warning(
             "plot/report failed (%s: %s); retry with `fl-sweep report %s`",
@@ -475,7 +481,15 @@ def _finish(out: Path, target: float | None, console: Console) -> None:
             err,
             out,
         )
-    Console().print(summary_table(SweepData.load(out)))
+    _print_summary(out)
+
+
+def _print_summary(out: Path) -> None:
+    data = SweepData.load(out)
+    if data.tidy.empty:
+        Console(stderr=True).print("no completed cell yet: no summary table")
+    else:
+        Console().print(summary_table(data))
 
 
 def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | None = None) -> int:
@@ -486,13 +500,13 @@ def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | 
     name = args.preset or "sweep"
     if args.dry_run:
         for cell in cells:
-            console.print(f"{cell.id}  {cell.params}", soft_wrap=True)
+            console.print(f"{cell.id}  {cell.params}", soft_wrap=True, markup=False)
         console.print(f"{len(cells)} cells on {spec.nodes} nodes: all valid")
         return 0
     out = (args.out.expanduser().resolve()) if args.out else default_out(name)
     command = shlex.join(["fl-sweep", *argv] + ([] if args.out else ["--out", str(out)]))
     sweep = Sweep(out, spec, cells, name=name, command=command)
-    console.log(f"{len(cells)} cells on {spec.nodes} nodes → {out}")
+    console.log(f"{len(cells)} cells on {spec.nodes} nodes → {out}", markup=False)
     try:
         with _sigterm_interrupts():
             if runner is not None or not sweep.todo:  # nothing to run: no SuperLink needed
@@ -558,7 +572,7 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
             return 0
         report = write_report(out, target=args.target_accuracy)
         Console(stderr=True, log_path=False).log(f"report: {report}")
-        Console().print(summary_table(SweepData.load(out)))
+        _print_summary(out)
         return 0
     except SweepError as err:
         _stderr(str(err))
