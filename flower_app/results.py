@@ -36,6 +36,7 @@ ROUND_COLUMNS = (
     "bytes_sent_per_node",
     "nodes_trained",
     "nodes_failed",
+    "eval_s",
     "round_s",
     "wall_s",
 )

@@ -78,6 +78,7 @@ class RoundRecorder:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower's `evaluate_fn`: called with round 0 before training, then after each round."""
+        t_eval = time.monotonic()
         model = build_model(self.cfg.model)
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, self.test)
@@ -99,7 +100,11 @@ class RoundRecorder:
             **self.strategy.round_diagnostics(),
         }
         now = time.monotonic()  # after the per-node evaluation, which is part of the round
-        row |= {"round_s": round(now - self.t_last, 3), "wall_s": round(now - self.t0, 3)}
+        row |= {
+            "eval_s": round(now - t_eval, 3),  # central + per-node evaluation
+            "round_s": round(now - self.t_last, 3),
+            "wall_s": round(now - self.t0, 3),
+        }
         self.t_last = now
         self.files.add_round(row)
         self.last_row = row

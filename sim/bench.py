@@ -1,0 +1,446 @@
+"""`fl-bench`: where the time of private federated training goes, as ratios from one run.
+
+1. `flower_vs_raw` / `gossip_flower_vs_raw`: a whole run through the real Flower simulation
+   path (SuperLink, Ray, ClientApps) divided by the same work done by a plain in-process
+   PyTorch loop that trains the nodes one after another with torch's default threads.
+2. `dp_vs_plain`: one local epoch of Opacus DP-SGD over one of plain SGD, for every Opacus
+   per-sample-gradient mode (each checked against `hooks` with the noise off).
+3. `eval_share`: share of a gossip round spent evaluating (every node's model, every round).
+4. `scale`: gossip seconds per round and peak memory at growing node counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from rich.console import Console
+from rich.markdown import Markdown
+
+from flower_app.config import RunConfig
+from flower_app.data import load_arrays, to_tensors
+from flower_app.gossip import apply_pairs, mean_model, random_matching
+from flower_app.model import build_model
+from flower_app.node import local_round, shard_for
+from flower_app.privacy import plan_ledger
+from flower_app.results import write_json
+from flower_app.topology import build_topology
+from flower_app.train import evaluate, train_dp, train_plain
+from sim.flower_cli import SimulationLink
+
+DP_MODES = ("hooks", "functorch", "ew", "ghost")
+console = Console()
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each measurement is."""
+
+    nodes: int = 20
+    rounds: int = 5
+    eps: float = 8.0
+    run_config: Mapping[str, Any] = field(default_factory=dict)
+    epoch_repeats: int = 3
+    scale_nodes: tuple[int, ...] = (20, 100, 500)
+    scale_rounds: int = 3
+    scale_config: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "samples-per-node": 20,
+            "test-samples": 500,
+            "node-eval-samples": 100,
+        }
+    )
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    nodes=6,
+    rounds=3,
+    run_config={"samples-per-node": 500, "test-samples": 2000},
+    epoch_repeats=2,
+    scale_nodes=(10, 20, 40),
+    scale_rounds=3,
+)
+
+
+def _cfg(sizes: Sizes, strategy: str) -> dict[str, Any]:
+    return {
+        "strategy": strategy,
+        "eps": sizes.eps,
+        "num-server-rounds": sizes.rounds,
+        **sizes.run_config,
+    }
+
+
+# --- the plain loop --------------------------------------------------------------------
+
+
+def raw_run(run_config: Mapping[str, Any], num_nodes: int) -> float:
+    """Seconds for the whole run as a plain loop (what the reference tutorial does).
+
+    Same data, model, DP, rounds, node count and seed as the Flower run; nodes train one
+    after another with torch's default threads; evaluation as the ServerApp does it.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # torch's default: one thread per core
+    try:
+        t0 = time.perf_counter()
+        cfg = RunConfig.from_run_config(run_config)
+        arrays = load_arrays(cfg.dataset, cfg.data_dir)
+        test = to_tensors(cfg.dataset, arrays.x_test, arrays.y_test)
+        if cfg.test_samples:
+            test = to_tensors(
+                cfg.dataset, arrays.x_test[: cfg.test_samples], arrays.y_test[: cfg.test_samples]
+            )
+        model = build_model(cfg.model, seed=cfg.seed)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        models = {v: start for v in range(num_nodes)}
+        ledgers: dict[int, Any] = dict.fromkeys(range(num_nodes))
+        graph = build_topology(cfg.topology, num_nodes, seed=cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        for server_round in range(1, cfg.num_server_rounds + 1):
+            outs = {}
+            for v in range(num_nodes):
+                out = local_round(
+                    cfg,
+                    partition_id=v,
+                    num_partitions=num_nodes,
+                    weights=models[v],
+                    ledger=ledgers[v],
+                    server_round=server_round,
+                )
+                ledgers[v] = out.ledger
+                outs[v] = out
+            keys = list(start)
+            if cfg.strategy == "fedavg":
+                total = sum(o.num_examples for o in outs.values())
+                avg = {
+                    k: sum(o.state_dict[k] * (o.num_examples / total) for o in outs.values())
+                    for k in keys
+                }
+                models = dict.fromkeys(range(num_nodes), avg)
+                evaluate(_load(cfg, avg), test)
+            else:
+                flat = {
+                    v: torch.cat([o.state_dict[k].flatten().double() for k in keys]).numpy()
+                    for v, o in outs.items()
+                }
+                flat = apply_pairs(flat, random_matching(graph, rng), sequential=False)
+                models = {v: _unflatten(x, start) for v, x in flat.items()}
+                evaluate(_load(cfg, _unflatten(mean_model(flat), start)), test)
+                node_test = to_tensors(
+                    cfg.dataset,
+                    arrays.x_test[: cfg.node_eval_samples or None],
+                    arrays.y_test[: cfg.node_eval_samples or None],
+                )
+                for m in models.values():
+                    evaluate(_load(cfg, m), node_test)
+        return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _load(cfg: RunConfig, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    model = build_model(cfg.model)
+    model.load_state_dict(state)
+    return model
+
+
+def _unflatten(x: np.ndarray, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for k, v in like.items():
+        out[k] = torch.from_numpy(x[i : i + v.numel()]).reshape(v.shape).to(v.dtype)
+        i += v.numel()
+    return out
+
+
+# --- Flower runs -----------------------------------------------------------------------
+
+
+@dataclass
+class FlowerTiming:
+    """One run through Flower: total wall seconds, per-round rows, peak memory."""
+
+    wall_s: float
+    rows: list[dict[str, str]]
+    peak_rss_mb: float
+
+
+class PeakRSS:
+    """Polls the summed RSS of a process tree in a background thread."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        """Watch `pid` and all its descendants."""
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        continue
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        """Start polling."""
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop polling."""
+        self._stop.set()
+        self._thread.join()
+
+
+def flower_run(
+    link: SimulationLink, run_config: Mapping[str, Any], num_nodes: int, out: Path
+) -> FlowerTiming:
+    """Run through the real `flwr run` path and time it from submission to completion."""
+    name = f"bench-{run_config['strategy']}-{num_nodes}-{time.time_ns()}"
+    cfg = {**run_config, "results-dir": str(out), "run-name": name}
+    assert link.pid is not None
+    with PeakRSS(link.pid) as rss:
+        t0 = time.perf_counter()
+        outcome = link.run(cfg, num_nodes=num_nodes, timeout=7200)
+        wall = time.perf_counter() - t0
+    if not outcome.completed:
+        raise RuntimeError(f"benchmark run failed: {outcome.status}: {outcome.details}")
+    with (out / name / "rounds.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    return FlowerTiming(wall, rows, rss.peak / 2**20)
+
+
+def steady(rows: list[dict[str, str]], key: str = "round_s") -> float:
+    """Mean of `key` over rounds after the first (which also pays for worker start-up)."""
+    values = [float(r[key]) for r in rows[1:]] or [float(r[key]) for r in rows]
+    return float(np.mean(values))
+
+
+# --- one local epoch -------------------------------------------------------------------
+
+
+def epoch_ratios(cfg: RunConfig, repeats: int) -> dict[str, dict[str, float]]:
+    """Seconds of one local epoch per mode (min over repeats) and the ratio to plain SGD.
+
+    Every mode is also run with the noise off from the same start and the same Poisson
+    batches, and its result compared with `hooks`: a fast mode must compute the same
+    clipped update.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each simulated node trains
+    try:
+        data = shard_for(cfg, 0, 20)
+        common = {"epochs": 1, "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": 0.0}
+        ledger = plan_ledger(
+            num_samples=len(data),
+            batch_size=cfg.batch_size,
+            total_epochs=20,
+            target_eps=8.0,
+            delta=cfg.delta,
+            accountant="rdp",
+        )
+        times: dict[str, list[float]] = {m: [] for m in ("plain", *DP_MODES)}
+        for _ in range(repeats):  # interleaved, so drifting load hits every mode alike
+            for mode in times:
+                model = build_model(cfg.model, seed=0)
+                gen = torch.Generator().manual_seed(0)
+                t0 = time.perf_counter()
+                if mode == "plain":
+                    train_plain(model, data, generator=gen, **common)
+                else:
+                    train_dp(
+                        model,
+                        data,
+                        ledger,
+                        max_grad_norm=cfg.max_grad_norm,
+                        grad_sample_mode=mode,
+                        generator=gen,
+                        **common,
+                    )
+                times[mode].append(time.perf_counter() - t0)
+        plain = min(times["plain"])
+        reference = _noiseless_update(cfg, data, "hooks")
+        out = {"plain": {"s": plain, "ratio": 1.0}}
+        for mode in DP_MODES:
+            diff = float(
+                max(
+                    (a - b).abs().max()
+                    for a, b in zip(reference, _noiseless_update(cfg, data, mode), strict=True)
+                )
+            )
+            out[mode] = {"s": min(times[mode]), "ratio": min(times[mode]) / plain, "diff": diff}
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _noiseless_update(cfg: RunConfig, data: Any, mode: str) -> list[torch.Tensor]:
+    model = build_model(cfg.model, seed=0)
+    ledger = replace(
+        plan_ledger(
+            num_samples=len(data),
+            batch_size=cfg.batch_size,
+            total_epochs=1,
+            target_eps=8.0,
+            delta=cfg.delta,
+            accountant="rdp",
+        ),
+        noise_multiplier=0.0,
+    )
+    train_dp(
+        model,
+        data,
+        ledger,
+        epochs=1,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        momentum=0.0,
+        max_grad_norm=cfg.max_grad_norm,
+        grad_sample_mode=mode,
+        generator=torch.Generator().manual_seed(1),
+    )
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# --- the benchmark ---------------------------------------------------------------------
+
+
+def run_bench(sizes: Sizes, log: Callable[[str], None] = console.log) -> dict[str, Any]:
+    """All measurements; returns the JSON document."""
+    results: dict[str, Any] = {"details": {}}
+    cfg_default = RunConfig.from_run_config(dict(sizes.run_config))
+    log("one local epoch: plain SGD vs every Opacus mode")
+    epochs = epoch_ratios(cfg_default, sizes.epoch_repeats)
+    results["dp_vs_plain"] = epochs[cfg_default.grad_sample_mode]["ratio"]
+    results["details"]["epoch"] = epochs
+    with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp, SimulationLink() as link:
+        out = Path(tmp)
+        for strategy, key in (("fedavg", "flower_vs_raw"), ("gossip", "gossip_flower_vs_raw")):
+            run_config = _cfg(sizes, strategy)
+            log(f"{strategy}: {sizes.nodes} nodes x {sizes.rounds} rounds through Flower")
+            flower = flower_run(link, run_config, sizes.nodes, out)
+            log(f"{strategy}: the same as a plain loop")
+            raw = raw_run(run_config, sizes.nodes)
+            results[key] = flower.wall_s / raw
+            results["details"][strategy] = {
+                "flower_wall_s": flower.wall_s,
+                "raw_wall_s": raw,
+                "flower_round_s_steady": steady(flower.rows),
+                "flower_first_round_s": float(flower.rows[0]["round_s"]),
+                "eval_s_steady": steady(flower.rows, "eval_s"),
+            }
+            if strategy == "gossip":
+                results["eval_share"] = sum(float(r["eval_s"]) for r in flower.rows[1:]) / sum(
+                    float(r["round_s"]) for r in flower.rows[1:]
+                )
+        scale = []
+        for n in sizes.scale_nodes:
+            log(f"scale: gossip with {n} nodes")
+            run_config = {
+                "strategy": "gossip",
+                "eps": sizes.eps,
+                "num-server-rounds": sizes.scale_rounds,
+                **sizes.scale_config,
+            }
+            timing = flower_run(link, run_config, n, out)
+            scale.append(
+                {
+                    "nodes": n,
+                    "s_per_round": steady(timing.rows),
+                    "peak_rss_mb": timing.peak_rss_mb,
+                    "first_round_s": float(timing.rows[0]["round_s"]),
+                }
+            )
+        results["scale"] = scale
+    results["machine"] = {
+        "cores": os.cpu_count(),
+        "torch_threads_default": torch.get_num_threads(),
+        "torch_threads_per_node": 1,
+        "platform": platform.platform(),
+    }
+    results["versions"] = {
+        "python": platform.python_version(),
+        **{
+            pkg: metadata.version(pkg)
+            for pkg in ("flwr", "torch", "opacus", "ray", "numpy", "flower-dp-gossip")
+        },
+    }
+    results["sizes"] = {
+        "nodes": sizes.nodes,
+        "rounds": sizes.rounds,
+        "eps": sizes.eps,
+        "run_config": dict(sizes.run_config),
+        "scale_config": dict(sizes.scale_config),
+    }
+    return results
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """The results as a Markdown table (what `fl-bench` prints)."""
+    d = results["details"]
+    lines = [
+        "| measurement | value | target |",
+        "| --- | --- | --- |",
+        f"| flower_vs_raw (FedAvg, whole run) | {results['flower_vs_raw']:.2f} "
+        f"({d['fedavg']['flower_wall_s']:.1f} s / {d['fedavg']['raw_wall_s']:.1f} s) | <= 0.8 |",
+        f"| gossip_flower_vs_raw (whole run) | {results['gossip_flower_vs_raw']:.2f} "
+        f"({d['gossip']['flower_wall_s']:.1f} s / {d['gossip']['raw_wall_s']:.1f} s) | <= 0.8 |",
+        f"| dp_vs_plain (one epoch, default mode) | {results['dp_vs_plain']:.2f} | <= 1.5 |",
+        f"| eval_share (gossip, rounds 2+) | {results['eval_share']:.1%} | small |",
+    ]
+    for mode, r in d["epoch"].items():
+        extra = f", max |Δ| vs hooks without noise {r['diff']:.1e}" if "diff" in r else ""
+        lines.append(f"| epoch {mode} | {r['s']:.3f} s (x{r['ratio']:.2f}{extra}) | |")
+    for strategy in ("fedavg", "gossip"):
+        lines.append(
+            f"| {strategy} round (steady / first) | {d[strategy]['flower_round_s_steady']:.2f} s"
+            f" / {d[strategy]['flower_first_round_s']:.1f} s | |"
+        )
+    for s in results["scale"]:
+        lines.append(
+            f"| gossip {s['nodes']} nodes | {s['s_per_round']:.2f} s/round, "
+            f"peak {s['peak_rss_mb']:.0f} MB | linear |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point `fl-bench`."""
+    parser = argparse.ArgumentParser(prog="fl-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 cores)")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    results = run_bench(QUICK if args.quick else FULL)
+    console.print(Markdown(markdown(results)))
+    if args.json:
+        write_json(args.json, results)
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

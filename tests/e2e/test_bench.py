@@ -1,0 +1,40 @@
+"""fl-bench's pieces at tiny sizes: every key present and positive (no time is asserted)."""
+
+import json
+
+import pytest
+
+from sim.bench import Sizes, main, markdown, run_bench
+
+pytestmark = pytest.mark.e2e
+
+TINY = Sizes(
+    nodes=3,
+    rounds=2,
+    run_config={"samples-per-node": 100, "test-samples": 300, "node-eval-samples": 100},
+    epoch_repeats=1,
+    scale_nodes=(3, 6),
+    scale_rounds=2,
+    scale_config={"samples-per-node": 20, "test-samples": 200, "node-eval-samples": 50},
+)
+
+
+def test_bench_reports_every_ratio(tmp_path, monkeypatch):
+    import sim.bench
+
+    monkeypatch.setattr(sim.bench, "QUICK", TINY)
+    out = tmp_path / "bench.json"
+    assert main(["--quick", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for key in ("flower_vs_raw", "gossip_flower_vs_raw", "dp_vs_plain", "eval_share"):
+        assert results[key] > 0, key
+    assert results["eval_share"] < 1
+    assert [s["nodes"] for s in results["scale"]] == [3, 6]
+    for s in results["scale"]:
+        assert s["s_per_round"] > 0 and s["peak_rss_mb"] > 0
+    assert results["machine"]["cores"] >= 1 and results["versions"]["flwr"] == "1.42.0"
+    for mode in ("hooks", "functorch", "ew", "ghost"):
+        epoch = results["details"]["epoch"][mode]
+        assert epoch["ratio"] > 0
+        assert epoch["diff"] < 1e-4, f"{mode} computes another update than hooks"
+    assert "flower_vs_raw" in markdown(results)
