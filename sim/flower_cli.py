@@ -73,6 +73,8 @@ def overrides_toml(run_config: Mapping[str, Any]) -> str:
 class SimulationLink:
     """A `flower-superlink --simulation` started and stopped by this process."""
 
+    connection = CONNECTION  # the connection name `flwr` commands use (its config.toml)
+
     def __init__(
         self,
         flwr_home: Path | None = None,
@@ -206,7 +208,7 @@ class SimulationLink:
             proc = self.flwr(
                 "run",
                 str(app_dir),
-                CONNECTION,
+                self.connection,
                 "--run-config",
                 overrides,
                 "--federation-config",
@@ -228,7 +230,7 @@ class SimulationLink:
 
     def status(self, run_id: str) -> RunOutcome:
         """The run's status from `flwr list --run-id`."""
-        proc = self.flwr("list", CONNECTION, "--run-id", run_id, "--format", "json")
+        proc = self.flwr("list", self.connection, "--run-id", run_id, "--format", "json")
         try:
             run = json.loads(proc.stdout)["runs"][0]
         except (ValueError, KeyError, IndexError):
@@ -255,7 +257,7 @@ class SimulationLink:
             if outcome.status.startswith(FINISHED):
                 return outcome
             if time.monotonic() > deadline:
-                self.flwr("stop", run_id, CONNECTION)
+                self.flwr("stop", run_id, self.connection)
                 return RunOutcome(run_id, "finished:timeout", f"timed out after {timeout}s", 0)
             if on_poll:
                 on_poll()
@@ -263,7 +265,7 @@ class SimulationLink:
 
     def logs(self, run_id: str) -> str:
         """The run's log as far as the SuperLink keeps it."""
-        return self.flwr("log", run_id, CONNECTION, "--show", timeout=60).stdout
+        return self.flwr("log", run_id, self.connection, "--show", timeout=60).stdout
 
     def run(
         self, run_config: Mapping[str, Any], *, num_nodes: int, timeout: float = 3600
