@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sim.bench import Sizes, main, markdown, run_bench
+from sim.bench import Sizes, main, markdown
 
 pytestmark = pytest.mark.e2e
 
@@ -37,4 +37,6 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
         epoch = results["details"]["epoch"][mode]
         assert epoch["ratio"] > 0
         assert epoch["diff"] < 1e-4, f"{mode} computes another update than hooks"
+    assert results["details"]["epoch"]["hooks"]["empty_batches_ok"]
+    assert results["details"]["fastest_correct_mode"] in ("hooks", "functorch", "ew", "ghost")
     assert "flower_vs_raw" in markdown(results)
