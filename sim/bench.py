@@ -284,7 +284,7 @@ def epoch_ratios(cfg: RunConfig, repeats: int) -> dict[str, dict[str, float]]:
                 times[mode].append(time.perf_counter() - t0)
         plain = min(times["plain"])
         reference = _noiseless_update(cfg, data, "hooks")
-        out = {"plain": {"s": plain, "ratio": 1.0}}
+        out: dict[str, dict[str, Any]] = {"plain": {"s": plain, "ratio": 1.0}}
         for mode in DP_MODES:
             diff = float(
                 max(
@@ -292,7 +292,12 @@ def epoch_ratios(cfg: RunConfig, repeats: int) -> dict[str, dict[str, float]]:
                     for a, b in zip(reference, _noiseless_update(cfg, data, mode), strict=True)
                 )
             )
-            out[mode] = {"s": min(times[mode]), "ratio": min(times[mode]) / plain, "diff": diff}
+            out[mode] = {
+                "s": min(times[mode]),
+                "ratio": min(times[mode]) / plain,
+                "diff": diff,
+                "empty_batches_ok": _survives_empty_batches(cfg, mode),
+            }
         return out
     finally:
         torch.set_num_threads(threads)
@@ -334,7 +339,7 @@ def _survives_empty_batches(cfg: RunConfig, mode: str) -> bool:
 
 def fastest_correct(epoch: Mapping[str, Mapping[str, Any]]) -> str:
     """The fastest Opacus mode that matches hooks and survives empty batches."""
-    ok = [m for m in DP_MODES if epoch[m]["diff"] < 1e-5 and epoch[m]["empty_batches_ok"]]
+    ok = [m for m in DP_MODES if epoch[m]["diff"] < 1e-4 and epoch[m]["empty_batches_ok"]]
     return min(ok, key=lambda m: epoch[m]["s"])
 
 
