@@ -35,12 +35,16 @@ class NodeLedgerMixin:
 
     node_reports: dict[int, dict[str, Any]]
     min_available_nodes: int
+    # Nodes this round's train messages went to (set by configure_train): a node that never
+    # replied within round-timeout has no reply at all, not an error reply.
+    sent_to: frozenset[int] = frozenset()
+    nodes_failed: int = 0
 
     def remember(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Store the metrics of replies without error; return those replies.
 
-        A node that failed or timed out is left out of the round (and logged); the run
-        stops only when fewer than `min_available_nodes` answered.
+        A node that failed or timed out is left out of the round (and logged, and counted in
+        `nodes_failed`); the run stops only when fewer than `min_available_nodes` answered.
         """
         ok = [r for r in replies if not r.has_error()]
         for r in replies:
@@ -52,6 +56,10 @@ class NodeLedgerMixin:
                     r.metadata.src_node_id,
                     r.error.reason,
                 )
+        silent = sorted(self.sent_to - {r.metadata.src_node_id for r in replies})
+        for node in silent:
+            log(WARNING, "round %d: node %s left out: no reply in time", server_round, node)
+        self.nodes_failed = len(replies) - len(ok) + len(silent)
         if len(ok) < self.min_available_nodes:
             raise QuorumError(
                 f"round {server_round}: only {len(ok)} node(s) answered, fewer than "
@@ -97,6 +105,14 @@ class CentralFedAvg(NodeLedgerMixin, FedAvg):
         self.node_reports = {}
         self.last_round: dict[str, Any] = {}
 
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's sampling; remembers whom it asked, to count who never answered."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sent_to = frozenset(m.metadata.dst_node_id for m in messages)
+        return messages
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -106,7 +122,7 @@ class CentralFedAvg(NodeLedgerMixin, FedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.last_round = {
             "nodes_trained": len(ok),
-            "nodes_failed": len(replies) - len(ok),
+            "nodes_failed": self.nodes_failed,
             "train_loss": float(metrics["train-loss"]) if metrics else float("nan"),
             # Every node ends the round holding the same global model.
             "consensus_distance": 0.0,

@@ -152,6 +152,7 @@ class Gossip(NodeLedgerMixin, Strategy):
         # Every node that is connected now trains; absent ones keep their model.
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         node_ids = list(grid.get_node_ids())
+        self.sent_to = frozenset(node_ids)
         config["server-round"] = server_round
         return [
             Message(
@@ -185,7 +186,7 @@ class Gossip(NodeLedgerMixin, Strategy):
             self.layout = self.layout or Layout(record)
             trained[vertex] = self.layout.flatten(record)
         if self.layout is None:
-            self.last_round = {"nodes_trained": 0, "nodes_failed": len(replies)}
+            self.last_round = {"nodes_trained": 0, "nodes_failed": self.nodes_failed}
             return None, None
         if not self.models:  # vertices never heard from hold the initial model
             start = self.layout.flatten(self.initial)
@@ -194,7 +195,7 @@ class Gossip(NodeLedgerMixin, Strategy):
         messages_sent = self._gossip(set(trained))
         self.last_round = {
             "nodes_trained": len(trained),
-            "nodes_failed": len(replies) - len(ok),
+            "nodes_failed": self.nodes_failed,
             "train_loss": float(np.mean([float(r.content[METRICS]["train-loss"]) for r in ok])),
             "consensus_distance": consensus_distance(self.models),
             "bytes_sent_per_node": messages_sent * self.layout.nbytes / len(self.models),
