@@ -406,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--target-accuracy",
             type=float,
             help="accuracy (0-1) for the rounds-to-target figure "
-            f"(default: {TARGET_FRACTION:.0%} of each strategy's non-private final accuracy)",
+            # argparse %-formats help texts: a literal percent sign is %%.
+            f"(default: {TARGET_FRACTION * 100:.0f}%% of each strategy's non-private final "
+            "accuracy)",
         )
     return parser
 
