@@ -229,3 +229,42 @@ def test_sweep_class_runs_with_an_injected_runner(tmp_path):
     assert sweep.run(FakeRunner()) == []
     with pytest.raises(SweepError):
         Sweep(tmp_path, SweepSpec(grid={"eps": [1]}, nodes=2), expand(SweepSpec(grid={"eps": [1]})))
+
+
+def test_ctrl_c_returns_130_and_prints_the_command_to_resume(tmp_path, capsys):
+    out = tmp_path / "s"
+
+    class CtrlC(FakeRunner):
+        def __call__(self, run_config, **kwargs):
+            if len(self.calls) == 1:
+                raise KeyboardInterrupt
+            return super().__call__(run_config, **kwargs)
+
+    assert main([*ARGV, "--out", str(out)], runner=CtrlC()) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: 1 of 4 cells completed; resume with: fl-sweep run" in err
+    assert statuses(out)[IDS[0]] == "completed"
+
+
+def test_sigterm_becomes_an_interrupt_so_the_superlink_is_stopped():
+    import os
+    import signal
+    import time
+
+    from sim.sweep import _sigterm_interrupts
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), _sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_python_dash_m_sim_is_the_cli():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "sim", "run", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "--preset" in proc.stdout and "reference" in proc.stdout
