@@ -51,15 +51,17 @@ class NodeLedgerMixin:
             if r.has_error():
                 log(
                     WARNING,
-                    "round %d: node %s left out: %s",
+                    "round %d: error reply from %s: %s",
                     server_round,
                     r.metadata.src_node_id,
                     r.error.reason,
                 )
-        silent = sorted(self.sent_to - {r.metadata.src_node_id for r in replies})
-        for node in silent:
-            log(WARNING, "round %d: node %s left out: no reply in time", server_round, node)
-        self.nodes_failed = len(replies) - len(ok) + len(silent)
+        # Whom we asked minus who answered: a node that never replied sent nothing, and the
+        # error the SuperLink writes for an offline node carries the SuperLink's id, not its.
+        failed = sorted(self.sent_to - {r.metadata.src_node_id for r in ok})
+        for node in failed:
+            log(WARNING, "round %d: node %s left out", server_round, node)
+        self.nodes_failed = len(failed) if self.sent_to else len(replies) - len(ok)
         if len(ok) < self.min_available_nodes:
             raise QuorumError(
                 f"round {server_round}: only {len(ok)} node(s) answered, fewer than "

@@ -1,5 +1,6 @@
-"""A node that never replies within round-timeout (no reply at all, not an error reply) is
-logged and counted in nodes_failed, by both strategies."""
+"""Who failed a round is whom the strategy asked minus who answered: a node that never replied
+within round-timeout sent nothing, and the error reply the SuperLink writes for a node it
+declared offline carries the SuperLink's node id. Both strategies count each once."""
 
 import logging
 from unittest.mock import Mock
@@ -57,8 +58,18 @@ def test_fedavg_counts_a_silent_node_and_an_error_reply(flower_warnings):
     strategy.aggregate_train(1, [reply(10, 0), reply(11, 1), reply(12, 2, error=True)])
     assert strategy.last_round["nodes_trained"] == 2
     assert strategy.last_round["nodes_failed"] == 2
-    assert "node 13 left out: no reply in time" in flower_warnings.text
-    assert "node 12 left out: node unavailable" in flower_warnings.text
+    assert "round 1: node 12 left out" in flower_warnings.text
+    assert "round 1: node 13 left out" in flower_warnings.text
+    assert "error reply from 12: node unavailable" in flower_warnings.text
+
+
+def test_an_offline_error_written_by_the_superlink_counts_once():
+    strategy = CentralFedAvg(num_nodes=3, min_available_nodes=2)
+    initial = ArrayRecord([np.zeros(3, dtype=np.float32)])
+    list(strategy.configure_train(2, initial, ConfigRecord(), grid_of([10, 11, 12])))
+    superlink_error = reply(1, 2, error=True)  # src_node_id: the SuperLink's, not node 12's
+    strategy.aggregate_train(2, [reply(10, 0), reply(11, 1), superlink_error])
+    assert strategy.last_round["nodes_failed"] == 1
 
 
 def test_fedavg_quorum_still_counts_only_answers():
@@ -81,4 +92,4 @@ def test_gossip_counts_a_silent_node_and_keeps_its_model(flower_warnings):
     assert strategy.last_round["nodes_trained"] == 3
     assert strategy.last_round["nodes_failed"] == 1
     np.testing.assert_array_equal(strategy.models[3], before)
-    assert "round 2: node 13 left out: no reply in time" in flower_warnings.text
+    assert "round 2: node 13 left out" in flower_warnings.text
