@@ -154,7 +154,12 @@ class RunFiles:
         write_json(self.folder / CONFIG, dict(config))
 
     def add_round(self, row: Mapping[str, Any]) -> None:
-        """Append one round and rewrite `rounds.csv` atomically."""
+        """Append one round and rewrite `rounds.csv` atomically.
+
+        A key outside the columns is a bug (a diagnostic that would silently vanish).
+        """
+        if extra := sorted(set(row) - set(self.columns)):
+            raise ValueError(f"round row has keys outside rounds.csv's columns: {extra}")
         self.rows.append({c: row.get(c, "") for c in self.columns})
         atomic_write_text(self.folder / ROUNDS, csv_text(self.rows, self.columns))
 

@@ -123,13 +123,13 @@ PRESETS: dict[str, Preset] = {
         ),
     ),
     "quick": Preset(
-        "the reference shape shrunk to minutes on 2 CPU cores: 6 nodes, 3 rounds, ε ∈ {∞,2}",
+        "the reference shape shrunk to minutes on 2 CPU cores: 6 nodes, 5 rounds, ε ∈ {∞,2}",
         SweepSpec(
             fixed={
-                "num-server-rounds": 3,
+                "num-server-rounds": 5,
                 "partitioner": "dirichlet",
                 "alpha": 0.5,
-                "samples-per-node": 300,
+                "samples-per-node": 1000,
                 "test-samples": 1000,
                 "gossip:topology": "ring",
             },

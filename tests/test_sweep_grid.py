@@ -95,7 +95,7 @@ def test_preset_flags_override_the_preset_and_presets_are_not_mutated():
     before = PRESETS["quick"].spec.copy()
     spec = spec_of("--preset", "quick", "--eps", "1", "--nodes", "3", "--strategies", "fedavg")
     assert spec.grid["eps"] == [1] and spec.nodes == 3 and spec.grid["strategy"] == ["fedavg"]
-    assert spec.fixed["samples-per-node"] == 300
+    assert spec.fixed["samples-per-node"] == 1000
     assert PRESETS["quick"].spec == before
     # a later --sweep key goes innermost; re-sweeping a key keeps its place
     spec = spec_of("--preset", "quick", "--sweep", "lr=0.1,0.2", "--sweep", "eps=1,2")
@@ -235,5 +235,5 @@ def test_default_out_hangs_off_the_project_results_folder():
 @needs_gossip
 def test_quick_preset_is_valid_as_is():
     cells = expand(PRESETS["quick"].spec)
-    assert len(cells) == 4 and all(c.rounds == 3 for c in cells)
+    assert len(cells) == 4 and all(c.rounds == 5 for c in cells)
     assert {c.params.get("topology") for c in cells} == {None, "ring"}
