@@ -68,9 +68,9 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(
-    nodes=6,
+    nodes=20,
     rounds=3,
-    run_config={"samples-per-node": 500, "test-samples": 2000},
+    run_config={"samples-per-node": 300, "test-samples": 2000},
     epoch_repeats=2,
     scale_nodes=(10, 20, 40),
     scale_rounds=3,
@@ -89,8 +89,8 @@ def _cfg(sizes: Sizes, strategy: str) -> dict[str, Any]:
 # --- the plain loop --------------------------------------------------------------------
 
 
-def raw_run(run_config: Mapping[str, Any], num_nodes: int) -> float:
-    """Seconds for the whole run as a plain loop (what the reference tutorial does).
+def raw_run(run_config: Mapping[str, Any], num_nodes: int) -> tuple[float, list[float]]:
+    """Seconds for the whole run, and per round, as a plain loop (as the tutorial does it).
 
     Same data, model, DP, rounds, node count and seed as the Flower run; nodes train one
     after another with torch's default threads; evaluation as the ServerApp does it.
@@ -112,7 +112,9 @@ def raw_run(run_config: Mapping[str, Any], num_nodes: int) -> float:
         ledgers: dict[int, Any] = dict.fromkeys(range(num_nodes))
         graph = build_topology(cfg.topology, num_nodes, seed=cfg.seed)
         rng = np.random.default_rng(cfg.seed)
+        round_s = []
         for server_round in range(1, cfg.num_server_rounds + 1):
+            t_round = time.perf_counter()
             outs = {}
             for v in range(num_nodes):
                 out = local_round(
@@ -149,7 +151,8 @@ def raw_run(run_config: Mapping[str, Any], num_nodes: int) -> float:
                 )
                 for m in models.values():
                     evaluate(_load(cfg, m), node_test)
-        return time.perf_counter() - t0
+            round_s.append(time.perf_counter() - t_round)
+        return time.perf_counter() - t0, round_s
     finally:
         torch.set_num_threads(threads)
 
@@ -391,11 +394,14 @@ def run_bench(sizes: Sizes, log: Callable[[str], None] = console.log) -> dict[st
             log(f"{strategy}: {sizes.nodes} nodes x {sizes.rounds} rounds through Flower")
             flower = flower_run(link, run_config, sizes.nodes, out)
             log(f"{strategy}: the same as a plain loop")
-            raw = raw_run(run_config, sizes.nodes)
+            raw, raw_rounds = raw_run(run_config, sizes.nodes)
             results[key] = flower.wall_s / raw
+            raw_steady = float(np.mean(raw_rounds[1:] or raw_rounds))
             results["details"][strategy] = {
                 "flower_wall_s": flower.wall_s,
                 "raw_wall_s": raw,
+                "raw_round_s_steady": raw_steady,
+                "flower_vs_raw_per_round": steady(flower.rows) / raw_steady,
                 "flower_round_s_steady": steady(flower.rows),
                 "flower_first_round_s": float(flower.rows[0]["round_s"]),
                 "eval_s_steady": steady(flower.rows, "eval_s"),
@@ -470,9 +476,14 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"(default: {d['default_mode']}) | default |"
     )
     for strategy in ("fedavg", "gossip"):
+        r = d[strategy]
         lines.append(
-            f"| {strategy} round (steady / first) | {d[strategy]['flower_round_s_steady']:.2f} s"
-            f" / {d[strategy]['flower_first_round_s']:.1f} s | |"
+            f"| {strategy} Flower round, steady / first | {r['flower_round_s_steady']:.2f} s / "
+            f"{r['flower_first_round_s']:.1f} s | |"
+        )
+        lines.append(
+            f"| {strategy} Flower vs loop per steady round | {r['flower_vs_raw_per_round']:.2f} "
+            f"({r['flower_round_s_steady']:.2f} s / {r['raw_round_s_steady']:.2f} s) | |"
         )
     for s in results["scale"]:
         lines.append(
