@@ -206,6 +206,8 @@ def main(grid: Grid, context: Context) -> None:
             "strategy": cfg.strategy,
             "rounds_completed": len(files.rows),
             "final_accuracy": last.get("accuracy"),
+            # What a node actually holds: the global model (FedAvg) or its own (gossip).
+            "final_node_accuracy": last.get("node_acc_mean"),
             "final_loss": last.get("loss"),
             "initial_accuracy": recorder.initial.get("accuracy"),
             "eps_target": cfg.eps,

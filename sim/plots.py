@@ -27,6 +27,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 from flower_app.results import format_eps  # noqa: E402
 from sim.tidy import (  # noqa: E402
+    HEADLINE,
     cell_table,
     curve,
     eps_order,
@@ -220,7 +221,7 @@ def _round_axis(ax: Axes) -> None:
 
 def accuracy_vs_round(data: SweepData) -> Figure | Skipped:
     """1) Test accuracy per round, one panel per ε, strategies overlaid."""
-    curves = curve(data.tidy, [*data.by, "eps"], "accuracy")
+    curves = curve(data.tidy, [*data.by, "eps"], HEADLINE if HEADLINE in data.tidy else "accuracy")
     eps_values = eps_order(curves["eps"])
     fig, axes = _panels(len(eps_values))
     for ax, eps in zip(axes, eps_values, strict=True):
@@ -376,7 +377,7 @@ def choose_targets(
 
 def rounds_table(data: SweepData, targets: Targets) -> pd.DataFrame:
     """Rounds for the seed-mean accuracy to reach each series' target, per ε."""
-    curves = curve(data.tidy, [*data.by, "eps"], "accuracy")
+    curves = curve(data.tidy, [*data.by, "eps"], HEADLINE if HEADLINE in data.tidy else "accuracy")
     return rounds_to_target(curves, data.by, targets.values)
 
 
@@ -524,7 +525,7 @@ def topologies(data: SweepData) -> Figure | Skipped:
         others = finals[~finals["cell"].isin(with_topo["cell"]) & (finals["eps"] == eps)]
         for i, (strategy, group) in enumerate(others.groupby("strategy")):
             ax.axhline(
-                group["accuracy"].mean() * 100,
+                group[HEADLINE if HEADLINE in group else "accuracy"].mean() * 100,
                 color=PALETTE[(i + 3) % len(PALETTE)],
                 linestyle=LINESTYLES[(i + 1) % len(LINESTYLES)],
                 label=str(strategy),

@@ -28,6 +28,13 @@ ID_COLUMNS = ("cell", *CORE)
 CONFIDENCE = 0.95
 
 
+# The accuracy compared across strategies: the mean over nodes of the model each node holds
+# (rounds.csv's node_acc_mean). For FedAvg that is the global model (it equals `accuracy`);
+# for gossip no global model exists and `accuracy` (of the average of all node models) is
+# only a diagnostic. Results without node_acc_mean fall back to `accuracy`.
+HEADLINE = "held_accuracy"
+
+
 def t_interval(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Mean and half-width of the Student-t interval; half-width is NaN below two values."""
     x = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
@@ -81,6 +88,9 @@ def read_tidy(out: Path) -> pd.DataFrame:
     df = pd.read_csv(out / TIDY)
     if "eps" in df:
         df["eps"] = df["eps"].astype(float)
+    if "accuracy" in df:
+        held = df["node_acc_mean"] if "node_acc_mean" in df else pd.Series(float("nan"), df.index)
+        df[HEADLINE] = held.fillna(df["accuracy"])
     return df
 
 
@@ -103,8 +113,13 @@ def final_rows(tidy: pd.DataFrame) -> pd.DataFrame:
     return tidy[tidy["round"] == last].reset_index(drop=True)
 
 
-def summarize(finals: pd.DataFrame, by: Sequence[str], metric: str = "accuracy") -> pd.DataFrame:
-    """Per group: seeds, mean ± CI half-width of `metric`, mean ε spent and wall time."""
+def summarize(finals: pd.DataFrame, by: Sequence[str], metric: str | None = None) -> pd.DataFrame:
+    """Per group: seeds, mean ± CI half-width of `metric`, mean ε spent and wall time.
+
+    `metric` defaults to HEADLINE (falling back to `accuracy` for results without it).
+    """
+    if metric is None:
+        metric = HEADLINE if HEADLINE in finals else "accuracy"
     out = []
     for key, group in finals.groupby(list(by), dropna=False, sort=False):
         mean, half = t_interval(group[metric])
@@ -144,6 +159,8 @@ def cell_table(out: Path, manifest: Mapping[str, Any]) -> pd.DataFrame:
             summary = {}
         for key in ("final_accuracy", "eps_spent", "wall_s"):
             row[key] = summary.get(key)
+        if summary.get("final_node_accuracy") is not None:
+            row["final_accuracy"] = summary["final_node_accuracy"]
         row["delta"] = summary.get("privacy", {}).get("delta")
         for key, value in (summary.get("topology") or {}).items():
             row[f"topology_{key}"] = value
