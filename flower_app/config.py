@@ -13,6 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from flower_app.gossip import GOSSIP_MODES
+from flower_app.topology import TOPOLOGIES
+
 
 class ConfigError(ValueError):
     """Bad run config: one line naming key, value and what is valid."""
@@ -66,22 +69,8 @@ class RunConfig:
     grad_sample_mode: str = field(
         default="hooks", metadata=_choice("hooks", "ghost", "functorch", "ew")
     )
-    topology: str = field(
-        default="ring",
-        metadata=_choice(
-            "ring",
-            "torus",
-            "k-regular",
-            "erdos-renyi",
-            "small-world",
-            "complete",
-            "star",
-            "exponential",
-        ),
-    )
-    gossip_mode: str = field(
-        default="matching", metadata=_choice("matching", "edges", "metropolis")
-    )
+    topology: str = field(default="ring", metadata=_choice(*TOPOLOGIES))
+    gossip_mode: str = field(default="matching", metadata=_choice(*GOSSIP_MODES))
     gossip_edges: int = field(default=10, metadata=_POSITIVE_INT)
     degree: int = field(default=4, metadata=_POSITIVE_INT)
     edge_prob: float = field(

@@ -85,7 +85,23 @@ class NodeLedgerMixin:
         }
 
 
-class CentralFedAvg(NodeLedgerMixin, FedAvg):
+class CentralEvaluationMixin:
+    """No federated evaluation round: the ServerApp evaluates models on its test set."""
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send nothing (see the class docstring)."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate."""
+        return None
+
+
+class CentralFedAvg(CentralEvaluationMixin, NodeLedgerMixin, FedAvg):
     """Global example-weighted average of the sampled nodes' models (McMahan et al.).
 
     Evaluation happens on the server, on the central test set, so there is no federated
@@ -136,18 +152,6 @@ class CentralFedAvg(NodeLedgerMixin, FedAvg):
             ),
         }
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """No federated evaluation: the ServerApp evaluates centrally."""
-        return []
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Nothing to aggregate (see `configure_evaluate`)."""
-        return None
 
     def round_diagnostics(self) -> dict[str, Any]:
         """Per-round columns beyond accuracy and loss."""

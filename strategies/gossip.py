@@ -40,7 +40,7 @@ from flower_app.gossip import (
 )
 from flower_app.records import ARRAYS, CONFIG, METRICS
 from flower_app.topology import graph_facts
-from strategies.fedavg import NodeLedgerMixin
+from strategies.fedavg import CentralEvaluationMixin, NodeLedgerMixin
 
 # Evaluates one model given as the list of its arrays: returns (loss, accuracy).
 ArraysEvaluator = Callable[[list[np.ndarray]], tuple[float, float]]
@@ -77,7 +77,7 @@ class Layout:
         return ArrayRecord({k: Array(a) for k, a in zip(self.keys, arrays, strict=True)})
 
 
-class Gossip(NodeLedgerMixin, Strategy):
+class Gossip(CentralEvaluationMixin, NodeLedgerMixin, Strategy):
     """Decentralised learning on a graph: train locally, then average with neighbours.
 
     Modes: `matching` (a random maximal matching, pairs average at once), `edges` (k random
@@ -217,18 +217,6 @@ class Gossip(NodeLedgerMixin, Strategy):
             pairs = random_edges(self.graph, self.edges_per_round, self.rng, active)
             self.models = apply_pairs(self.models, pairs, sequential=True)
         return 2 * len(pairs)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """No federated evaluation: node models are evaluated centrally (see diagnostics)."""
-        return []
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Nothing to aggregate."""
-        return None
 
     def round_diagnostics(self) -> dict[str, Any]:
         """Per-round columns: each node's own accuracy on the node test set, consensus, bytes."""
