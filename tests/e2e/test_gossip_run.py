@@ -35,7 +35,7 @@ def test_gossip_run_completes_with_node_diagnostics(superlink, tmp_path, eps, to
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
     assert [int(r["round"]) for r in rows] == [1, 2, 3]
     last = rows[-1]
-    assert float(last["node_acc_mean"]) > 0.15, "node models no better than chance (0.1)"
+    assert float(last["node_acc_mean"]) > 0.2, "node models no better than chance (0.1)"
     assert (
         float(last["node_acc_min"]) <= float(last["node_acc_mean"]) <= float(last["node_acc_max"])
     )
