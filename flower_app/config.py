@@ -16,6 +16,14 @@ from typing import Any
 from flower_app.gossip import GOSSIP_MODES
 from flower_app.topology import TOPOLOGIES
 
+# `sample`: Opacus DP-SGD (per-example clipping and noise at every step; sample-level DP).
+# `update`: plain local SGD, then the round's model update is clipped and noised once
+# (client-level DP: the unit is a node's whole dataset).
+DP_MODES = ("sample", "update")
+# How σ of dp-mode=update is chosen: `composed` meets `eps` over ALL rounds (RDP);
+# `per-round` is the classic one-shot Gaussian calibration for `eps`, never composed.
+ACCOUNTINGS = ("composed", "per-round")
+
 
 class ConfigError(ValueError):
     """Bad run config: one line naming key, value and what is valid."""
@@ -66,6 +74,11 @@ class RunConfig:
     samples_per_node: int = field(default=0, metadata=_NON_NEGATIVE_INT)
     test_samples: int = field(default=0, metadata=_NON_NEGATIVE_INT)
     accountant: str = field(default="rdp", metadata=_choice("rdp", "prv"))
+    dp_mode: str = field(default="sample", metadata=_choice(*DP_MODES))
+    accounting: str = field(default="composed", metadata=_choice(*ACCOUNTINGS))
+    fraction_train: float = field(
+        default=1.0, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
+    )
     grad_sample_mode: str = field(
         default="hooks", metadata=_choice("hooks", "ghost", "functorch", "ew")
     )
@@ -100,10 +113,20 @@ class RunConfig:
                 raise ConfigError(
                     f"{_key(f.name)}={value!r} is not valid; expected {f.metadata['valid']}"
                 )
+        if self.accounting == "per-round" and self.dp_mode != "update":
+            raise ConfigError(
+                "accounting='per-round' is not valid with dp-mode='sample'; it is the "
+                "uncomposed per-round calibration of dp-mode=update (use accounting=composed)"
+            )
+        if self.fraction_train < 1 and self.strategy != "fedavg":
+            raise ConfigError(
+                f"fraction-train={self.fraction_train!r} is not valid with "
+                f"strategy={self.strategy!r}; only fedavg samples nodes (use 1.0)"
+            )
 
     @property
     def private(self) -> bool:
-        """Whether DP-SGD is on (eps=inf turns it off)."""
+        """Whether DP is on (eps=inf turns it off)."""
         return math.isfinite(self.eps)
 
     @classmethod

@@ -12,7 +12,7 @@ from flower_app.config import RunConfig
 from flower_app.data import BatchTensorDataset, cap, load_arrays, to_tensors
 from flower_app.model import build_model
 from flower_app.partition import partition_indices
-from flower_app.privacy import PrivacyLedger, plan_ledger
+from flower_app.privacy import PrivacyLedger, plan_ledger, plan_update_ledger, privatize_update
 from flower_app.train import train_dp, train_plain
 
 
@@ -83,7 +83,10 @@ def local_round(
     """Train the received weights on the node's shard for `local-epochs` epochs.
 
     With DP, the first round plans the node's ledger: noise calibrated for every epoch of
-    the whole run, so the ε after the last round meets `eps`.
+    the whole run, so the ε after the last round meets `eps`. With dp-mode=update the node
+    trains without DP, then clips and noises the round's update once (one ledger step);
+    with accounting=per-round that σ is the tutorial's uncomposed one and the ledger shows
+    what it really costs.
     """
     data = shard_for(cfg, partition_id, num_partitions)
     model = build_model(cfg.model)
@@ -101,6 +104,32 @@ def local_round(
     )
     if not cfg.private:
         result = train_plain(model, data, **common)
+    elif cfg.dp_mode == "update":
+        if ledger is None:
+            ledger = plan_update_ledger(
+                target_eps=cfg.eps,
+                delta=cfg.delta,
+                rounds=cfg.num_server_rounds,
+                accounting=cfg.accounting,
+                accountant=cfg.accountant,
+            )
+        result = train_plain(model, data, **common)
+        noise_gen = torch.Generator().manual_seed(
+            int(
+                np.random.SeedSequence([cfg.seed, partition_id, server_round, 1]).generate_state(1)[
+                    0
+                ]
+            )
+        )
+        private, _ = privatize_update(
+            weights,
+            model.state_dict(),
+            clip=cfg.max_grad_norm,
+            noise_multiplier=ledger.noise_multiplier,
+            generator=noise_gen,
+        )
+        model.load_state_dict(private)
+        ledger = ledger.after(1)
     else:
         if ledger is None:
             ledger = plan_ledger(

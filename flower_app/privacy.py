@@ -1,23 +1,36 @@
 """Privacy accounting: pure (ε, δ) maths over Opacus accountants, and the per-node ledger.
 
-Privacy unit: one training sample of one node (sample-level DP, as Opacus DP-SGD gives).
-Trust model: each node trusts only itself; the server and other nodes see only models that
-already carry DP noise. ε is cumulative over the whole run, never per round.
+Privacy unit: with dp-mode=sample, one training sample of one node (sample-level DP, as
+Opacus DP-SGD gives); with dp-mode=update, a node's whole dataset (client-level DP: the
+round's model update is clipped and noised once). Trust model: each node trusts only itself;
+the server and other nodes see only models that already carry DP noise. The ε a node reports
+is cumulative over the rounds it took part in, never per round.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
 PRIVACY_UNIT = "sample-level (ε, δ)-DP per node: the unit is one training example of one node"
+# The unit each dp-mode protects (run-config `dp-mode`).
+PRIVACY_UNITS = {
+    "sample": PRIVACY_UNIT,
+    "update": (
+        "client-level (node-level) (ε, δ)-DP: the unit is a node's whole dataset (its "
+        "clipped round update present vs absent, sensitivity C; arbitrary replacement "
+        "of the dataset would be 2C)"
+    ),
+}
 TRUST_MODEL = "each node trusts only itself; the server sees only noisy models"
 # Binary-search tolerance of the calibration: final ε lands in [target - tol, target].
 EPS_TOLERANCE = 0.01
@@ -143,3 +156,63 @@ def plan_ledger(
         accountant=accountant,
     )
     return PrivacyLedger(sigma, sample_rate, 0, delta, accountant)
+
+
+def gaussian_sigma(eps: float, delta: float) -> float:
+    """The classic one-shot Gaussian mechanism's noise multiplier sqrt(2 ln(1.25/δ)) / ε.
+
+    Dwork & Roth, Thm A.1 (stated for ε < 1). It covers ONE release: used every round, the
+    ε composes, which `epsilon(sample_rate=1, steps=rounds)` measures.
+    """
+    if not math.isfinite(eps):
+        return 0.0
+    return math.sqrt(2 * math.log(1.25 / delta)) / eps
+
+
+def plan_update_ledger(
+    *, target_eps: float, delta: float, rounds: int, accounting: str, accountant: str
+) -> PrivacyLedger:
+    """A node's empty ledger for dp-mode=update: one full-batch Gaussian release per round.
+
+    `composed` calibrates σ so that `rounds` releases (sample rate 1: no amplification, the
+    server's sampling is not trusted) meet `target_eps`; `per-round` uses the uncomposed
+    one-shot σ for `target_eps`, whose true ε after the run the ledger still reports.
+    """
+    if accounting == "per-round":
+        sigma = gaussian_sigma(target_eps, delta)
+    elif accounting == "composed":
+        sigma = calibrate_noise(
+            target_eps=target_eps,
+            delta=delta,
+            sample_rate=1.0,
+            steps=rounds,
+            accountant=accountant,
+        )
+    else:
+        raise ValueError(f"accounting={accounting!r} is not valid; use composed or per-round")
+    return PrivacyLedger(sigma, 1.0, 0, delta, accountant)
+
+
+def privatize_update(
+    start: Mapping[str, torch.Tensor],
+    end: Mapping[str, torch.Tensor],
+    *,
+    clip: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """`start + clip_C(end - start) + N(0, (σC)²)` per coordinate, and the update's raw norm.
+
+    The L2 norm is taken over all floating-point tensors together (the whole model), as the
+    Gaussian mechanism's sensitivity needs; other tensors (counters) come from `end` as is.
+    """
+    keys = [k for k, v in end.items() if torch.is_floating_point(v)]
+    deltas = {k: end[k].detach().double() - start[k].detach().double() for k in keys}
+    norm = float(torch.sqrt(sum(((d**2).sum() for d in deltas.values()), torch.tensor(0.0))))
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    out = {k: v.detach().clone() for k, v in end.items()}
+    for k in keys:
+        noise = torch.randn(deltas[k].shape, generator=generator, dtype=torch.float64)
+        private = start[k].double() + deltas[k] * scale + noise * (noise_multiplier * clip)
+        out[k] = private.to(end[k].dtype)
+    return out, norm

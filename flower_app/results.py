@@ -26,6 +26,7 @@ ROUND_COLUMNS = (
     "strategy",
     "eps_target",
     "eps_spent",
+    "eps_per_round_claimed",
     "accuracy",
     "loss",
     "train_loss",

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import BatchTensorDataset, DatasetMissing, cap, load_arrays, to_tensors
 from flower_app.model import build_model
-from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
+from flower_app.privacy import PRIVACY_UNITS, TRUST_MODEL, gaussian_sigma
 from flower_app.results import RunFiles, default_run_name, format_eps, resolve_results_dir
 from flower_app.train import evaluate
 from strategies import STRATEGIES
@@ -66,6 +66,19 @@ def model_evaluator(
     return evaluate_arrays
 
 
+# Short unit for the per-round line, and the mechanism for summary.json, by dp-mode.
+UNIT_SHORT = {"sample": "sample-level", "update": "client-level"}
+MECHANISMS = {
+    "sample": "Opacus DP-SGD (per-example clipping and Gaussian noise at every step)",
+    "update": "clipped round update + Gaussian noise, once per round (client-level DP)",
+}
+
+
+def claims_per_round(cfg: RunConfig) -> bool:
+    """Whether `eps` is the tutorial's uncomposed per-round label, not the run's budget."""
+    return cfg.private and cfg.dp_mode == "update" and cfg.accounting == "per-round"
+
+
 class RoundRecorder:
     """Evaluates the model after each round, logs one line and appends a row to rounds.csv."""
 
@@ -91,6 +104,8 @@ class RoundRecorder:
             "round": server_round,
             "strategy": self.cfg.strategy,
             "eps_target": self.cfg.eps,
+            # The uncomposed per-round ε claimed (accounting=per-round); eps_spent is the truth.
+            "eps_per_round_claimed": self.cfg.eps if claims_per_round(self.cfg) else None,
             "accuracy": accuracy,
             "loss": loss,
             # Where every node holds the evaluated model (FedAvg), node accuracy is its accuracy.
@@ -118,15 +133,22 @@ class RoundRecorder:
             )
         else:
             quality = f"accuracy {accuracy:.4f}  loss {loss:.4f}"
+        if claims_per_round(self.cfg):
+            budget = (
+                f"true composed ε {row['eps_spent']:.3f} (claimed: ε={self.cfg.eps:g} per round"
+            )
+            budget += ", uncomposed)"
+        else:
+            budget = f"ε spent {row['eps_spent']:.3f} of {format_eps(self.cfg.eps)}"
         log(
             INFO,
-            "round %d/%d  %s  ε spent %.3f of %s (δ=%g, sample-level)  %.1fs",
+            "round %d/%d  %s  %s (δ=%g, %s)  %.1fs",
             server_round,
             self.cfg.num_server_rounds,
             quality,
-            row["eps_spent"],
-            format_eps(self.cfg.eps),
+            budget,
             self.cfg.delta,
+            UNIT_SHORT[self.cfg.dp_mode],
             row["round_s"],
         )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
@@ -167,7 +189,20 @@ def main(grid: Grid, context: Context) -> None:
         _fail(str(err))
         return
 
-    if cfg.private:
+    unit = PRIVACY_UNITS[cfg.dp_mode]
+    if claims_per_round(cfg):
+        log(
+            INFO,
+            "Privacy: ε=%s is a PER-ROUND label (σ = sqrt(2 ln(1.25/δ))/ε = %.4f, δ=%g, "
+            "never composed); eps_spent reports the true ε composed over the rounds each "
+            "node trains (RDP); %s; %s.",
+            format_eps(cfg.eps),
+            gaussian_sigma(cfg.eps, cfg.delta),
+            cfg.delta,
+            unit,
+            TRUST_MODEL,
+        )
+    elif cfg.private:
         log(
             INFO,
             "Privacy: target ε=%s, δ=%g per node over the whole run (%d rounds × %d "
@@ -176,7 +211,7 @@ def main(grid: Grid, context: Context) -> None:
             cfg.delta,
             cfg.num_server_rounds,
             cfg.local_epochs,
-            PRIVACY_UNIT,
+            unit,
             TRUST_MODEL,
         )
     else:
@@ -215,9 +250,15 @@ def main(grid: Grid, context: Context) -> None:
             "wall_s": round(time.monotonic() - t0, 3),
             "num_nodes": len(node_ids),
             "privacy": {
-                "unit": PRIVACY_UNIT,
+                "unit": unit if cfg.private else "none",
                 "trust_model": TRUST_MODEL,
-                "mechanism": "Opacus DP-SGD" if cfg.private else "none",
+                "mechanism": MECHANISMS[cfg.dp_mode] if cfg.private else "none",
+                "dp_mode": cfg.dp_mode,
+                "accounting": cfg.accounting,
+                # accounting=per-round: `eps_target` is this uncomposed label, not a budget.
+                "eps_per_round_claimed": cfg.eps if claims_per_round(cfg) else None,
+                # The true ε: composed over the rounds each node trained (largest node).
+                "eps_composed": last.get("eps_spent", 0.0),
                 "delta": cfg.delta,
                 "accountant": cfg.accountant,
                 "max_grad_norm": cfg.max_grad_norm,

@@ -54,6 +54,16 @@ def _nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
+def privacy_units(data: SweepData) -> list[str]:
+    """The distinct privacy units the runs recorded (sample-level when none did)."""
+    units = data.cells["privacy_unit"].dropna() if "privacy_unit" in data.cells else []
+    return list(dict.fromkeys(u for u in units if u != "none")) or [PRIVACY_UNIT]
+
+
+def _has_values(df: pd.DataFrame, column: str) -> bool:
+    return column in df and df[column].notna().any()
+
+
 def format_accuracy(mean: float, half: float) -> str:
     """`81.2 ± 1.3` in percent; no ± with a single seed."""
     if _nan(mean):
@@ -147,11 +157,20 @@ def write_report(
         "",
         "## Privacy",
         "",
-        f"- Privacy unit: {PRIVACY_UNIT}.",
+        *[f"- Privacy unit: {unit}." for unit in privacy_units(data)],
         f"- Trust model: {TRUST_MODEL}.",
         f"- δ = {data.delta_text()} per node. ε is the budget each node spends over the whole "
         "run (not per round); the noise is calibrated so each node ends at its target. "
         "ε = ∞ means no DP: plain SGD, no clipping, no noise.",
+        *(
+            [
+                "- **Some cells use `accounting=per-round`**: their ε is the uncomposed "
+                "per-round label of the classic Gaussian mechanism, NOT a budget; their "
+                "`eps_spent` is the true ε composed over the rounds each node trained."
+            ]
+            if _has_values(data.cells, "eps_per_round_claimed")
+            else []
+        ),
         "",
         "## Final accuracy",
         "",

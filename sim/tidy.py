@@ -161,7 +161,10 @@ def cell_table(out: Path, manifest: Mapping[str, Any]) -> pd.DataFrame:
             row[key] = summary.get(key)
         if summary.get("final_node_accuracy") is not None:
             row["final_accuracy"] = summary["final_node_accuracy"]
-        row["delta"] = summary.get("privacy", {}).get("delta")
+        privacy = summary.get("privacy", {})
+        row["delta"] = privacy.get("delta")
+        row["privacy_unit"] = privacy.get("unit")
+        row["eps_per_round_claimed"] = privacy.get("eps_per_round_claimed")
         for key, value in (summary.get("topology") or {}).items():
             row[f"topology_{key}"] = value
         rows.append(row)

@@ -13,7 +13,11 @@ from strategies.gossip import ArraysEvaluator, Gossip
 
 
 def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> Strategy:
-    return CentralFedAvg(num_nodes=num_nodes, min_available_nodes=cfg.min_available_nodes)
+    return CentralFedAvg(
+        num_nodes=num_nodes,
+        fraction_train=cfg.fraction_train,
+        min_available_nodes=cfg.min_available_nodes,
+    )
 
 
 def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> Strategy:
