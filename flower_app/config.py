@@ -66,6 +66,7 @@ class RunConfig:
     )
     model: str = field(default="cnn", metadata=_choice("cnn", "mlp"))
     dataset: str = field(default="fashion-mnist", metadata=_choice("fashion-mnist", "mnist"))
+    normalize: str = field(default="mean-std", metadata=_choice("mean-std", "none"))
     data_dir: str = ""
     partitioner: str = field(default="dirichlet", metadata=_choice("dirichlet", "iid", "shards"))
     alpha: float = field(default=0.5, metadata=_POSITIVE_FLOAT)

@@ -153,9 +153,15 @@ def keep_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return batch
 
 
-def to_tensors(dataset: str, x: np.ndarray, y: np.ndarray) -> BatchTensorDataset:
-    """Normalised float images (N, 1, 28, 28) and labels, all in memory."""
-    mean, std = NORMALISATION[dataset]
+def to_tensors(
+    dataset: str, x: np.ndarray, y: np.ndarray, normalize: str = "mean-std"
+) -> BatchTensorDataset:
+    """Float images (N, 1, 28, 28) and labels, all in memory.
+
+    `normalize="mean-std"` standardises with the dataset's pixel mean and std; `"none"`
+    keeps pixels in [0, 1], as torchvision's `ToTensor` alone gives.
+    """
+    mean, std = NORMALISATION[dataset] if normalize == "mean-std" else (0.0, 1.0)
     images = (torch.from_numpy(x.astype(np.float32)) / 255.0 - mean) / std
     return BatchTensorDataset(images.unsqueeze(1), torch.from_numpy(y))
 

@@ -37,6 +37,7 @@ def node_data(
     alpha: float,
     shards_per_node: int,
     samples_per_node: int,
+    normalize: str = "mean-std",
 ) -> BatchTensorDataset:
     """The node's training shard as tensors (cached: loaded once per worker process)."""
     arrays = load_arrays(dataset, data_dir)
@@ -49,7 +50,7 @@ def node_data(
         shards_per_node=shards_per_node,
     )
     idx = cap(parts[partition_id], samples_per_node, seed + partition_id)
-    return to_tensors(dataset, arrays.x_train[idx], arrays.y_train[idx])
+    return to_tensors(dataset, arrays.x_train[idx], arrays.y_train[idx], normalize)
 
 
 def shard_for(cfg: RunConfig, partition_id: int, num_partitions: int) -> BatchTensorDataset:
@@ -68,6 +69,7 @@ def shard_for(cfg: RunConfig, partition_id: int, num_partitions: int) -> BatchTe
         cfg.alpha,
         cfg.shards_per_node,
         cfg.samples_per_node,
+        cfg.normalize,
     )
 
 

@@ -45,8 +45,8 @@ def central_test_sets(cfg: RunConfig) -> tuple[BatchTensorDataset, BatchTensorDa
     idx = cap(np.arange(len(arrays.y_test)), cfg.test_samples, cfg.seed)
     node_idx = cap(idx, cfg.node_eval_samples, cfg.seed + 1)
     return (
-        to_tensors(cfg.dataset, arrays.x_test[idx], arrays.y_test[idx]),
-        to_tensors(cfg.dataset, arrays.x_test[node_idx], arrays.y_test[node_idx]),
+        to_tensors(cfg.dataset, arrays.x_test[idx], arrays.y_test[idx], cfg.normalize),
+        to_tensors(cfg.dataset, arrays.x_test[node_idx], arrays.y_test[node_idx], cfg.normalize),
     )
 
 

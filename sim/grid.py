@@ -113,6 +113,7 @@ class Preset:
 TUTORIAL_FIXED: dict[str, Any] = {
     "num-server-rounds": 20,
     "dataset": "fashion-mnist",
+    "normalize": "none",  # the tutorial's ToTensor() only: pixels in [0, 1]
     "partitioner": "shards",
     "shards-per-node": 2,
     "model": "mlp",
