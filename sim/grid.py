@@ -1,9 +1,13 @@
 """Sweep grids: presets, TOML specs and CLI flags -> validated cells with deterministic ids.
 
 A spec has `fixed` run-config keys, `grid` keys with a list of values (their cartesian
-product gives the cells) and `nodes`. A key may be scoped to one strategy, `gossip:topology`,
-so strategy-specific knobs neither reach nor multiply the cells of other strategies. Every
-cell is checked by `RunConfig.from_run_config` before anything runs.
+product gives the cells), `variants` (optional: a list of key sets chosen together, so a
+sweep can run chosen combinations such as (gossip-mode, topology) pairs instead of their
+full product; the grid is multiplied by the variants) and `nodes`. A key may be scoped to
+one strategy, `gossip:topology`, so strategy-specific knobs neither reach nor multiply the
+cells of other strategies; a variant reduced to the keys a strategy uses may repeat for it,
+and repeats are run once. Every cell is checked by `RunConfig.from_run_config` before
+anything runs.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class SweepSpec:
     fixed: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     nodes: int = DEFAULT_NODES
+    variants: list[dict[str, Any]] = field(default_factory=list)
 
     def copy(self) -> SweepSpec:
         """A deep copy, so presets are never mutated."""
@@ -52,10 +57,11 @@ class SweepSpec:
     def _drop(self, key: str) -> None:
         """Forget `key`; an unscoped key also overrides every scoped use of it."""
         scope, name = split_scope(key)
-        for table in (self.fixed, self.grid):
+        for table in (self.fixed, self.grid, *self.variants):
             for k in list(table):
                 if k == key or (scope is None and split_scope(k)[1] == name):
                     del table[k]
+        self.variants = _unique([v for v in self.variants if v])
 
     def set(self, key: str, value: Any) -> SweepSpec:
         """Fix `key` (replacing any list or scoped value of it)."""
@@ -79,9 +85,46 @@ class SweepSpec:
             self.grid[key] = values
         return self
 
+    def vary(self, variant: Mapping[str, Any]) -> SweepSpec:
+        """Add a variant: keys set together (each key is then no longer fixed or swept)."""
+        if not variant:
+            raise SweepError("a variant needs at least one key=value")
+        for key, value in variant.items():
+            _check_key(key)
+            if isinstance(value, list):
+                raise SweepError(f"variant {key}={value!r}: a variant sets one value per key")
+            for table in (self.fixed, self.grid):
+                table.pop(key, None)
+        self.variants = _unique([*self.variants, dict(variant)])
+        return self
+
     def to_dict(self) -> dict[str, Any]:
-        """For the manifest."""
-        return {"fixed": dict(self.fixed), "swept": dict(self.grid), "nodes": self.nodes}
+        """For the manifest (`variants` only when there are some)."""
+        out = {"fixed": dict(self.fixed), "swept": dict(self.grid), "nodes": self.nodes}
+        return out | ({"variants": [dict(v) for v in self.variants]} if self.variants else {})
+
+
+def _unique(variants: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Variants in order, each once."""
+    out: list[dict[str, Any]] = []
+    for v in variants:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def variant_keys(variants: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Unscoped key names the variants set, in order of appearance."""
+    return list(dict.fromkeys(split_scope(k)[1] for v in variants for k in v))
+
+
+def variants_for(variants: Iterable[Mapping[str, Any]], strategy: str) -> list[dict[str, Any]]:
+    """The variants as one strategy sees them: unscoped keys and its own, each distinct once."""
+    reduced = [
+        {split_scope(k)[1]: v for k, v in variant.items() if split_scope(k)[0] in (None, strategy)}
+        for variant in variants
+    ]
+    return _unique(reduced) or [{}]
 
 
 def _check_key(key: str) -> None:
@@ -140,14 +183,32 @@ TUTORIAL_GRID: dict[str, list[Any]] = {
 TUTORIAL_NODES = 20
 
 
-def _tutorial(grid: dict[str, list[Any]] | None = None, **fixed: Any) -> SweepSpec:
+# (gossip-mode, topology) pairs of the mixing study: the tutorial's 10 random ring edges,
+# then a random maximal matching on graphs of growing spectral gap, then Metropolis weights.
+TUTORIAL_MIXING = [
+    {"gossip:gossip-mode": "edges", "gossip:topology": "ring"},
+    {"gossip:gossip-mode": "matching", "gossip:topology": "ring"},
+    {"gossip:gossip-mode": "matching", "gossip:topology": "torus"},
+    {"gossip:gossip-mode": "matching", "gossip:topology": "exponential"},
+    {"gossip:gossip-mode": "metropolis", "gossip:topology": "ring"},
+]
+
+
+def _tutorial(
+    grid: dict[str, list[Any]] | None = None,
+    variants: list[dict[str, Any]] | None = None,
+    **fixed: Any,
+) -> SweepSpec:
     """The tutorial's spec with some keys changed (`fixed` keys spelled with _ for -)."""
     changes = {k.replace("_", "-"): v for k, v in fixed.items()}
-    return SweepSpec(
+    spec = SweepSpec(
         fixed=TUTORIAL_FIXED | changes,
         grid=grid or dict(TUTORIAL_GRID),
         nodes=TUTORIAL_NODES,
     )
+    for variant in variants or []:
+        spec.vary(variant)
+    return spec
 
 
 PRESETS: dict[str, Preset] = {
@@ -196,6 +257,15 @@ PRESETS: dict[str, Preset] = {
         "the tutorial's grid with Opacus DP-SGD (sample-level) at the same composed ε",
         _tutorial(dp_mode="sample", accounting="composed", grad_sample_mode="ghost"),
     ),
+    "tutorial-mixing": Preset(
+        "the tutorial at composed ε ∈ {∞, 2}: gossip (mode, topology) pairs edges/ring, "
+        "matching on ring, torus and exponential, metropolis/ring; FedAvg for reference",
+        _tutorial(
+            grid={"strategy": ["fedavg", "gossip"], "eps": [math.inf, 2], "seed": [7]},
+            variants=TUTORIAL_MIXING,
+            accounting="composed",
+        ),
+    ),
 }
 
 
@@ -225,15 +295,17 @@ def parse_assignment(text: str, flag: str) -> tuple[str, str]:
 
 
 def load_spec(path: Path, base: SweepSpec | None = None) -> SweepSpec:
-    """Read a SPEC.toml (`nodes`, `[fixed]`, `[grid]`; sub-tables scope keys to a strategy)."""
+    """Read a SPEC.toml (`nodes`, `[fixed]`, `[grid]`, `[[variants]]`; sub-tables scope keys)."""
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise SweepError(f"cannot read spec {path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise SweepError(f"spec {path} is not valid TOML: {err}") from None
-    if unknown := sorted(set(doc) - {"nodes", "fixed", "grid"}):
-        raise SweepError(f"spec {path}: unknown entries {unknown}; expected nodes, [fixed], [grid]")
+    if unknown := sorted(set(doc) - {"nodes", "fixed", "grid", "variants"}):
+        raise SweepError(
+            f"spec {path}: unknown entries {unknown}; expected nodes, [fixed], [grid], [[variants]]"
+        )
     spec = base.copy() if base else SweepSpec()
     if "nodes" in doc:
         spec.nodes = doc["nodes"]
@@ -245,7 +317,20 @@ def load_spec(path: Path, base: SweepSpec | None = None) -> SweepSpec:
         if not isinstance(value, list):
             raise SweepError(f"spec {path}: grid.{key} must be a list, e.g. {key} = [1, 2]")
         spec.sweep(key, value)
+    variants = doc.get("variants", [])
+    if not isinstance(variants, list):
+        raise SweepError(f"spec {path}: variants must be an array of tables ([[variants]])")
+    for i, variant in enumerate(variants):
+        spec.vary(_flatten(variant, f"variants[{i}]", path))
     return spec
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """`gossip:topology=ring gossip:gossip-mode=edges` -> one variant (keys set together)."""
+    pairs = [parse_assignment(part, "--variant") for part in text.split()]
+    if not pairs:
+        raise SweepError("--variant '': expected key=value pairs separated by spaces")
+    return {k.strip(): parse_value(v) for k, v in pairs}
 
 
 def _flatten(table: Any, name: str, path: Path) -> dict[str, Any]:
@@ -277,8 +362,7 @@ class Cell:
 def swept_keys(spec: SweepSpec) -> list[str]:
     """Swept run-config keys without scope, in product order."""
     keys: list[str] = []
-    for key in spec.grid:
-        name = split_scope(key)[1]
+    for name in [*(split_scope(k)[1] for k in spec.grid), *variant_keys(spec.variants)]:
         if name not in keys:
             keys.append(name)
     return keys
@@ -294,6 +378,11 @@ def expand(spec: SweepSpec) -> list[Cell]:
             raise SweepError(f"grid key {key} has no values")
     for key in spec.fixed:
         _check_key(key)
+    for variant in spec.variants:
+        if not variant:
+            raise SweepError("a variant needs at least one key=value")
+        for key in variant:
+            _check_key(key)
     plain = [k for k in spec.grid if split_scope(k)[0] is None]
     default_strategy = spec.fixed.get("strategy", RunConfig().strategy)
     cells: list[Cell] = []
@@ -301,8 +390,11 @@ def expand(spec: SweepSpec) -> list[Cell]:
         chosen = dict(zip(plain, combo, strict=True))
         strategy = str(chosen.get("strategy", default_strategy))
         scoped = [k for k in spec.grid if split_scope(k)[0] == strategy]
-        for scombo in product(*(spec.grid[k] for k in scoped)):
+        for scombo, variant in product(
+            product(*(spec.grid[k] for k in scoped)), variants_for(spec.variants, strategy)
+        ):
             extra = {split_scope(k)[1]: v for k, v in zip(scoped, scombo, strict=True)}
+            extra |= variant
             params = {k: v for k, v in spec.fixed.items() if split_scope(k)[0] is None}
             params |= {
                 split_scope(k)[1]: v for k, v in spec.fixed.items() if split_scope(k)[0] == strategy

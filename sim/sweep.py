@@ -57,6 +57,7 @@ from sim.grid import (
     parse_assignment,
     parse_value,
     parse_values,
+    parse_variant,
     swept_keys,
 )
 from sim.plots import TARGET_FRACTION, SweepData, plot_all
@@ -384,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="sweep a run-config key over values",
     )
     run.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'K1=V1 K2=V2'",
+        help="add a variant: keys set together (repeat for more); the grid is multiplied by "
+        "the variants, e.g. --variant 'gossip:gossip-mode=edges gossip:topology=ring'",
+    )
+    run.add_argument(
         "--out",
         type=Path,
         help="sweep folder (default: results/sweeps/<preset or sweep>-<UTC time> in the "
@@ -431,6 +440,8 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     for text in args.sweep:
         key, values = parse_assignment(text, "--sweep")
         spec.sweep(key, parse_values(values))
+    for text in args.variant:
+        spec.vary(parse_variant(text))
     return spec
 
 

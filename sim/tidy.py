@@ -102,6 +102,7 @@ def read_manifest(out: Path) -> dict[str, Any]:
 def series_keys(manifest: Mapping[str, Any]) -> list[str]:
     """Columns that tell one curve from another: strategy plus swept keys other than ε, seed."""
     swept = [k.rpartition(":")[2] for k in manifest.get("swept", {})]
+    swept += [k.rpartition(":")[2] for v in manifest.get("variants", []) for k in v]
     return ["strategy", *[k for k in dict.fromkeys(swept) if k not in CORE]]
 
 
