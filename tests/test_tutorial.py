@@ -19,6 +19,7 @@ from flower_app.partition import label_histogram, partition_indices
 from flower_app.privacy import (
     PRIVACY_UNITS,
     epsilon,
+    gaussian_eps_exact,
     gaussian_sigma,
     plan_update_ledger,
     privatize_update,
@@ -251,3 +252,17 @@ def test_tutorial_mixing_runs_chosen_mode_topology_pairs():
         "gossip:topology",
         "gossip:gossip-mode",
     }
+
+
+def test_exact_gaussian_epsilon_matches_known_values_and_bounds_rdp_from_below():
+    # Balle & Wang (2018): σ ≈ 3.73 is the analytic Gaussian mechanism's σ for ε=1, δ=1e-5.
+    assert gaussian_eps_exact(noise_multiplier=3.73, steps=1, delta=DELTA) == pytest.approx(
+        1.0, abs=0.01
+    )
+    sigma = gaussian_sigma(1.0, DELTA)
+    exact = gaussian_eps_exact(noise_multiplier=sigma, steps=20, delta=DELTA)
+    assert exact == pytest.approx(
+        gaussian_eps_exact(noise_multiplier=sigma / 20**0.5, steps=1, delta=DELTA)
+    )
+    assert 1.0 < exact < epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=20, delta=DELTA)
+    assert gaussian_eps_exact(noise_multiplier=sigma, steps=0, delta=DELTA) == 0.0
