@@ -46,6 +46,7 @@ from flower_app.results import (
     to_json,
     write_json,
 )
+from sim.compare import compare
 from sim.flower_cli import RunOutcome, SimulationLink
 from sim.grid import (
     PRESETS,
@@ -410,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("plot", "draw the figures"), ("report", "write report.md (and figures)")):
         p = sub.add_parser(name, help=f"{text} from a sweep folder's stored results")
         p.add_argument("results_dir", type=Path, metavar="RESULTS_DIR")
+    cmp = sub.add_parser(
+        "compare",
+        help="print a Markdown table of several sweeps side by side (same series and ε)",
+    )
+    cmp.add_argument("results_dirs", type=Path, nargs="+", metavar="RESULTS_DIR")
+    cmp.add_argument("--names", help="column names, comma-separated (default: folder names)")
     for p in (run, sub.choices["plot"], sub.choices["report"]):
         p.add_argument(
             "--target-accuracy",
@@ -575,6 +582,13 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
     try:
         if args.command == "run":
             return command_run(args, argv, runner)
+        if args.command == "compare":
+            outs = [_sweep_folder(p) for p in args.results_dirs]
+            names = args.names.split(",") if args.names else None
+            if names is not None and len(names) != len(outs):
+                raise SweepError(f"--names gives {len(names)} names for {len(outs)} folders")
+            sys.stdout.write(compare(outs, names))
+            return 0
         out = _sweep_folder(args.results_dir)
         if args.command == "plot":
             figures, _ = plot_all(out, target=args.target_accuracy)
