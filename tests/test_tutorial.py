@@ -248,6 +248,7 @@ def test_tutorial_mixing_runs_chosen_mode_topology_pairs():
         "fedavg-eps2-seed7",
     }
     assert all(c.params["accounting"] == "composed" for c in cells.values())
+    assert all(c.params["dp-mode"] == "sample" for c in cells.values())
     assert set(TUTORIAL_FIXED) - set(PRESETS["tutorial-mixing"].spec.fixed) == {
         "gossip:topology",
         "gossip:gossip-mode",
