@@ -10,13 +10,103 @@ accuracy. Everything comes from the stored results.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sim.plots import TARGET_FRACTION, SweepData, choose_targets, eps_label, rounds_table
+import matplotlib.pyplot as plt
+
+from sim.plots import (
+    TARGET_FRACTION,
+    SweepData,
+    _eps_lines,
+    _panels,
+    choose_targets,
+    eps_label,
+    rounds_table,
+)
 from sim.report import final_summary, format_number, markdown_table
-from sim.tidy import eps_order, series_tuple
+from sim.tidy import eps_order, series_tuple, summarize
+
+# Ten classes (MNIST and Fashion-MNIST): what a model guessing one class scores.
+CHANCE = 0.1
+# Below this share of its non-private gain over chance, a curve counts as "at chance".
+AT_CHANCE = 0.05
+
+
+def retained(acc_private: float, acc_nonprivate: float, chance: float = CHANCE) -> float:
+    """Share of the non-private accuracy's gain over chance that is kept under DP (0 to ~1)."""
+    gain = acc_nonprivate - chance
+    return math.nan if gain <= 0 else max(0.0, (acc_private - chance) / gain)
+
+
+def verdicts(
+    finals: Mapping[str, Mapping[float, float]], rounds: Mapping[str, Mapping[float, float]]
+) -> list[str]:
+    """The tutorial's two claims, judged on one sweep's FedAvg and gossip numbers.
+
+    `finals[strategy][eps]` is the final accuracy, `rounds[strategy][eps]` the rounds to the
+    target (NaN: never reached). Claim 1: FedAvg converges faster under weak privacy (no DP
+    and the largest finite ε). Claim 2: gossip degrades more gracefully (keeps a larger share
+    of its gain over chance at the smallest ε). A claim whose evidence is all at chance is
+    called untestable, not confirmed.
+    """
+    if not {"fedavg", "gossip"} <= set(finals):
+        return ["- needs both fedavg and gossip cells"]
+    eps = sorted(set(finals["fedavg"]) & set(finals["gossip"]))
+    finite = [e for e in eps if math.isfinite(e)]
+    if math.inf not in eps or not finite:
+        return ["- needs ε = ∞ and at least one finite ε for both strategies"]
+
+    def r(strategy: str, e: float) -> float:
+        value = rounds.get(strategy, {}).get(e, math.nan)
+        return math.inf if math.isnan(value) else value
+
+    def text(value: float) -> str:
+        return "never" if math.isinf(value) else f"{value:g} rounds"
+
+    weak = max(finite)
+    pairs = [(e, r("fedavg", e), r("gossip", e)) for e in (math.inf, weak)]
+    detail = "; ".join(
+        f"ε={'∞' if math.isinf(e) else f'{e:g}'}: FedAvg {text(f)}, gossip {text(g)}"
+        for e, f, g in pairs
+    )
+    faster = [f < g for _, f, g in pairs if not (math.isinf(f) and math.isinf(g))]
+    if not faster:
+        claim1 = f"untestable (neither reaches the target: {detail})"
+    elif not all(faster):
+        claim1 = f"does not hold ({detail})"
+    elif len(faster) < len(pairs):
+        claim1 = f"holds only without DP; under DP neither reaches the target ({detail})"
+    else:
+        claim1 = f"holds ({detail})"
+    strong = min(finite)
+    kept = {s: retained(finals[s][strong], finals[s][math.inf]) for s in ("fedavg", "gossip")}
+    detail = (
+        f"share of the gain over chance kept at ε={strong:g}: FedAvg {kept['fedavg']:.0%}, "
+        f"gossip {kept['gossip']:.0%}"
+    )
+    if any(math.isnan(v) for v in kept.values()):
+        claim2 = "untestable (a strategy is at chance even without DP)"
+    elif all(v < AT_CHANCE for v in kept.values()):
+        claim2 = f"untestable: both strategies are at chance ({detail})"
+    else:
+        holds = kept["gossip"] > kept["fedavg"]
+        claim2 = f"{'holds' if holds else 'does not hold'} ({detail})"
+    return [
+        f"- FedAvg converges faster under weak privacy: {claim1}",
+        f"- gossip degrades more gracefully as noise grows: {claim2}",
+    ]
+
+
+def _common_rounds(data: SweepData, fraction: float) -> dict[tuple[Any, ...], Any]:
+    """Rounds per (series, ε) to `fraction` of the best series' non-private final accuracy."""
+    summary = summarize(data.finals, [*data.by, "eps"])
+    nonprivate = summary.loc[summary["eps"] == math.inf, "mean"]
+    if nonprivate.empty:
+        return {}
+    table = rounds_table(data, choose_targets(data, target=fraction * float(nonprivate.max())))
+    return {_key(r, data.by): r for _, r in table.iterrows()}
 
 
 def _key(row: Any, by: Sequence[str]) -> tuple[Any, ...]:
@@ -82,6 +172,20 @@ def compare(
                 row.append(str(int(r["rounds"])))
         rounds_rows.append(row)
     notes = [f"- {name}: target {how}" for name, how in zip(names, targets, strict=True)]
+    claims: list[str] = []
+    if by == ["strategy"]:  # the claims compare the two strategies, nothing else varying
+        # Speed is judged against ONE target for both strategies (90% of the better
+        # non-private final accuracy): against its own plateau, a strategy that barely
+        # learns "converges" at once.
+        common = [_common_rounds(data, fraction) for data in loaded]
+        for name, final, rnd in zip(names, finals, common, strict=True):
+            per: dict[str, dict[float, float]] = {}
+            per_rounds: dict[str, dict[float, float]] = {}
+            for (strategy, e), row in final.items():
+                per.setdefault(strategy, {})[e] = float(row["mean"])
+            for (strategy, e), row in rnd.items():
+                per_rounds.setdefault(strategy, {})[e] = float(row["rounds"])
+            claims += [f"**{name}**", "", *verdicts(per, per_rounds), ""]
     return "\n".join(
         [
             markdown_table(header, acc_rows),
@@ -92,5 +196,35 @@ def compare(
             "",
             *notes,
             "",
+            *(
+                [
+                    "The tutorial's conclusion, judged on each sweep's numbers above (speed: "
+                    f"rounds to {fraction:.0%} of the better strategy's non-private final "
+                    "accuracy, one target for both):",
+                    "",
+                ]
+                if claims
+                else []
+            ),
+            *claims,
         ]
     )
+
+
+def compare_figure(outs: Sequence[Path], names: Sequence[str], path: Path) -> Path:
+    """Final accuracy against ε, one panel per sweep (shared y axis), chance level dashed."""
+    loaded = [SweepData.load(out) for out in outs]
+    fig, axes = _panels(len(loaded), width=5.2, height=4.4)
+    for ax, data, name in zip(axes, loaded, names, strict=True):
+        summary = summarize(data.finals, [*data.by, "eps"])
+        _eps_lines(ax, data, summary, "mean", "half", 100)
+        ax.axhline(CHANCE * 100, color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.set_title(name)
+        ax.xaxis.label.set_fontsize(8)
+    axes[0].set_ylabel("final test accuracy (%)")
+    axes[0].legend(loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return path

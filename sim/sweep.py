@@ -46,7 +46,7 @@ from flower_app.results import (
     to_json,
     write_json,
 )
-from sim.compare import compare
+from sim.compare import compare, compare_figure
 from sim.flower_cli import RunOutcome, SimulationLink
 from sim.grid import (
     PRESETS,
@@ -417,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("results_dirs", type=Path, nargs="+", metavar="RESULTS_DIR")
     cmp.add_argument("--names", help="column names, comma-separated (default: folder names)")
+    cmp.add_argument(
+        "--figure",
+        type=Path,
+        metavar="PNG",
+        help="also draw final accuracy vs ε, a panel per sweep",
+    )
     for p in (run, sub.choices["plot"], sub.choices["report"]):
         p.add_argument(
             "--target-accuracy",
@@ -588,6 +594,8 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
             if names is not None and len(names) != len(outs):
                 raise SweepError(f"--names gives {len(names)} names for {len(outs)} folders")
             sys.stdout.write(compare(outs, names))
+            if args.figure:
+                compare_figure(outs, names or [p.name for p in outs], args.figure)
             return 0
         out = _sweep_folder(args.results_dir)
         if args.command == "plot":

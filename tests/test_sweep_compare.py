@@ -1,7 +1,10 @@
 """`fl-sweep compare`: several stored sweeps side by side."""
 
+import math
+
 import pytest
 
+from sim.compare import retained, verdicts
 from sim.sweep import main
 from tests.sweep_fakes import FakeRunner
 
@@ -30,6 +33,42 @@ def test_compare_lines_up_series_and_eps_and_marks_missing_cells(two_sweeps, cap
     assert "- left: target 90%" in text
 
 
+def test_compare_draws_one_panel_per_sweep(two_sweeps, tmp_path):
+    png = tmp_path / "fig" / "cmp.png"
+    assert main(["compare", *map(str, two_sweeps), "--figure", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+
+
 def test_compare_refuses_a_name_count_mismatch(two_sweeps, capsys):
     assert main(["compare", *map(str, two_sweeps), "--names", "only-one"]) == 2
     assert "--names gives 1 names for 2 folders" in capsys.readouterr().err
+
+
+INF = math.inf
+
+
+def test_retained_share_of_the_gain_over_chance():
+    assert retained(0.55, 1.0) == pytest.approx(0.5)
+    assert retained(0.05, 0.9) == 0.0  # below chance counts as nothing kept
+    assert math.isnan(retained(0.3, 0.1))  # no gain to keep
+
+
+def test_verdicts_confirm_the_tutorials_claims_when_the_numbers_do():
+    finals = {"fedavg": {INF: 0.9, 8: 0.85, 1: 0.3}, "gossip": {INF: 0.8, 8: 0.7, 1: 0.6}}
+    rounds = {"fedavg": {INF: 3, 8: 4, 1: math.nan}, "gossip": {INF: 9, 8: 12, 1: 15}}
+    claim1, claim2 = verdicts(finals, rounds)
+    assert claim1.startswith("- FedAvg converges faster under weak privacy: holds")
+    assert "ε=8: FedAvg 4 rounds, gossip 12 rounds" in claim1
+    assert claim2.startswith("- gossip degrades more gracefully as noise grows: holds")
+    assert "FedAvg 25%, gossip 71%" in claim2
+
+
+def test_verdicts_refute_and_call_all_chance_evidence_untestable():
+    finals = {"fedavg": {INF: 0.9, 2: 0.1, 1: 0.1}, "gossip": {INF: 0.5, 2: 0.1, 1: 0.09}}
+    rounds = {"fedavg": {INF: 10}, "gossip": {INF: 4}}
+    claim1, claim2 = verdicts(finals, rounds)
+    assert "does not hold" in claim1 and "ε=2: FedAvg never, gossip never" in claim1
+    assert "untestable: both strategies are at chance" in claim2
+    assert verdicts({"fedavg": {INF: 0.9}}, {}) == ["- needs both fedavg and gossip cells"]
+    claim1, _ = verdicts(finals, {"fedavg": {INF: 3}, "gossip": {INF: 7}})
+    assert "holds only without DP" in claim1
