@@ -246,7 +246,9 @@ PRESETS: dict[str, Preset] = {
     ),
     "tutorial": Preset(
         "the MarkTechPost tutorial as published: 20 nodes, shards, MLP, update-level DP with "
-        "the uncomposed per-round σ (ε is a per-round label), ε ∈ {∞,8,4,2,1}, seed 7",
+        "the uncomposed per-round σ (ε is a per-round label), ε ∈ {∞,8,4,2,1}, seed 7; on "
+        "Fashion-MNIST, since MNIST cannot be downloaded offline (--set dataset=mnist, with "
+        "data-dir=DIR when offline, for the original)",
         _tutorial(),
     ),
     "tutorial-honest": Preset(

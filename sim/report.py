@@ -7,6 +7,7 @@ long after the sweep ran.
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ import pandas as pd
 
 from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
 from flower_app.results import atomic_write_text
+from sim.grid import PRESETS
 from sim.plots import (
     TARGET_FRACTION,
     Figure,
@@ -58,6 +60,20 @@ def privacy_units(data: SweepData) -> list[str]:
     """The distinct privacy units the runs recorded (sample-level when none did)."""
     units = data.cells["privacy_unit"].dropna() if "privacy_unit" in data.cells else []
     return list(dict.fromkeys(u for u in units if u != "none")) or [PRIVACY_UNIT]
+
+
+def preset_of(command: str) -> str | None:
+    """The `--preset` a recorded `fl-sweep run` command used, if any."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    for i, word in enumerate(words):
+        name = words[i + 1] if word == "--preset" and i + 1 < len(words) else None
+        name = word.partition("=")[2] if word.startswith("--preset=") else name
+        if name in PRESETS:
+            return name
+    return None
 
 
 def _has_values(df: pd.DataFrame, column: str) -> bool:
@@ -146,6 +162,8 @@ def write_report(
     ]
     if m.get("command"):
         text.append(f"- Command: `{m['command']}`")
+        if preset := preset_of(m["command"]):
+            text.append(f"- Preset `{preset}`: {PRESETS[preset].description}")
     text += [
         f"- Simulated nodes: {m.get('nodes')}",
         "- Fixed: "
@@ -159,17 +177,19 @@ def write_report(
         "",
         *[f"- Privacy unit: {unit}." for unit in privacy_units(data)],
         f"- Trust model: {TRUST_MODEL}.",
-        f"- δ = {data.delta_text()} per node. ε is the budget each node spends over the whole "
-        "run (not per round); the noise is calibrated so each node ends at its target. "
-        "ε = ∞ means no DP: plain SGD, no clipping, no noise.",
+        f"- δ = {data.delta_text()} per node. ε = ∞ means no DP: plain SGD, no clipping, no noise.",
         *(
             [
-                "- **Some cells use `accounting=per-round`**: their ε is the uncomposed "
-                "per-round label of the classic Gaussian mechanism, NOT a budget; their "
-                "`eps_spent` is the true ε composed over the rounds each node trained."
+                "- **Cells with `accounting=per-round` (as the tutorial) label ε per round**: "
+                "their ε is the uncomposed one-shot label of the classic Gaussian mechanism, "
+                "NOT a budget; `ε spent` below is the true ε composed over the rounds each "
+                "node trained (RDP accountant, δ as above)."
             ]
             if _has_values(data.cells, "eps_per_round_claimed")
-            else []
+            else [
+                "- ε is the budget each node spends over the whole run (not per round); the "
+                "noise is calibrated so each node ends at its target."
+            ]
         ),
         "",
         "## Final accuracy",

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from sim.compare import retained, verdicts
+from sim.report import preset_of
 from sim.sweep import main
 from tests.sweep_fakes import FakeRunner
 
@@ -72,3 +73,10 @@ def test_verdicts_refute_and_call_all_chance_evidence_untestable():
     assert verdicts({"fedavg": {INF: 0.9}}, {}) == ["- needs both fedavg and gossip cells"]
     claim1, _ = verdicts(finals, {"fedavg": {INF: 3}, "gossip": {INF: 7}})
     assert "holds only without DP" in claim1
+
+
+def test_report_names_the_preset_a_sweep_ran():
+    assert preset_of("fl-sweep run --preset tutorial --out x") == "tutorial"
+    assert preset_of("fl-sweep run --preset=quick") == "quick"
+    assert preset_of("fl-sweep run --eps 2") is None
+    assert preset_of("fl-sweep run --preset nosuch") is None
