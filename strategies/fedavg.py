@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from logging import WARNING
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
@@ -101,6 +102,33 @@ class CentralEvaluationMixin:
         return None
 
 
+class RegistrationOrder:
+    """A Grid whose `get_node_ids` lists nodes in the order they registered.
+
+    Flower hands out node ids as a set of random integers, so FedAvg's seeded
+    `random.sample` over them picked different nodes in every run. Simulated nodes register
+    in partition order, so with this order the same seed samples the same partitions.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        """Wrap `grid`; everything but `get_node_ids` passes through."""
+        self._grid = grid
+
+    def get_node_ids(self) -> list[int]:
+        """Node ids by registration time (ties by id)."""
+        nodes = self._grid.get_nodes()
+        return [
+            n.node_id
+            for n in sorted(
+                nodes, key=lambda n: (datetime.fromisoformat(n.registered_at), n.node_id)
+            )
+        ]
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the wrapped grid's."""
+        return getattr(self._grid, name)
+
+
 class CentralFedAvg(CentralEvaluationMixin, NodeLedgerMixin, FedAvg):
     """Global example-weighted average of the sampled nodes' models (McMahan et al.).
 
@@ -127,7 +155,8 @@ class CentralFedAvg(CentralEvaluationMixin, NodeLedgerMixin, FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's sampling; remembers whom it asked, to count who never answered."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        ordered = cast(Grid, RegistrationOrder(grid))
+        messages = list(super().configure_train(server_round, arrays, config, ordered))
         self.sent_to = frozenset(m.metadata.dst_node_id for m in messages)
         return messages
 

@@ -9,6 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from flower_app.topology import build_topology
 from strategies.gossip import Gossip
+from tests.mock_grid import mock_grid
 
 KEYS = ("layer.weight", "layer.bias")
 
@@ -45,9 +46,7 @@ def reply(node_id, pid, value, error=False):
 
 
 def grid_of(node_ids):
-    grid = Mock()
-    grid.get_node_ids.return_value = list(node_ids)
-    return grid
+    return mock_grid(node_ids)
 
 
 def node_value(msg):

@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flower_app.topology import build_topology
 from strategies.fedavg import CentralFedAvg, QuorumError
 from strategies.gossip import Gossip
+from tests.mock_grid import mock_grid
 
 
 @pytest.fixture(autouse=True)
@@ -22,9 +23,7 @@ def task_identity(monkeypatch):
 
 
 def grid_of(node_ids):
-    grid = Mock()
-    grid.get_node_ids.return_value = list(node_ids)
-    return grid
+    return mock_grid(node_ids)
 
 
 def reply(node_id, pid, error=False):

@@ -3,7 +3,6 @@
 import math
 import random
 from itertools import combinations
-from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from flower_app.privacy import (
 )
 from sim.grid import PRESETS, TUTORIAL_FIXED, expand
 from strategies.fedavg import CentralFedAvg
+from tests.mock_grid import mock_grid
 
 DELTA = 1e-5
 
@@ -180,8 +180,7 @@ def task_identity(monkeypatch):
 
 @pytest.mark.parametrize("fraction, expected", [(0.5, 10), (1.0, 20), (0.25, 5)])
 def test_fedavg_samples_fraction_train_of_the_nodes(task_identity, fraction, expected):
-    grid = Mock()
-    grid.get_node_ids.return_value = list(range(100, 120))
+    grid = mock_grid(range(100, 120))
     strategy = CentralFedAvg(num_nodes=20, fraction_train=fraction, min_available_nodes=2)
     random.seed(7)
     first = [
@@ -196,6 +195,14 @@ def test_fedavg_samples_fraction_train_of_the_nodes(task_identity, fraction, exp
         for m in strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
     ]
     assert again == first
+    # Flower's node ids are random in every run: the same seed samples the same partitions.
+    other = list(range(900, 880, -1))
+    random.seed(7)
+    moved = [
+        m.metadata.dst_node_id
+        for m in strategy.configure_train(1, ArrayRecord(), ConfigRecord(), mock_grid(other))
+    ]
+    assert [other[i - 100] for i in first] == moved
 
 
 def _cells(name):
