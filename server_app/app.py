@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,7 @@ class RoundRecorder:
         self.t0 = self.t_last = time.monotonic()
         self.initial: dict[str, float] = {}
         self.last_row: dict[str, Any] = {}
+        self.diverged_at: int | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower's `evaluate_fn`: called with round 0 before training, then after each round."""
@@ -123,6 +125,15 @@ class RoundRecorder:
         self.t_last = now
         self.files.add_round(row)
         self.last_row = row
+        if not math.isfinite(loss) and self.diverged_at is None:
+            self.diverged_at = server_round
+            log(
+                WARNING,
+                "round %d: the evaluated model's loss is %s: it has diverged (non-finite "
+                "weights), and its accuracy from here on is that of a constant guess",
+                server_round,
+                loss,
+            )
         if self.cfg.strategy == "gossip":
             # No global model exists: lead with the nodes' own models.
             quality = (
@@ -243,6 +254,8 @@ def main(grid: Grid, context: Context) -> None:
             "final_accuracy": last.get("accuracy"),
             # What a node actually holds: the global model (FedAvg) or its own (gossip).
             "final_node_accuracy": last.get("node_acc_mean"),
+            # First round whose evaluated model had a non-finite loss (None: never).
+            "diverged_at_round": recorder.diverged_at,
             "final_loss": last.get("loss"),
             "initial_accuracy": recorder.initial.get("accuracy"),
             "eps_target": cfg.eps,
