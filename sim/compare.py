@@ -63,7 +63,9 @@ def verdicts(
         return math.inf if math.isnan(value) else value
 
     def text(value: float) -> str:
-        return "never" if math.isinf(value) else f"{value:g} rounds"
+        if math.isinf(value):
+            return "never"
+        return f"{value:g} round{'' if value == 1 else 's'}"
 
     weak = max(finite)
     pairs = [(e, r("fedavg", e), r("gossip", e)) for e in (math.inf, weak)]

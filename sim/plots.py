@@ -502,11 +502,13 @@ def topologies(data: SweepData) -> Figure | Skipped:
         bar_keys.insert(0, "strategy")
     summary = summarize(with_topo, [*bar_keys, "eps"])
     gap_col = "topology_spectral_gap"
-    gaps = (
-        cells.dropna(subset=[gap_col]).groupby("topology")[gap_col].mean()
-        if gap_col in cells and "topology" in cells
-        else pd.Series(dtype=float)
-    )
+    # The gap belongs to the (topology, gossip mode) pair a cell ran, so it is looked up per
+    # bar, never averaged over modes that share a graph.
+    gaps: dict[tuple[Any, ...], float] = {}
+    if gap_col in cells:
+        with_gap = with_topo.merge(cells[["cell", gap_col]], on="cell", how="left")
+        for key, group in with_gap.dropna(subset=[gap_col]).groupby(bar_keys, dropna=False):
+            gaps[key if isinstance(key, tuple) else (key,)] = float(group[gap_col].mean())
     eps_values = eps_order(summary["eps"])
     fig, axes = _panels(len(eps_values), width=6.0)
     for ax, eps in zip(axes, eps_values, strict=True):
@@ -516,9 +518,10 @@ def topologies(data: SweepData) -> Figure | Skipped:
         ax.bar(x, means, yerr=halves, width=0.6, capsize=5, color=PALETTE[2], edgecolor="black")
         labels = []
         for _, r in rows.iterrows():
-            label = ", ".join(str(r[k]) for k in bar_keys if pd.notna(r[k]))
-            if r["topology"] in gaps:
-                label += f"\ngap {gaps[r['topology']]:.3g}"
+            label = "\n".join(str(r[k]) for k in bar_keys if pd.notna(r[k]))
+            gap = gaps.get(tuple(r[k] for k in bar_keys))
+            if gap is not None:
+                label += f"\ngap {gap:.3g}"
             labels.append(label)
         ax.set_xticks(x)
         ax.set_xticklabels(labels)
