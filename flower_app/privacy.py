@@ -18,10 +18,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis.gdp import delta_eps_mu, eps_from_mu
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
-from scipy.optimize import brentq
-from scipy.stats import norm
 
 PRIVACY_UNIT = "sample-level (ε, δ)-DP per node: the unit is one training example of one node"
 # The unit each dp-mode protects (run-config `dp-mode`).
@@ -223,25 +222,18 @@ def privatize_update(
 def gaussian_eps_exact(*, noise_multiplier: float, steps: int, delta: float) -> float:
     """Tight ε of `steps` full-batch Gaussian releases (sample rate 1), no RDP slack.
 
-    `steps` Gaussian mechanisms of multiplier σ compose exactly into one of multiplier
-    σ/√steps (Gaussian DP, Dong et al. 2019), whose exact (ε, δ) curve is Balle & Wang's
-    (2018, Thm 8): δ(ε) = Φ(1/2s − εs) − e^ε Φ(−1/2s − εs) with s = σ/√steps. The RDP
-    ledger is an upper bound on this; the doc quotes both.
+    `steps` Gaussian mechanisms of multiplier σ compose exactly into μ-GDP with
+    μ = √steps / σ (Dong et al. 2019), whose exact (ε, δ) curve (Balle & Wang 2018, Thm 8)
+    Opacus inverts. The RDP ledger is an upper bound on this; the doc quotes both.
     """
     if steps == 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    s = noise_multiplier / math.sqrt(steps)
-
-    def excess(eps: float) -> float:
-        return float(
-            norm.cdf(0.5 / s - eps * s) - math.exp(eps) * norm.cdf(-0.5 / s - eps * s) - delta
-        )
-
-    if excess(0.0) <= 0:
+    mu = math.sqrt(steps) / noise_multiplier
+    if delta_eps_mu(eps=0.0, mu=mu) <= delta:
         return 0.0
-    high = 1.0
-    while excess(high) > 0:
-        high *= 2
-    return float(brentq(excess, 0.0, high, xtol=1e-9))
+    try:
+        return float(eps_from_mu(mu=mu, delta=delta))
+    except ValueError:  # beyond Opacus's search bracket (ε > 500): no meaningful privacy
+        return math.inf
