@@ -488,6 +488,24 @@ def eps_spent_vs_round(data: SweepData) -> Figure | Skipped:
     )
 
 
+def bar_gaps(
+    finals: pd.DataFrame, cells: pd.DataFrame, bar_keys: Sequence[str]
+) -> dict[tuple[Any, ...], float]:
+    """Spectral gap per bar (values of `bar_keys`), from the cells' summary.json.
+
+    The gap belongs to the (topology, gossip mode) pair a cell ran, so it is looked up per
+    bar, never averaged over modes that share a graph.
+    """
+    gap_col = "topology_spectral_gap"
+    if gap_col not in cells:
+        return {}
+    with_gap = finals.merge(cells[["cell", gap_col]], on="cell", how="left")
+    gaps: dict[tuple[Any, ...], float] = {}
+    for key, group in with_gap.dropna(subset=[gap_col]).groupby(list(bar_keys), dropna=False):
+        gaps[key if isinstance(key, tuple) else (key,)] = float(group[gap_col].mean())
+    return gaps
+
+
 def topologies(data: SweepData) -> Figure | Skipped:
     """5) Gossip final accuracy per topology at each ε, labelled with the spectral gap."""
     name = "topologies"
@@ -501,14 +519,7 @@ def topologies(data: SweepData) -> Figure | Skipped:
     if with_topo["strategy"].nunique() > 1:
         bar_keys.insert(0, "strategy")
     summary = summarize(with_topo, [*bar_keys, "eps"])
-    gap_col = "topology_spectral_gap"
-    # The gap belongs to the (topology, gossip mode) pair a cell ran, so it is looked up per
-    # bar, never averaged over modes that share a graph.
-    gaps: dict[tuple[Any, ...], float] = {}
-    if gap_col in cells:
-        with_gap = with_topo.merge(cells[["cell", gap_col]], on="cell", how="left")
-        for key, group in with_gap.dropna(subset=[gap_col]).groupby(bar_keys, dropna=False):
-            gaps[key if isinstance(key, tuple) else (key,)] = float(group[gap_col].mean())
+    gaps = bar_gaps(with_topo, cells, bar_keys)
     eps_values = eps_order(summary["eps"])
     fig, axes = _panels(len(eps_values), width=6.0)
     for ax, eps in zip(axes, eps_values, strict=True):

@@ -27,6 +27,7 @@ GOSSIP = [
     "bytes_sent_per_node",
 ]
 GAPS = {"ring": 0.049, "torus": 0.2, "complete": 1.0}
+MODE_GAP = {"matching": 1.0, "edges": 0.5, "metropolis": 1.5}  # a mode changes the gap
 
 
 class Killed(BaseException):
@@ -110,7 +111,7 @@ class FakeRunner:
                 summary["topology"] = {
                     "name": cfg.topology,
                     "nodes": num_nodes,
-                    "spectral_gap": GAPS.get(cfg.topology, 0.5),
+                    "spectral_gap": GAPS.get(cfg.topology, 0.5) * MODE_GAP.get(cfg.gossip_mode, 1),
                 }
             files.finish(summary)
         if kill_now and self.kill_after_done:

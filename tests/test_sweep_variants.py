@@ -3,8 +3,10 @@
 import pytest
 
 from sim.grid import SweepError, SweepSpec, expand, load_spec, parse_variant, swept_keys
-from sim.sweep import build_parser, spec_from_args
+from sim.plots import SweepData, bar_gaps
+from sim.sweep import build_parser, main, spec_from_args
 from sim.tidy import series_keys
+from tests.sweep_fakes import GAPS, MODE_GAP, FakeRunner
 
 PAIRS = [
     {"gossip:gossip-mode": "edges", "gossip:topology": "ring"},
@@ -75,3 +77,19 @@ def test_spec_toml_and_cli_give_the_same_variants(tmp_path):
     assert parse_variant("gossip-edges=5 lr=0.1") == {"gossip-edges": 5, "lr": 0.1}
     with pytest.raises(SweepError, match="--variant"):
         parse_variant("lr")
+
+
+def test_topology_gaps_are_per_mode_not_averaged_over_a_graph(tmp_path):
+    out = tmp_path / "mix"
+    argv = ["run", "--strategies", "gossip", "--eps", "inf", "--seeds", "7", "--rounds", "2"]
+    argv += ["--nodes", "9", "--out", str(out)]
+    for mode, topology in (("edges", "ring"), ("matching", "ring"), ("matching", "torus")):
+        argv += ["--variant", f"gossip:gossip-mode={mode} gossip:topology={topology}"]
+    assert main(argv, runner=FakeRunner()) == 0
+    data = SweepData.load(out)
+    gaps = bar_gaps(data.finals, data.cells, ["topology", "gossip-mode"])
+    assert gaps == {
+        ("ring", "edges"): pytest.approx(GAPS["ring"] * MODE_GAP["edges"]),
+        ("ring", "matching"): pytest.approx(GAPS["ring"]),
+        ("torus", "matching"): pytest.approx(GAPS["torus"]),
+    }
