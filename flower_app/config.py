@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from flower_app.gossip import GOSSIP_MODES
+from flower_app.model import FASTEST_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES
 from flower_app.topology import TOPOLOGIES
 
 # `sample`: Opacus DP-SGD (per-example clipping and noise at every step; sample-level DP).
@@ -80,9 +81,7 @@ class RunConfig:
     fraction_train: float = field(
         default=1.0, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
     )
-    grad_sample_mode: str = field(
-        default="hooks", metadata=_choice("hooks", "ghost", "functorch", "ew")
-    )
+    grad_sample_mode: str = field(default="auto", metadata=_choice("auto", *GRAD_SAMPLE_MODES))
     topology: str = field(default="ring", metadata=_choice(*TOPOLOGIES))
     gossip_mode: str = field(default="matching", metadata=_choice(*GOSSIP_MODES))
     gossip_edges: int = field(default=10, metadata=_POSITIVE_INT)
@@ -124,6 +123,13 @@ class RunConfig:
                 f"fraction-train={self.fraction_train!r} is not valid with "
                 f"strategy={self.strategy!r}; only fedavg samples nodes (use 1.0)"
             )
+
+    @property
+    def opacus_mode(self) -> str:
+        """The Opacus per-sample-gradient mode to train with (`auto`: the model's fastest)."""
+        if self.grad_sample_mode == "auto":
+            return FASTEST_GRAD_SAMPLE_MODE[self.model]
+        return self.grad_sample_mode
 
     @property
     def private(self) -> bool:

@@ -147,7 +147,7 @@ def local_round(
             data,
             ledger,
             max_grad_norm=cfg.max_grad_norm,
-            grad_sample_mode=cfg.grad_sample_mode,
+            grad_sample_mode=cfg.opacus_mode,
             **common,
         )
         ledger = ledger.after(result.steps)

@@ -117,6 +117,14 @@ def train_dp(
     for _ in range(epochs):
         for x, y in dp_loader:
             dp_optimizer.zero_grad(set_to_none=True)
+            if len(y) == 0 and grad_sample_mode == "ew":
+                # Poisson sampling can draw an empty batch, which ExpandedWeights refuses
+                # ("Batch size must be positive"). The step still counts and must still add
+                # noise: hand the optimizer zero per-sample gradients, as hooks mode would.
+                for p in dp_optimizer.params:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
+                dp_optimizer.step()
+                continue
             loss = criterion(private_model(x), y)
             loss.backward()
             dp_optimizer.step()

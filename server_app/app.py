@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable
 from logging import ERROR, INFO, WARNING
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from flower_app.model import build_model
 from flower_app.privacy import PRIVACY_UNITS, TRUST_MODEL, gaussian_sigma
 from flower_app.results import RunFiles, default_run_name, format_eps, resolve_results_dir
 from flower_app.train import evaluate
+from server_app.polling import PromptGrid
 from strategies import STRATEGIES
 
 app = ServerApp()
@@ -234,7 +235,7 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.monotonic()
     try:
         strategy.start(
-            grid=grid,
+            grid=cast(Grid, PromptGrid(grid)),
             initial_arrays=ArrayRecord(build_model(cfg.model, seed=cfg.seed).state_dict()),
             num_rounds=cfg.num_server_rounds,
             train_config=ConfigRecord(),
@@ -275,6 +276,10 @@ def main(grid: Grid, context: Context) -> None:
                 "delta": cfg.delta,
                 "accountant": cfg.accountant,
                 "max_grad_norm": cfg.max_grad_norm,
+                # grad-sample-mode=auto resolved (every mode computes the same update).
+                "opacus_grad_sample_mode": (
+                    cfg.opacus_mode if cfg.private and cfg.dp_mode == "sample" else None
+                ),
                 "nodes": strategy.privacy_by_node() if cfg.private else {},
             },
             **strategy.run_summary(),

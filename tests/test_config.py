@@ -63,3 +63,10 @@ def test_bad_values_fail_with_one_line_naming_key_value_and_valid(raw, words):
 def test_to_dict_round_trips():
     cfg = RunConfig.from_run_config({"eps": 4, "seed": 3, "partitioner": "shards"})
     assert RunConfig.from_run_config(cfg.to_dict()) == cfg
+
+
+def test_auto_grad_sample_mode_is_the_models_fastest_and_explicit_modes_stay():
+    assert RunConfig().grad_sample_mode == "auto"
+    assert RunConfig().opacus_mode == "ew"
+    assert RunConfig(model="mlp").opacus_mode == "ghost"
+    assert RunConfig(grad_sample_mode="hooks", model="mlp").opacus_mode == "hooks"

@@ -59,7 +59,7 @@ def _tiny_data(n=256, seed=0):
     return to_tensors("fashion-mnist", x, y)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "ew"])
 def test_ledger_across_rounds_matches_an_independent_recount(mode):
     """Three rounds of real Opacus training, the ledger carried between them like context.state."""
     data = _tiny_data()
@@ -105,3 +105,40 @@ def test_ledger_serialises_what_an_auditor_needs():
     d = ledger.to_dict()
     assert set(d) == {"noise_multiplier", "sample_rate", "steps", "delta", "accountant"}
     assert PrivacyLedger(**d).epsilon() == ledger.epsilon()
+
+
+@pytest.mark.parametrize("mode", ["ew", "ghost"])
+def test_fast_modes_take_empty_poisson_batches_as_noise_only_steps_like_hooks(mode):
+    """Expected batch 1 on 100 examples: about a third of Poisson batches are empty.
+
+    Every step, empty or not, must be counted and noised; with the same seed a fast mode
+    must end exactly where hooks does.
+    """
+    data = _tiny_data(n=100)
+    ends = {}
+    for m in ("hooks", mode):
+        ledger = plan_ledger(
+            num_samples=100,
+            batch_size=1,
+            total_epochs=1,
+            target_eps=8.0,
+            delta=1e-5,
+            accountant="rdp",
+        )
+        model = build_model("cnn", seed=0)
+        torch.manual_seed(1)  # Opacus's noise comes from the global RNG
+        result = train_dp(
+            model,
+            data,
+            ledger,
+            epochs=1,
+            batch_size=1,
+            lr=0.1,
+            momentum=0.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=m,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert result.steps == 100
+        ends[m] = torch.cat([v.flatten() for v in model.state_dict().values()])
+    assert torch.allclose(ends[mode], ends["hooks"], atol=1e-4)
