@@ -63,3 +63,28 @@ def test_too_few_answers_stop_the_run_with_a_clear_message():
     replies = [reply(0, 1.0, 10), reply(1, 1.0, 10), reply(2, 1.0, 10, error=True)]
     with pytest.raises(QuorumError, match="only 2 node\\(s\\) answered.*min-available-nodes=3"):
         strategy.aggregate_train(5, replies)
+
+
+def test_aggregate_is_bit_identical_whatever_order_the_replies_arrive_in():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(10, 200)).astype(np.float32)
+
+    def replies():
+        out = []
+        for pid, v in enumerate(values):
+            msg = reply(pid, 0.0, 100 + pid)
+            msg.content["arrays"] = ArrayRecord([v])
+            out.append(msg)
+        return out
+
+    forward, backward = replies(), replies()[::-1]
+    # A float32 sum depends on its order (else this test would prove nothing).
+    sums = [np.float32(0) + values[0], np.float32(0) + values[-1]]
+    for v in values[1:]:
+        sums[0] = sums[0] + v
+    for v in values[-2::-1]:
+        sums[1] = sums[1] + v
+    assert not np.array_equal(sums[0], sums[1])
+    a = CentralFedAvg(num_nodes=10).aggregate_train(1, forward)[0].to_numpy_ndarrays()[0]
+    b = CentralFedAvg(num_nodes=10).aggregate_train(1, backward)[0].to_numpy_ndarrays()[0]
+    assert np.array_equal(a, b)
