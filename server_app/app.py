@@ -182,7 +182,7 @@ def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(1)  # the simulated nodes use the cores; see client_app
     try:
         cfg = RunConfig.from_run_config(context.run_config)
-        random.seed(cfg.seed)  # Flower's node sampling draws from the global `random`
+        random.seed(cfg.seed)  # for anything that draws from the global `random`
         node_ids = wait_for_nodes(grid, cfg.num_nodes, cfg.round_timeout)
         if cfg.min_available_nodes > len(node_ids):
             raise ConfigError(

@@ -17,6 +17,7 @@ def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
         num_nodes=num_nodes,
         fraction_train=cfg.fraction_train,
         min_available_nodes=cfg.min_available_nodes,
+        seed=cfg.seed,
     )
 
 

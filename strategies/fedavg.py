@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from datetime import datetime
-from logging import WARNING
-from typing import Any, cast
+from logging import INFO, WARNING
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -144,7 +145,12 @@ class CentralFedAvg(CentralEvaluationMixin, NodeLedgerMixin, FedAvg):
     """
 
     def __init__(
-        self, *, num_nodes: int, fraction_train: float = 1.0, min_available_nodes: int = 2
+        self,
+        *,
+        num_nodes: int,
+        fraction_train: float = 1.0,
+        min_available_nodes: int = 2,
+        seed: int = 0,
     ) -> None:
         """Store the knobs; weights come from each reply's `num-examples`."""
         super().__init__(
@@ -155,15 +161,27 @@ class CentralFedAvg(CentralEvaluationMixin, NodeLedgerMixin, FedAvg):
             train_metrics_aggr_fn=aggregate_train_metrics,
         )
         self.num_nodes = num_nodes
+        self.seed = seed
         self.node_reports = {}
         self.last_round: dict[str, Any] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's sampling; remembers whom it asked, to count who never answered."""
-        ordered = cast(Grid, RegistrationOrder(grid))
-        messages = list(super().configure_train(server_round, arrays, config, ordered))
+        """Sample `fraction-train` of the nodes; remember whom it asked.
+
+        Flower's FedAvg draws from the global `random`, which Flower's own heartbeat thread
+        also draws from at moments that vary between runs, so one seed sampled different
+        clients in different runs. This draw has its own generator per (seed, round), over
+        the nodes in registration order (simulation: partition order).
+        """
+        nodes = RegistrationOrder(grid).get_node_ids()
+        size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
+        node_ids = random.Random(f"{self.seed}:{server_round}").sample(nodes, size)
+        log(INFO, "configure_train: sampled %d nodes (out of %d)", size, len(nodes))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
         self.sent_to = frozenset(m.metadata.dst_node_id for m in messages)
         return messages
 
