@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
+from flower_app.config import RunConfig  # noqa: E402
 from flower_app.results import format_eps  # noqa: E402
 from sim.tidy import (  # noqa: E402
     HEADLINE,
@@ -175,8 +176,10 @@ class SweepData:
 
     def delta_text(self) -> str:
         """δ as a label fragment."""
-        deltas = sorted({d for d in self.cells.get("delta", pd.Series()).dropna()})
-        return ", ".join(f"{d:g}" for d in deltas) if deltas else "?"
+        # A cell that does not set delta ran with the run config's default.
+        column = self.cells.get("delta", pd.Series([None] * len(self.cells), dtype=float))
+        deltas = sorted({float(d) for d in column.fillna(RunConfig().delta)})
+        return ", ".join(f"{d:g}" for d in deltas) if deltas else f"{RunConfig().delta:g}"
 
 
 def eps_label(eps: float) -> str:

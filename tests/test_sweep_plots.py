@@ -147,3 +147,9 @@ def test_plot_and_report_commands_regenerate_from_stored_results(stored, tmp_pat
     assert "Final test accuracy" in capsys.readouterr().out
     assert main(["plot", str(tmp_path)]) == 2
     assert "not a sweep folder" in capsys.readouterr().err
+
+
+def test_delta_label_falls_back_to_the_default_a_cell_ran_with(stored):
+    data = SweepData.load(stored)
+    data.cells.drop(columns=["delta"], errors="ignore", inplace=True)
+    assert data.delta_text() == f"{RunConfig().delta:g}"
