@@ -42,7 +42,6 @@ from flower_app.topology import build_topology
 from flower_app.train import evaluate, train_dp, train_plain
 from sim.flower_cli import SimulationLink
 
-DP_MODES = GRAD_SAMPLE_MODES
 console = Console()
 
 
@@ -266,7 +265,7 @@ def epoch_ratios(cfg: RunConfig, repeats: int) -> dict[str, dict[str, float]]:
             delta=cfg.delta,
             accountant="rdp",
         )
-        times: dict[str, list[float]] = {m: [] for m in ("plain", *DP_MODES)}
+        times: dict[str, list[float]] = {m: [] for m in ("plain", *GRAD_SAMPLE_MODES)}
         for _ in range(repeats):  # interleaved, so drifting load hits every mode alike
             for mode in times:
                 model = build_model(cfg.model, seed=0)
@@ -288,7 +287,7 @@ def epoch_ratios(cfg: RunConfig, repeats: int) -> dict[str, dict[str, float]]:
         plain = min(times["plain"])
         reference = _noiseless_update(cfg, data, "hooks")
         out: dict[str, dict[str, Any]] = {"plain": {"s": plain, "ratio": 1.0}}
-        for mode in DP_MODES:
+        for mode in GRAD_SAMPLE_MODES:
             diff = float(
                 max(
                     (a - b).abs().max()
@@ -342,7 +341,7 @@ def _survives_empty_batches(cfg: RunConfig, mode: str) -> bool:
 
 def fastest_correct(epoch: Mapping[str, Mapping[str, Any]]) -> str:
     """The fastest Opacus mode that matches hooks and survives empty batches."""
-    ok = [m for m in DP_MODES if epoch[m]["diff"] < 1e-4 and epoch[m]["empty_batches_ok"]]
+    ok = [m for m in GRAD_SAMPLE_MODES if epoch[m]["diff"] < 1e-4 and epoch[m]["empty_batches_ok"]]
     return min(ok, key=lambda m: epoch[m]["s"])
 
 
@@ -386,10 +385,10 @@ def run_bench(sizes: Sizes, log: Callable[[str], None] = console.log) -> dict[st
     results["dp_vs_plain"] = epochs[cfg_default.opacus_mode]["ratio"]
     results["details"]["epoch"] = epochs
     results["details"]["default_mode"] = cfg_default.opacus_mode
-    results["details"]["fastest_correct_mode"] = fastest_correct(epochs)
-    if fastest_correct(epochs) != cfg_default.opacus_mode:
+    fastest = results["details"]["fastest_correct_mode"] = fastest_correct(epochs)
+    if fastest != cfg_default.opacus_mode:
         log(
-            f"note: the fastest correct mode here is {fastest_correct(epochs)}, not the "
+            f"note: the fastest correct mode here is {fastest}, not the "
             f"default {cfg_default.opacus_mode} (flower_app/model.py FASTEST_GRAD_SAMPLE_MODE)"
         )
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp, SimulationLink() as link:

@@ -110,31 +110,17 @@ class CentralEvaluationMixin:
         return None
 
 
-class RegistrationOrder:
-    """A Grid whose `get_node_ids` lists nodes in the order they registered.
+def registration_order(grid: Grid) -> list[int]:
+    """Node ids by registration time (ties by id).
 
-    Flower hands out node ids as a set of random integers, so FedAvg's seeded
-    `random.sample` over them picked different nodes in every run. Simulated nodes register
-    in partition order, so with this order the same seed samples the same partitions.
+    Flower hands out node ids as a set of random integers, so a seeded sample over them
+    picked different nodes in every run. Simulated nodes register in partition order, so
+    over this order the same seed samples the same partitions.
     """
-
-    def __init__(self, grid: Grid) -> None:
-        """Wrap `grid`; everything but `get_node_ids` passes through."""
-        self._grid = grid
-
-    def get_node_ids(self) -> list[int]:
-        """Node ids by registration time (ties by id)."""
-        nodes = self._grid.get_nodes()
-        return [
-            n.node_id
-            for n in sorted(
-                nodes, key=lambda n: (datetime.fromisoformat(n.registered_at), n.node_id)
-            )
-        ]
-
-    def __getattr__(self, name: str) -> Any:
-        """Everything else is the wrapped grid's."""
-        return getattr(self._grid, name)
+    nodes = sorted(
+        grid.get_nodes(), key=lambda n: (datetime.fromisoformat(n.registered_at), n.node_id)
+    )
+    return [n.node_id for n in nodes]
 
 
 class CentralFedAvg(CentralEvaluationMixin, NodeLedgerMixin, FedAvg):
@@ -175,7 +161,7 @@ class CentralFedAvg(CentralEvaluationMixin, NodeLedgerMixin, FedAvg):
         clients in different runs. This draw has its own generator per (seed, round), over
         the nodes in registration order (simulation: partition order).
         """
-        nodes = RegistrationOrder(grid).get_node_ids()
+        nodes = registration_order(grid)
         size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
         node_ids = random.Random(f"{self.seed}:{server_round}").sample(nodes, size)
         log(INFO, "configure_train: sampled %d nodes (out of %d)", size, len(nodes))

@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 from unittest.mock import Mock
 
-from server_app.polling import POLL_INTERVAL_S, PromptGrid, collect_replies
+from server_app.polling import PromptGrid, collect_replies
 
 
 def reply_to(msg_id):
@@ -74,4 +74,4 @@ def test_no_messages_no_round_trip():
     grid = Mock()
     assert PromptGrid(grid).send_and_receive([], timeout=5) == []
     grid.push_messages.assert_not_called()
-    assert POLL_INTERVAL_S < 3  # the point of the wrapper: Flower's HttpGrid waits 3 s
+    grid.pull_messages.assert_not_called()
