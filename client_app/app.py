@@ -1,44 +1,66 @@
-"""ClientApp: parse the run config, train the received model on this node's shard, reply."""
+"""ClientApp: the node's policy and ledger, then one round of local (DP-)SGD, then the reply."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flower_app.config import RunConfig
-from flower_app.node import local_round
-from flower_app.records import (
-    ARRAYS,
-    CONFIG,
-    LEDGER,
-    ledger_from_state,
-    ledger_to_record,
-    train_reply,
-)
+from flower_app.config import ConfigError, RunConfig
+from flower_app.ledger import FileLedger, LedgerError
+from flower_app.node import Refused, serve_train
+from flower_app.policy import NodePolicy, PolicyError
+from flower_app.records import ARRAYS, CONFIG, StateLedger, refusal_reply, train_reply
 
 app = ClientApp()
 
 
+def shard_of(node_config: dict[str, Any]) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config, checked."""
+    try:
+        pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except (KeyError, TypeError, ValueError):
+        raise PolicyError(
+            f"node config needs integers partition-id and num-partitions (got {dict(node_config)})"
+        ) from None
+    if not 0 <= pid < count:
+        raise PolicyError(f"partition-id={pid} is not valid for num-partitions={count}")
+    return pid, count
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local (DP-)SGD; the privacy ledger persists in `context.state`."""
+    """Train if the node's policy accepts the run; otherwise reply why, having trained nothing."""
     # One thread per simulated node: two nodes on two cores beat one node with two threads.
     torch.set_num_threads(int(context.node_config.get("torch-threads", 1)))
-    cfg = RunConfig.from_run_config(context.run_config)
-    if data_dir := context.node_config.get("data-dir"):  # a device's own copy of the data
-        cfg = replace(cfg, data_dir=str(data_dir))
-    pid = int(context.node_config["partition-id"])
-    out = local_round(
-        cfg,
-        partition_id=pid,
-        num_partitions=int(context.node_config["num-partitions"]),
-        weights=msg.content[ARRAYS].to_torch_state_dict(),
-        ledger=ledger_from_state(context.state),
-        server_round=int(msg.content[CONFIG]["server-round"]),
-    )
-    if out.ledger is not None:
-        context.state[LEDGER] = ledger_to_record(out.ledger)
+    pid = -1
+    try:
+        policy = NodePolicy.from_node_config(context.node_config)
+        pid, num_partitions = shard_of(dict(context.node_config))
+        cfg = RunConfig.from_run_config(context.run_config)
+        if data_dir := context.node_config.get("data-dir"):  # a device's own copy of the data
+            cfg = replace(cfg, data_dir=str(data_dir))
+        run_id = str(context.run_id)
+        store = (
+            FileLedger(policy.ledger_dir)
+            if policy.ledger_dir
+            else StateLedger(context.state, run_id)
+        )
+        out = serve_train(
+            cfg,
+            policy,
+            store,
+            run_id=run_id,
+            partition_id=pid,
+            num_partitions=num_partitions,
+            weights=msg.content[ARRAYS].to_torch_state_dict(),
+            server_round=int(msg.content[CONFIG]["server-round"]),
+        )
+    except (PolicyError, ConfigError, LedgerError) as err:
+        out = Refused(str(err))
+    if isinstance(out, Refused):
+        return Message(content=refusal_reply(out, pid), reply_to=msg)
     return Message(content=train_reply(out, pid), reply_to=msg)

@@ -15,6 +15,7 @@ from typing import Any
 
 from flower_app.gossip import GOSSIP_MODES
 from flower_app.model import FASTEST_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES
+from flower_app.privacy import one_shot_true_eps
 from flower_app.topology import TOPOLOGIES
 
 # `sample`: Opacus DP-SGD (per-example clipping and noise at every step; sample-level DP).
@@ -73,6 +74,15 @@ class RunConfig:
     alpha: float = field(default=0.5, metadata=_POSITIVE_FLOAT)
     shards_per_node: int = field(default=2, metadata=_POSITIVE_INT)
     seed: int = field(default=7, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    # Seeds ONLY the DP noise and Poisson sampling, for repeatable simulations; -1 (the
+    # default) draws them inside each node from OS entropy, which nobody else can replay.
+    noise_seed: int = field(
+        default=-1,
+        metadata=_check(
+            lambda v: v >= -1,
+            "an integer >= 0 (seeded, reproducible noise), or -1 for secret noise",
+        ),
+    )
     samples_per_node: int = field(default=0, metadata=_NON_NEGATIVE_INT)
     test_samples: int = field(default=0, metadata=_NON_NEGATIVE_INT)
     accountant: str = field(default="rdp", metadata=_choice("rdp", "prv"))
@@ -118,6 +128,13 @@ class RunConfig:
                 "accounting='per-round' is not valid with dp-mode='sample'; it is the "
                 "uncomposed per-round calibration of dp-mode=update (use accounting=composed)"
             )
+        if claims_per_round(self) and (true := one_shot_true_eps(self.eps, self.delta)) > self.eps:
+            raise ConfigError(
+                f"eps={self.eps:g} is not valid with accounting='per-round': the one-shot "
+                f"Gaussian σ for that label costs ε={true:.3g} per round at δ={self.delta:g} "
+                "(the formula only holds for small ε); use a smaller eps or "
+                "accounting='composed'"
+            )
         if self.fraction_train < 1 and self.strategy != "fedavg":
             raise ConfigError(
                 f"fraction-train={self.fraction_train!r} is not valid with "
@@ -136,6 +153,11 @@ class RunConfig:
         """Whether DP is on (eps=inf turns it off)."""
         return math.isfinite(self.eps)
 
+    @property
+    def seeded_noise(self) -> bool:
+        """Whether `noise-seed` makes the DP noise reproducible (and so not private)."""
+        return self.noise_seed >= 0
+
     @classmethod
     def from_run_config(cls, raw: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's kebab-case dict; unknown keys are typos, not ignored."""
@@ -150,6 +172,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict, as Flower and `config.json` spell the keys."""
         return {_key(k): v for k, v in asdict(self).items()}
+
+
+def claims_per_round(cfg: RunConfig) -> bool:
+    """Whether `eps` is the tutorial's uncomposed per-round label, not the run's budget."""
+    return cfg.private and cfg.dp_mode == "update" and cfg.accounting == "per-round"
 
 
 def defaults() -> dict[str, Any]:

@@ -1,18 +1,26 @@
-"""One node's work in a round: its data shard, its ledger, a round of (DP-)SGD."""
+"""One node's work in a round: its data shard, its privacy plan and policy, (DP-)SGD."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Protocol
 
-import numpy as np
 import torch
 
 from flower_app.config import RunConfig
 from flower_app.data import BatchTensorDataset, cap, load_arrays, to_tensors
 from flower_app.model import build_model
 from flower_app.partition import partition_indices
-from flower_app.privacy import PrivacyLedger, plan_ledger, plan_update_ledger, privatize_update
+from flower_app.policy import NodePolicy, refusal, round_steps
+from flower_app.privacy import (
+    PrivacyLedger,
+    lifetime_epsilon,
+    plan_ledger,
+    plan_update_ledger,
+    privatize_update,
+)
+from flower_app.rng import privacy_randomness, shuffle_generator
 from flower_app.train import train_dp, train_plain
 
 
@@ -22,8 +30,30 @@ class NodeRound:
 
     state_dict: dict[str, torch.Tensor]
     num_examples: int
+    # Mean loss over the round's batches: un-noised, so it never leaves a private node.
     train_loss: float
     ledger: PrivacyLedger | None  # None when eps=inf (no DP)
+    round_steps: int = 0  # DP steps this round took
+    lifetime_eps: float | None = None  # the node's composed ε over every run it trained in
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The node's policy refused this round: it trained nothing."""
+
+    reason: str
+
+
+class LedgerStore(Protocol):
+    """Where a node keeps its ledgers: `FileLedger` (durable) or the run's context."""
+
+    def runs(self) -> dict[str, PrivacyLedger]:
+        """Every run's ledger, by run id."""
+        ...
+
+    def put(self, run_id: str, ledger: PrivacyLedger) -> None:
+        """Record a run's ledger."""
+        ...
 
 
 @lru_cache(maxsize=32)
@@ -73,6 +103,28 @@ def shard_for(cfg: RunConfig, partition_id: int, num_partitions: int) -> BatchTe
     )
 
 
+def plan(cfg: RunConfig, num_samples: int) -> PrivacyLedger | None:
+    """The node's empty ledger for this run, its noise calibrated for every planned step."""
+    if not cfg.private:
+        return None
+    if cfg.dp_mode == "update":
+        return plan_update_ledger(
+            target_eps=cfg.eps,
+            delta=cfg.delta,
+            rounds=cfg.num_server_rounds,
+            accounting=cfg.accounting,
+            accountant=cfg.accountant,
+        )
+    return plan_ledger(
+        num_samples=num_samples,
+        batch_size=cfg.batch_size,
+        total_epochs=cfg.num_server_rounds * cfg.local_epochs,
+        target_eps=cfg.eps,
+        delta=cfg.delta,
+        accountant=cfg.accountant,
+    )
+
+
 def local_round(
     cfg: RunConfig,
     *,
@@ -84,76 +136,99 @@ def local_round(
 ) -> NodeRound:
     """Train the received weights on the node's shard for `local-epochs` epochs.
 
-    With DP, the first round plans the node's ledger: noise calibrated for every epoch of
-    the whole run, so the ε after the last round meets `eps`. With dp-mode=update the node
-    trains without DP, then clips and noises the round's update once (one ledger step);
-    with accounting=per-round that σ is the tutorial's uncomposed one and the ledger shows
-    what it really costs.
+    With DP and no ledger yet, plans one (`plan`). With dp-mode=update the node trains
+    without DP, then clips and noises the round's update once (one ledger step); with
+    accounting=per-round that σ is the tutorial's uncomposed one and the ledger shows what
+    it really costs. The DP noise and Poisson batches come from `privacy_randomness`.
     """
     data = shard_for(cfg, partition_id, num_partitions)
+    if ledger is None:
+        ledger = plan(cfg, len(data))
     model = build_model(cfg.model)
     model.load_state_dict(weights, strict=True)
-    gen = torch.Generator().manual_seed(
-        int(np.random.SeedSequence([cfg.seed, partition_id, server_round]).generate_state(1)[0])
-    )
-    torch.manual_seed(int(gen.initial_seed()))  # Opacus draws its noise from the global RNG
     common = dict(
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        generator=gen,
+        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum
     )
-    if not cfg.private:
-        result = train_plain(model, data, **common)
-    elif cfg.dp_mode == "update":
-        if ledger is None:
-            ledger = plan_update_ledger(
-                target_eps=cfg.eps,
-                delta=cfg.delta,
-                rounds=cfg.num_server_rounds,
-                accounting=cfg.accounting,
-                accountant=cfg.accountant,
-            )
-        result = train_plain(model, data, **common)
-        noise_gen = torch.Generator().manual_seed(
-            int(
-                np.random.SeedSequence([cfg.seed, partition_id, server_round, 1]).generate_state(1)[
-                    0
-                ]
-            )
+    if ledger is None:
+        result = train_plain(
+            model, data, generator=shuffle_generator(cfg, partition_id, server_round), **common
+        )
+        return NodeRound(_detached(model), len(data), result.loss, None)
+    rand = privacy_randomness(cfg, partition_id, server_round)
+    if cfg.dp_mode == "update":
+        result = train_plain(
+            model, data, generator=shuffle_generator(cfg, partition_id, server_round), **common
         )
         private, _ = privatize_update(
             weights,
             model.state_dict(),
             clip=cfg.max_grad_norm,
             noise_multiplier=ledger.noise_multiplier,
-            generator=noise_gen,
+            generator=rand.noise,
         )
         model.load_state_dict(private)
-        ledger = ledger.after(1)
+        steps = 1
     else:
-        if ledger is None:
-            ledger = plan_ledger(
-                num_samples=len(data),
-                batch_size=cfg.batch_size,
-                total_epochs=cfg.num_server_rounds * cfg.local_epochs,
-                target_eps=cfg.eps,
-                delta=cfg.delta,
-                accountant=cfg.accountant,
-            )
         result = train_dp(
             model,
             data,
             ledger,
             max_grad_norm=cfg.max_grad_norm,
             grad_sample_mode=cfg.opacus_mode,
+            generator=rand.sampling,
+            noise_generator=rand.noise,
             **common,
         )
-        ledger = ledger.after(result.steps)
-    return NodeRound(
-        state_dict={k: v.detach() for k, v in model.state_dict().items()},
-        num_examples=len(data),
-        train_loss=result.loss,
-        ledger=ledger,
+        steps = result.steps
+    return NodeRound(_detached(model), len(data), result.loss, ledger.after(steps), steps)
+
+
+def _detached(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def serve_train(
+    cfg: RunConfig,
+    policy: NodePolicy,
+    store: LedgerStore,
+    *,
+    run_id: str,
+    partition_id: int,
+    num_partitions: int,
+    weights: dict[str, torch.Tensor],
+    server_round: int,
+) -> NodeRound | Refused:
+    """One train message, as a node that guards its own privacy answers it.
+
+    Plans the run's ledger once (or resumes it from `store`), checks the node's policy, the
+    plan and δ (`policy.refusal`), writes the round's steps to the ledger BEFORE training,
+    then trains. A refused round trains nothing and spends nothing.
+    """
+    data = shard_for(cfg, partition_id, num_partitions)
+    runs = store.runs()
+    ledger = runs.get(run_id) or plan(cfg, len(data))
+    steps = round_steps(cfg, ledger) if ledger is not None else 0
+    others = [led for run, led in runs.items() if run != run_id]
+    reason = refusal(
+        policy, cfg, num_samples=len(data), ledger=ledger, other_runs=others, steps=steps
     )
+    if reason is not None:
+        return Refused(reason)
+    if ledger is not None:
+        store.put(run_id, ledger.after(steps))
+    out = local_round(
+        cfg,
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        weights=weights,
+        ledger=ledger,
+        server_round=server_round,
+    )
+    if ledger is None:
+        return out
+    if out.round_steps != steps:
+        raise RuntimeError(
+            f"the round took {out.round_steps} DP steps, {steps} were recorded: privacy "
+            "accounting would be wrong"
+        )
+    return replace(out, lifetime_eps=lifetime_epsilon([*others, out.ledger]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -28,11 +28,15 @@ PRIVACY_UNITS = {
     "sample": PRIVACY_UNIT,
     "update": (
         "client-level (node-level) (ε, δ)-DP: the unit is a node's whole dataset (its "
-        "clipped round update present vs absent, sensitivity C; arbitrary replacement "
-        "of the dataset would be 2C)"
+        "clipped round update present vs absent, sensitivity C); against the server, which "
+        "sees each node's own release, replacing the dataset (sensitivity 2C) is the "
+        "relation that counts, reported as eps_replace"
     ),
 }
-TRUST_MODEL = "each node trusts only itself; the server sees only noisy models"
+TRUST_MODEL = (
+    "each node trusts only itself; the server and the other nodes see only models that "
+    "already carry DP noise drawn from the node's own OS entropy"
+)
 # Binary-search tolerance of the calibration: final ε lands in [target - tol, target].
 EPS_TOLERANCE = 0.01
 # Opacus's default RDP orders stop at 63, which is loose for few steps or large ε; more
@@ -56,16 +60,24 @@ def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PrivacyLedger:
-    """What a node has spent so far: enough to re-audit its ε from the results alone."""
+    """What a node has spent in one run: enough to re-audit its ε from the results alone.
+
+    `planned_steps` is the step count the noise was calibrated for; a node never takes a
+    step beyond it. `dp_mode` says which unit `noise_multiplier` is relative to: `sample`
+    (Opacus DP-SGD, one example added or removed) or `update` (a node's clipped update,
+    sensitivity C for add/remove; replacing the node's data moves it by up to 2C).
+    """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
     delta: float
     accountant: str
+    planned_steps: int = 0
+    dp_mode: str = "sample"
 
     def epsilon(self) -> float:
-        """Cumulative ε after `steps` optimizer steps."""
+        """Cumulative ε after `steps` optimizer steps (add/remove of the mode's unit)."""
         return epsilon(
             noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate,
@@ -74,9 +86,32 @@ class PrivacyLedger:
             accountant=self.accountant,
         )
 
+    @property
+    def strict_noise_multiplier(self) -> float:
+        """σ relative to the worst neighbouring change the server can observe.
+
+        In update mode the server sees the node's own release, where replacing the node's
+        data (or one of its examples) moves the clipped update by up to 2C: σ/2.
+        """
+        return self.noise_multiplier / 2 if self.dp_mode == "update" else self.noise_multiplier
+
+    def strict_epsilon(self, steps: int | None = None) -> float:
+        """ε against the server: what node policies and the lifetime ledger count."""
+        return epsilon(
+            noise_multiplier=self.strict_noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.steps if steps is None else steps,
+            delta=self.delta,
+            accountant=self.accountant,
+        )
+
     def after(self, steps: int) -> PrivacyLedger:
         """The ledger once `steps` more optimizer steps were taken."""
         return PrivacyLedger(**{**asdict(self), "steps": self.steps + steps})
+
+    def at_plan(self) -> PrivacyLedger:
+        """The ledger once every planned step is taken."""
+        return PrivacyLedger(**{**asdict(self), "steps": self.planned_steps})
 
     def to_dict(self) -> dict[str, float | int | str]:
         """Plain dict, for records and JSON."""
@@ -156,7 +191,27 @@ def plan_ledger(
         steps=per_epoch * total_epochs,
         accountant=accountant,
     )
-    return PrivacyLedger(sigma, sample_rate, 0, delta, accountant)
+    return PrivacyLedger(
+        sigma, sample_rate, 0, delta, accountant, per_epoch * total_epochs, "sample"
+    )
+
+
+def lifetime_epsilon(ledgers: Sequence[PrivacyLedger]) -> float:
+    """ε of everything a node ever trained: the RDP composition of all its runs.
+
+    Each run counts at its strict σ (see `PrivacyLedger.strict_noise_multiplier`); the
+    (ε, δ) conversion uses the smallest δ among the runs, so no run's own claim is weakened.
+    """
+    spent = [led for led in ledgers if led.steps > 0]
+    if not spent:
+        return 0.0
+    if any(led.strict_noise_multiplier <= 0 for led in spent):
+        return math.inf
+    curve = sum(
+        led.steps * _rdp_per_step(led.sample_rate, led.strict_noise_multiplier) for led in spent
+    )
+    delta = min(led.delta for led in spent)
+    return float(get_privacy_spent(orders=RDP_ORDERS, rdp=curve, delta=delta)[0])
 
 
 def gaussian_sigma(eps: float, delta: float) -> float:
@@ -191,7 +246,18 @@ def plan_update_ledger(
         )
     else:
         raise ValueError(f"accounting={accounting!r} is not valid; use composed or per-round")
-    return PrivacyLedger(sigma, 1.0, 0, delta, accountant)
+    return PrivacyLedger(sigma, 1.0, 0, delta, accountant, rounds, "update")
+
+
+def one_shot_true_eps(eps_label: float, delta: float) -> float:
+    """The exact ε of ONE release with the one-shot formula's σ for `eps_label`.
+
+    Dwork & Roth's σ = sqrt(2 ln(1.25/δ))/ε guarantees (ε, δ) only for ε <= 1; above that
+    the release costs more than its label.
+    """
+    return gaussian_eps_exact(
+        noise_multiplier=gaussian_sigma(eps_label, delta), steps=1, delta=delta
+    )
 
 
 def privatize_update(

@@ -4,47 +4,79 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from flower_app.node import NodeRound
+from flower_app.node import NodeRound, Refused
 from flower_app.privacy import PrivacyLedger
 
 ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
+REFUSAL = "refusal"  # a reply that trained nothing: ConfigRecord {"reason": ...}
 LEDGER = "privacy-ledger"  # key in the node's context.state
 NUM_EXAMPLES = "num-examples"
 
 
-def ledger_to_record(ledger: PrivacyLedger) -> ConfigRecord:
-    """The ledger as a ConfigRecord, to keep in `context.state` between rounds."""
-    return ConfigRecord(ledger.to_dict())
+class StateLedger:
+    """A node's ledger of the current run in `context.state` (no `ledger-dir`).
 
+    It lasts as long as the SuperNode process: enough for simulation, where nodes have no
+    policy; a device that must survive restarts sets `ledger-dir` (`FileLedger`).
+    """
 
-def ledger_from_state(state: RecordDict) -> PrivacyLedger | None:
-    """The node's ledger from `context.state`, or None before its first DP round."""
-    if LEDGER not in state:
-        return None
-    rec = state[LEDGER]
-    return PrivacyLedger(
-        noise_multiplier=float(rec["noise_multiplier"]),
-        sample_rate=float(rec["sample_rate"]),
-        steps=int(rec["steps"]),
-        delta=float(rec["delta"]),
-        accountant=str(rec["accountant"]),
-    )
+    def __init__(self, state: RecordDict, run_id: str) -> None:
+        """Wrap the run's `context.state`."""
+        self.state, self.run_id = state, run_id
+
+    def runs(self) -> dict[str, PrivacyLedger]:
+        """This run's ledger, if the node trained in it before."""
+        if LEDGER not in self.state:
+            return {}
+        rec = self.state[LEDGER]
+        return {
+            self.run_id: PrivacyLedger(
+                noise_multiplier=float(rec["noise_multiplier"]),
+                sample_rate=float(rec["sample_rate"]),
+                steps=int(rec["steps"]),
+                delta=float(rec["delta"]),
+                accountant=str(rec["accountant"]),
+                planned_steps=int(rec["planned_steps"]),
+                dp_mode=str(rec["dp_mode"]),
+            )
+        }
+
+    def put(self, run_id: str, ledger: PrivacyLedger) -> None:
+        """Keep the run's ledger for its next round."""
+        self.state[LEDGER] = ConfigRecord(ledger.to_dict())
 
 
 def train_reply(out: NodeRound, partition_id: int) -> RecordDict:
-    """The node's model and metrics, including what it spent on privacy so far."""
-    metrics: dict[str, int | float] = {
-        NUM_EXAMPLES: out.num_examples,
-        "partition-id": partition_id,
-        "train-loss": out.train_loss,
-    }
-    if out.ledger is not None:
+    """The node's model and its public facts: dataset size and what it spent on privacy.
+
+    Nothing computed from the raw data without noise leaves a private node: the training
+    loss is sent only without DP (eps=inf).
+    """
+    metrics: dict[str, int | float] = {NUM_EXAMPLES: out.num_examples, "partition-id": partition_id}
+    if out.ledger is None:
+        metrics["train-loss"] = out.train_loss
+    else:
+        led = out.ledger
         metrics |= {
-            "eps": out.ledger.epsilon(),
-            "noise-multiplier": out.ledger.noise_multiplier,
-            "sample-rate": out.ledger.sample_rate,
-            "steps": out.ledger.steps,
+            "eps": led.epsilon(),
+            "eps-strict": led.strict_epsilon(),
+            "noise-multiplier": led.noise_multiplier,
+            "sample-rate": led.sample_rate,
+            "steps": led.steps,
+            "round-steps": out.round_steps,
+            "planned-steps": led.planned_steps,
         }
+        if out.lifetime_eps is not None:
+            metrics["lifetime-eps"] = out.lifetime_eps
     return RecordDict({ARRAYS: ArrayRecord(out.state_dict), METRICS: MetricRecord(metrics)})
+
+
+def refusal_reply(refused: Refused, partition_id: int) -> RecordDict:
+    """A reply that carries no model, only why the node refused."""
+    return RecordDict(
+        {
+            REFUSAL: ConfigRecord({"reason": refused.reason, "partition-id": partition_id}),
+        }
+    )

@@ -164,6 +164,10 @@ class RunFiles:
         self.rows.append({c: row.get(c, "") for c in self.columns})
         atomic_write_text(self.folder / ROUNDS, csv_text(self.rows, self.columns))
 
+    def discard(self) -> None:
+        """Remove the folder of a run that was refused before it trained anything."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def finish(self, summary: Mapping[str, Any]) -> None:
         """Write `summary.json` last: its presence with status completed marks the run done."""
         write_json(self.folder / SUMMARY, dict(summary))

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flower_app.data import keep_batch
-from flower_app.privacy import PrivacyLedger
+from flower_app.privacy import PrivacyLedger, steps_per_epoch
 
 EVAL_BATCH = 500
 
@@ -73,16 +74,25 @@ def train_dp(
     max_grad_norm: float,
     grad_sample_mode: str,
     generator: torch.Generator | None = None,
+    noise_generator: torch.Generator | None = None,
 ) -> LocalResult:
     """DP-SGD with Opacus: Poisson batches, per-sample clipping, Gaussian noise.
 
-    The accountant starts from the node's ledger, so Opacus itself tracks the cumulative
-    spend; the steps it counts this round are returned for the ledger.
+    `generator` draws the Poisson batches and `noise_generator` the Gaussian noise; both
+    protect privacy, so the node seeds them from OS entropy (see `flower_app.rng`). Each
+    epoch takes exactly ⌈n / batch⌉ steps at sample rate 1/⌈n / batch⌉, the count the
+    noise was calibrated for (Opacus's own Poisson loader takes int(1/q) steps, one fewer
+    for some n). The accountant starts from the node's ledger, so Opacus itself tracks the
+    cumulative spend; the steps it counts this round are returned for the ledger.
     """
-    loader = DataLoader(data, batch_size=batch_size, generator=generator, collate_fn=keep_batch)
+    per_epoch = steps_per_epoch(len(data), batch_size)
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(data), sample_rate=1 / per_epoch, generator=generator, steps=per_epoch
+    )
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=keep_batch)
     optimizer = _optimizer(model, lr, momentum)
     with warnings.catch_warnings():
-        # secure_mode=False (a seeded RNG, fine for research) makes Opacus warn on every call.
+        # secure_mode=False (no torchcsprng) makes Opacus warn on every call.
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant=ledger.accountant, secure_mode=False)
         if ledger.steps:
@@ -98,7 +108,9 @@ def train_dp(
             noise_multiplier=ledger.noise_multiplier,
             max_grad_norm=max_grad_norm,
             grad_sample_mode=grad_sample_mode,
-            poisson_sampling=True,
+            noise_generator=noise_generator,
+            # The loader above already samples Poisson batches, with the exact step count.
+            poisson_sampling=False,
         )
     if grad_sample_mode == "ghost":
         private_model, dp_optimizer, criterion, dp_loader = made

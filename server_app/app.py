@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -15,14 +16,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from flower_app.config import ConfigError, RunConfig
+from flower_app.config import ConfigError, RunConfig, claims_per_round
 from flower_app.data import BatchTensorDataset, DatasetMissing, cap, load_arrays, to_tensors
 from flower_app.model import build_model
-from flower_app.privacy import PRIVACY_UNITS, TRUST_MODEL, gaussian_sigma
 from flower_app.results import RunFiles, default_run_name, format_eps, resolve_results_dir
 from flower_app.train import evaluate
 from server_app.polling import PromptGrid
+from server_app.privacy_report import privacy_line, privacy_summary
 from strategies import STRATEGIES
+from strategies.fedavg import NodeRefused, QuorumError
 
 app = ServerApp()
 
@@ -68,17 +70,8 @@ def model_evaluator(
     return evaluate_arrays
 
 
-# Short unit for the per-round line, and the mechanism for summary.json, by dp-mode.
+# Short unit for the per-round line, by dp-mode.
 UNIT_SHORT = {"sample": "sample-level", "update": "client-level"}
-MECHANISMS = {
-    "sample": "Opacus DP-SGD (per-example clipping and Gaussian noise at every step)",
-    "update": "clipped round update + Gaussian noise, once per round (client-level DP)",
-}
-
-
-def claims_per_round(cfg: RunConfig) -> bool:
-    """Whether `eps` is the tutorial's uncomposed per-round label, not the run's budget."""
-    return cfg.private and cfg.dp_mode == "update" and cfg.accounting == "per-round"
 
 
 class RoundRecorder:
@@ -160,14 +153,51 @@ class RoundRecorder:
             quality,
             budget,
             self.cfg.delta,
-            UNIT_SHORT[self.cfg.dp_mode],
+            UNIT_SHORT[self.cfg.dp_mode] + (", SEEDED noise" if self.cfg.seeded_noise else ""),
             row["round_s"],
         )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
 
 class RunRejected(RuntimeError):
-    """The run cannot start; the message is the one line the user needs."""
+    """The run cannot start or go on; the message is the one line the user needs."""
+
+
+def _rejection(exc: BaseException | None) -> RunRejected | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, RunRejected):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class OneLineRejections(logging.Filter):
+    """Keep a rejected run to the one line `_fail` logged.
+
+    Flower logs a failing ServerApp with its traceback, then an "Exit Code: 700 ... An
+    unhandled exception occurred" help text; for a run refused on purpose (bad config, a
+    node's policy) both only bury the reason. Other failures keep their tracebacks.
+    """
+
+    def __init__(self) -> None:
+        """Nothing rejected yet."""
+        super().__init__()
+        self.rejected = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop Flower's traceback and exit-code text of a rejected run."""
+        if record.exc_info and _rejection(record.exc_info[1]) is not None:
+            self.rejected = True
+            return False
+        return not (self.rejected and str(record.msg).startswith("Exit Code:"))
+
+
+def _one_line_rejections() -> None:
+    flwr_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, OneLineRejections) for f in flwr_logger.filters):
+        flwr_logger.addFilter(OneLineRejections())
 
 
 def _fail(message: str) -> None:
@@ -180,6 +210,7 @@ def _fail(message: str) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Run `strategy` for `num-server-rounds` rounds and write the run's results folder."""
     torch.set_num_threads(1)  # the simulated nodes use the cores; see client_app
+    _one_line_rejections()
     try:
         cfg = RunConfig.from_run_config(context.run_config)
         random.seed(cfg.seed)  # for anything that draws from the global `random`
@@ -201,33 +232,7 @@ def main(grid: Grid, context: Context) -> None:
         _fail(str(err))
         return
 
-    unit = PRIVACY_UNITS[cfg.dp_mode]
-    if claims_per_round(cfg):
-        log(
-            INFO,
-            "Privacy: ε=%s is a PER-ROUND label (σ = sqrt(2 ln(1.25/δ))/ε = %.4f, δ=%g, "
-            "never composed); eps_spent reports the true ε composed over the rounds each "
-            "node trains (RDP); %s; %s.",
-            format_eps(cfg.eps),
-            gaussian_sigma(cfg.eps, cfg.delta),
-            cfg.delta,
-            unit,
-            TRUST_MODEL,
-        )
-    elif cfg.private:
-        log(
-            INFO,
-            "Privacy: target ε=%s, δ=%g per node over the whole run (%d rounds × %d "
-            "local epochs), RDP-calibrated noise; %s; %s.",
-            format_eps(cfg.eps),
-            cfg.delta,
-            cfg.num_server_rounds,
-            cfg.local_epochs,
-            unit,
-            TRUST_MODEL,
-        )
-    else:
-        log(INFO, "Privacy: none (eps=inf): plain SGD, no clipping, no noise.")
+    log(INFO, "%s", privacy_line(cfg))
     log(INFO, "Results: %s", files.folder)
 
     recorder = RoundRecorder(cfg, files, strategy, test)
@@ -242,6 +247,13 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=recorder,
             timeout=cfg.round_timeout,
         )
+    except (NodeRefused, QuorumError) as err:
+        if files.rows:
+            files.finish({"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        else:  # refused before any round: nothing was trained, nothing is kept
+            files.discard()
+        _fail(f"run stopped: {err}")
+        return
     except BaseException as err:
         files.finish({"status": "failed", "error": f"{type(err).__name__}: {err}"})
         raise
@@ -263,25 +275,7 @@ def main(grid: Grid, context: Context) -> None:
             "eps_spent": last.get("eps_spent", 0.0),
             "wall_s": round(time.monotonic() - t0, 3),
             "num_nodes": len(node_ids),
-            "privacy": {
-                "unit": unit if cfg.private else "none",
-                "trust_model": TRUST_MODEL,
-                "mechanism": MECHANISMS[cfg.dp_mode] if cfg.private else "none",
-                "dp_mode": cfg.dp_mode,
-                "accounting": cfg.accounting,
-                # accounting=per-round: `eps_target` is this uncomposed label, not a budget.
-                "eps_per_round_claimed": cfg.eps if claims_per_round(cfg) else None,
-                # The true ε: composed over the rounds each node trained (largest node).
-                "eps_composed": last.get("eps_spent", 0.0),
-                "delta": cfg.delta,
-                "accountant": cfg.accountant,
-                "max_grad_norm": cfg.max_grad_norm,
-                # grad-sample-mode=auto resolved (every mode computes the same update).
-                "opacus_grad_sample_mode": (
-                    cfg.opacus_mode if cfg.private and cfg.dp_mode == "sample" else None
-                ),
-                "nodes": strategy.privacy_by_node() if cfg.private else {},
-            },
+            "privacy": privacy_summary(cfg, strategy, last.get("eps_spent", 0.0)),
             **strategy.run_summary(),
         }
     )

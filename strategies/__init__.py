@@ -6,10 +6,30 @@ from collections.abc import Callable
 
 from flwr.serverapp.strategy import Strategy
 
-from flower_app.config import ConfigError, RunConfig
+from flower_app.config import ConfigError, RunConfig, claims_per_round
+from flower_app.privacy import epsilon, gaussian_sigma
 from flower_app.topology import TopologyError, build_topology
-from strategies.fedavg import CentralFedAvg
+from strategies.fedavg import CentralFedAvg, PrivacyBounds
 from strategies.gossip import ArraysEvaluator, Gossip
+
+
+def privacy_bounds(cfg: RunConfig) -> PrivacyBounds:
+    """The most one node can spend in this run: its calibrated plan (every node's ε <= it)."""
+    if not cfg.private:
+        bound = 0.0
+    elif claims_per_round(cfg):
+        bound = epsilon(
+            noise_multiplier=gaussian_sigma(cfg.eps, cfg.delta),
+            sample_rate=1.0,
+            steps=cfg.num_server_rounds,
+            delta=cfg.delta,
+            accountant=cfg.accountant,
+        )
+    else:
+        bound = cfg.eps
+    return PrivacyBounds(
+        delta=cfg.delta, accountant=cfg.accountant, run_bound=bound, dp_mode=cfg.dp_mode
+    )
 
 
 def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> Strategy:
@@ -18,6 +38,7 @@ def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
         fraction_train=cfg.fraction_train,
         min_available_nodes=cfg.min_available_nodes,
         seed=cfg.seed,
+        bounds=privacy_bounds(cfg),
     )
 
 
@@ -39,6 +60,7 @@ def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
         seed=cfg.seed,
         min_available_nodes=cfg.min_available_nodes,
         evaluate_arrays=evaluate_arrays,
+        bounds=privacy_bounds(cfg),
     )
 
 

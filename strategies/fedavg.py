@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from logging import INFO, WARNING
 from typing import Any
@@ -13,16 +15,22 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from flower_app.records import METRICS, NUM_EXAMPLES
+from flower_app.privacy import epsilon
+from flower_app.records import METRICS, NUM_EXAMPLES, REFUSAL
 
 
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean training loss, and the largest and mean ε among the repliers."""
+    """Largest and mean ε among the repliers; the mean training loss only without DP.
+
+    A private node never sends its (un-noised) training loss.
+    """
     metrics = [r[METRICS] for r in replies]
-    total = sum(float(m[weight_key]) for m in metrics)
-    out: dict[str, float] = {
-        "train-loss": sum(float(m["train-loss"]) * float(m[weight_key]) for m in metrics) / total
-    }
+    out: dict[str, float] = {}
+    if losses := [m for m in metrics if "train-loss" in m]:
+        total = sum(float(m[weight_key]) for m in losses)
+        out["train-loss"] = (
+            sum(float(m["train-loss"]) * float(m[weight_key]) for m in losses) / total
+        )
     if eps := [float(m["eps"]) for m in metrics if "eps" in m]:
         out |= {"eps-max": max(eps), "eps-mean": sum(eps) / len(eps)}
     return MetricRecord(out)
@@ -39,23 +47,81 @@ class QuorumError(RuntimeError):
     """Too few nodes answered a round for the run to go on."""
 
 
+class NodeRefused(RuntimeError):
+    """A node's privacy policy refused the run: the message names the node and the limit."""
+
+
+@dataclass(frozen=True)
+class PrivacyBounds:
+    """What the server needs to bound the ε of a node whose reply was lost."""
+
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    # The most any node can spend in this run (its plan), for a node never heard from.
+    run_bound: float = 0.0
+    dp_mode: str = "sample"
+
+
 class NodeLedgerMixin:
-    """Remembers each node's latest training metrics, keyed by partition id."""
+    """Each node's latest training metrics by partition id, and who holds which partition.
+
+    A partition id (the node's shard, and its gossip vertex) is bound to the first Flower
+    node that reports it; a reply from any other node claiming it is refused, so no node
+    can overwrite another's privacy report or receive its gossip model.
+    """
 
     node_reports: dict[int, dict[str, Any]]
     min_available_nodes: int
+    bounds: PrivacyBounds
     # Nodes this round's train messages went to (set by configure_train): a node that never
     # replied within round-timeout has no reply at all, not an error reply.
     sent_to: frozenset[int] = frozenset()
     nodes_failed: int = 0
 
+    def init_ledger(self, bounds: PrivacyBounds) -> None:
+        """Empty reports and bindings."""
+        self.bounds = bounds
+        self.node_reports = {}
+        self.partition_of: dict[int, int] = {}  # Flower node id -> partition id
+        self.node_of: dict[int, int] = {}  # partition id -> Flower node id
+        # Rounds a node was asked to train since its last report (its reply was lost):
+        # it may have spent them, so its ε is bounded as if it had.
+        self.lost_rounds: dict[int, int] = {}
+        self.lost_unknown: set[int] = set()  # node ids lost before they ever reported
+
+    def _claim(self, server_round: int, reply: Message) -> bool:
+        node, pid = reply.metadata.src_node_id, int(reply.content[METRICS]["partition-id"])
+        owner = self.node_of.setdefault(pid, node)
+        held = self.partition_of.setdefault(node, pid)
+        if owner == node and held == pid:
+            return True
+        log(
+            WARNING,
+            "round %d: node %s claims partition-id=%d, which is bound to node %s (node %s "
+            "holds partition-id=%d): reply refused",
+            server_round,
+            node,
+            pid,
+            owner,
+            node,
+            held,
+        )
+        return False
+
     def remember(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Store the metrics of replies without error; return those replies.
 
-        A node that failed or timed out is left out of the round (and logged, and counted in
+        A refusal by any node's policy stops the run with that node's reason. A node that
+        failed or timed out is left out of the round (and logged, and counted in
         `nodes_failed`); the run stops only when fewer than `min_available_nodes` answered.
         """
-        ok = [r for r in replies if not r.has_error()]
+        refusals = [r for r in replies if not r.has_error() and REFUSAL in r.content]
+        if refusals:
+            reasons = "; ".join(
+                f"partition-id={r.content[REFUSAL]['partition-id']}: {r.content[REFUSAL]['reason']}"
+                for r in sorted(refusals, key=lambda r: int(r.content[REFUSAL]["partition-id"]))
+            )
+            raise NodeRefused(f"round {server_round}: refused by the node's policy: {reasons}")
         for r in replies:
             if r.has_error():
                 log(
@@ -65,11 +131,16 @@ class NodeLedgerMixin:
                     r.metadata.src_node_id,
                     r.error.reason,
                 )
+        ok = [r for r in replies if not r.has_error() and self._claim(server_round, r)]
         # Whom we asked minus who answered: a node that never replied sent nothing, and the
         # error the SuperLink writes for an offline node carries the SuperLink's id, not its.
         failed = sorted(self.sent_to - {r.metadata.src_node_id for r in ok})
         for node in failed:
             log(WARNING, "round %d: node %s left out", server_round, node)
+            if (pid := self.partition_of.get(node)) is not None:
+                self.lost_rounds[pid] = self.lost_rounds.get(pid, 0) + 1
+            else:
+                self.lost_unknown.add(node)
         self.nodes_failed = len(failed) if self.sent_to else len(replies) - len(ok)
         if len(ok) < self.min_available_nodes:
             raise QuorumError(
@@ -78,20 +149,61 @@ class NodeLedgerMixin:
             )
         for r in ok:
             m = r.content[METRICS]
-            self.node_reports[int(m["partition-id"])] = dict(m)
+            pid = int(m["partition-id"])
+            self.node_reports[pid] = dict(m)
+            self.lost_rounds.pop(pid, None)
+            self.lost_unknown.discard(r.metadata.src_node_id)
         return ok
 
-    def eps_spent(self) -> float:
-        """Largest cumulative ε over all nodes that trained so far (0 without DP)."""
-        return max((float(m.get("eps", 0.0)) for m in self.node_reports.values()), default=0.0)
+    def node_eps(self, pid: int, *, strict: bool = False) -> float:
+        """The node's cumulative ε as it reported it, or its bound if replies were lost since.
+
+        `strict`: against the server (update mode: replacing the node's data, 2C).
+        """
+        m = self.node_reports[pid]
+        key = "eps-strict" if strict else "eps"
+        lost = self.lost_rounds.get(pid, 0)
+        if key not in m or not lost:
+            return float(m.get(key, 0.0))
+        sigma = float(m["noise-multiplier"])
+        if strict and self.bounds.dp_mode == "update":
+            sigma /= 2
+        return epsilon(
+            noise_multiplier=sigma,
+            sample_rate=float(m["sample-rate"]),
+            steps=min(int(m["steps"]) + lost * int(m["round-steps"]), int(m["planned-steps"])),
+            delta=self.bounds.delta,
+            accountant=self.bounds.accountant,
+        )
+
+    def eps_spent(self, *, strict: bool = False) -> float:
+        """Largest cumulative ε over all nodes asked to train so far (0 without DP).
+
+        Counts every node that may have trained, including one whose reply was lost.
+        """
+        spent = [self.node_eps(pid, strict=strict) for pid in self.node_reports]
+        if self.lost_unknown:
+            spent.append(math.inf if strict else self.bounds.run_bound)
+        return max(spent, default=0.0)
 
     def privacy_by_node(self) -> dict[str, dict[str, Any]]:
         """Each node's privacy parameters as it last reported them, for `summary.json`."""
-        keys = ("eps", "noise-multiplier", "sample-rate", "steps", NUM_EXAMPLES)
-        return {
-            str(pid): {k: m[k] for k in keys if k in m}
-            for pid, m in sorted(self.node_reports.items())
-        }
+        keys = (
+            "eps",
+            "eps-strict",
+            "lifetime-eps",
+            "noise-multiplier",
+            "sample-rate",
+            "steps",
+            "planned-steps",
+            NUM_EXAMPLES,
+        )
+        out: dict[str, dict[str, Any]] = {}
+        for pid, m in sorted(self.node_reports.items()):
+            out[str(pid)] = {k: m[k] for k in keys if k in m}
+            if lost := self.lost_rounds.get(pid, 0):
+                out[str(pid)] |= {"lost-rounds": lost, "eps-bound": self.node_eps(pid)}
+        return out
 
 
 class CentralEvaluationMixin:
@@ -137,6 +249,7 @@ class CentralFedAvg(CentralEvaluationMixin, NodeLedgerMixin, FedAvg):
         fraction_train: float = 1.0,
         min_available_nodes: int = 2,
         seed: int = 0,
+        bounds: PrivacyBounds | None = None,
     ) -> None:
         """Store the knobs; weights come from each reply's `num-examples`."""
         super().__init__(
@@ -148,7 +261,7 @@ class CentralFedAvg(CentralEvaluationMixin, NodeLedgerMixin, FedAvg):
         )
         self.num_nodes = num_nodes
         self.seed = seed
-        self.node_reports = {}
+        self.init_ledger(bounds or PrivacyBounds())
         self.last_round: dict[str, Any] = {}
 
     def configure_train(
@@ -180,11 +293,14 @@ class CentralFedAvg(CentralEvaluationMixin, NodeLedgerMixin, FedAvg):
         # one config ending 6 points apart. A fixed order makes a seed reproduce bit for bit.
         replies = sorted(replies, key=reply_order)
         ok = self.remember(server_round, replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, ok)
         self.last_round = {
             "nodes_trained": len(ok),
             "nodes_failed": self.nodes_failed,
-            "train_loss": float(metrics["train-loss"]) if metrics else float("nan"),
+            # Only non-private nodes report a training loss.
+            "train_loss": float(metrics["train-loss"])
+            if metrics and "train-loss" in metrics
+            else None,
             # Every node ends the round holding the same global model.
             "consensus_distance": 0.0,
             # Each trained node uploads its model once (downloads are not counted).

@@ -40,10 +40,20 @@ from flower_app.gossip import (
 )
 from flower_app.records import ARRAYS, CONFIG, METRICS
 from flower_app.topology import graph_facts
-from strategies.fedavg import CentralEvaluationMixin, NodeLedgerMixin
+from strategies.fedavg import CentralEvaluationMixin, NodeLedgerMixin, PrivacyBounds
 
 # Evaluates one model given as the list of its arrays: returns (loss, accuracy).
 ArraysEvaluator = Callable[[list[np.ndarray]], tuple[float, float]]
+
+
+def _mean_loss(replies: list[Message]) -> float | None:
+    """Mean training loss of the replies that carry one (only non-private nodes do)."""
+    losses = [
+        float(r.content[METRICS]["train-loss"])
+        for r in replies
+        if "train-loss" in r.content[METRICS]
+    ]
+    return float(np.mean(losses)) if losses else None
 
 
 class Layout:
@@ -96,6 +106,7 @@ class Gossip(CentralEvaluationMixin, NodeLedgerMixin, Strategy):
         seed: int = 0,
         min_available_nodes: int = 2,
         evaluate_arrays: ArraysEvaluator | None = None,
+        bounds: PrivacyBounds | None = None,
     ) -> None:
         """Store the knobs; models appear once the first round's replies arrive."""
         self.graph = graph
@@ -105,10 +116,10 @@ class Gossip(CentralEvaluationMixin, NodeLedgerMixin, Strategy):
         self.min_available_nodes = min_available_nodes
         self.evaluate_arrays = evaluate_arrays
         self.models: dict[int, np.ndarray] = {}
-        self.vertex_of: dict[int, int] = {}  # Flower node id -> partition id (vertex)
         self.layout: Layout | None = None
         self.initial: ArrayRecord | None = None
-        self.node_reports = {}
+        # Binds each vertex (partition id) to the first Flower node that reports it.
+        self.init_ledger(bounds or PrivacyBounds())
         self.last_round: dict[str, Any] = {}
 
     def summary(self) -> None:
@@ -136,7 +147,7 @@ class Gossip(CentralEvaluationMixin, NodeLedgerMixin, Strategy):
         }
 
     def _record_for(self, node_id: int) -> ArrayRecord:
-        vertex = self.vertex_of.get(node_id)
+        vertex = self.partition_of.get(node_id)
         if vertex is None or vertex not in self.models or self.layout is None:
             # Not heard from yet: its own model is still the common initial one.
             assert self.initial is not None
@@ -181,7 +192,6 @@ class Gossip(CentralEvaluationMixin, NodeLedgerMixin, Strategy):
                     f"partition-id={vertex} is not a vertex of the {self.graph.number_of_nodes()}"
                     "-node topology; num-partitions must equal the number of nodes"
                 )
-            self.vertex_of[r.metadata.src_node_id] = vertex
             record = r.content[ARRAYS]
             self.layout = self.layout or Layout(record)
             trained[vertex] = self.layout.flatten(record)
@@ -196,12 +206,13 @@ class Gossip(CentralEvaluationMixin, NodeLedgerMixin, Strategy):
         self.last_round = {
             "nodes_trained": len(trained),
             "nodes_failed": self.nodes_failed,
-            "train_loss": float(np.mean([float(r.content[METRICS]["train-loss"]) for r in ok])),
+            "train_loss": _mean_loss(ok),
             "consensus_distance": consensus_distance(self.models),
             "bytes_sent_per_node": messages_sent * self.layout.nbytes / len(self.models),
         }
         mean = self.layout.to_record(mean_model(self.models))
-        return mean, MetricRecord({"train-loss": self.last_round["train_loss"]})
+        loss = self.last_round["train_loss"]
+        return mean, MetricRecord({} if loss is None else {"train-loss": loss})
 
     def _gossip(self, active: set[int]) -> int:
         """Average along the chosen edges among `active` vertices; returns models sent."""

@@ -103,7 +103,15 @@ def test_ledger_across_rounds_matches_an_independent_recount(mode):
 def test_ledger_serialises_what_an_auditor_needs():
     ledger = PrivacyLedger(1.2, 0.02, 100, 1e-5, "rdp")
     d = ledger.to_dict()
-    assert set(d) == {"noise_multiplier", "sample_rate", "steps", "delta", "accountant"}
+    assert set(d) == {
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "delta",
+        "accountant",
+        "planned_steps",
+        "dp_mode",
+    }
     assert PrivacyLedger(**d).epsilon() == ledger.epsilon()
 
 

@@ -24,9 +24,7 @@ from flower_app.privacy import PrivacyLedger
 from flower_app.train import train_dp, train_plain
 
 N = 64  # one Poisson batch of expected size N: sample rate 1, every example in it
-PUBLIC = dict(
-    num_server_rounds=1, local_epochs=1, batch_size=N, lr=0.5, max_grad_norm=1.0, eps=0.2
-)
+PUBLIC = dict(num_server_rounds=1, local_epochs=1, batch_size=N, lr=0.5, max_grad_norm=1.0, eps=0.2)
 
 
 def shard(seed: int):

@@ -1,0 +1,95 @@
+"""How the ServerApp states a run's privacy: the log line and summary.json's `privacy`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flower_app.config import RunConfig, claims_per_round
+from flower_app.privacy import PRIVACY_UNITS, TRUST_MODEL, gaussian_sigma, one_shot_true_eps
+from flower_app.results import format_eps
+
+MECHANISMS = {
+    "sample": "Opacus DP-SGD (per-example clipping and Gaussian noise at every step)",
+    "update": "clipped round update + Gaussian noise, once per round (client-level DP)",
+}
+# What a node's reply makes public about it (beyond its noisy model).
+PUBLIC_PER_NODE = (
+    "dataset size (num-examples), noise multiplier σ, sample rate q, DP step counts and the "
+    "ε/δ they imply; no training loss or other un-noised statistic"
+)
+SECRET_NOISE = (
+    "secret: each node draws its DP noise and Poisson batches from OS entropy, every round "
+    "(not reproducible, not replayable by the server or other nodes)"
+)
+CAVEATS = (
+    "Opacus secure_mode is off (its torchcsprng does not install with torch 2.14): the "
+    "noise comes from torch's Mersenne Twister seeded with 63 secret bits, and "
+    "floating-point attacks on Gaussian sampling (Mironov 2012) are not covered"
+)
+
+
+def noise_source(cfg: RunConfig) -> str:
+    """Where the noise comes from, in words that say what a seed gives away."""
+    if cfg.seeded_noise:
+        return (
+            f"SEEDED (noise-seed={cfg.noise_seed}): reproducible, and NOT private against "
+            "anyone who knows noise-seed"
+        )
+    return SECRET_NOISE
+
+
+def privacy_line(cfg: RunConfig) -> str:
+    """The run's privacy in one log line."""
+    if not cfg.private:
+        return "Privacy: none (eps=inf): plain SGD, no clipping, no noise."
+    unit = PRIVACY_UNITS[cfg.dp_mode]
+    if claims_per_round(cfg):
+        budget = (
+            f"ε={format_eps(cfg.eps)} is a PER-ROUND label (σ = sqrt(2 ln(1.25/δ))/ε = "
+            f"{gaussian_sigma(cfg.eps, cfg.delta):.4f}, δ={cfg.delta:g}, exact cost "
+            f"{one_shot_true_eps(cfg.eps, cfg.delta):.3g} per round, never composed); "
+            "eps_spent reports the true ε composed over the rounds each node trains (RDP)"
+        )
+    else:
+        budget = (
+            f"target ε={format_eps(cfg.eps)}, δ={cfg.delta:g} per node over the whole run "
+            f"({cfg.num_server_rounds} rounds × {cfg.local_epochs} local epochs), "
+            "RDP-calibrated noise"
+        )
+    return f"Privacy: {budget}; {unit}; {TRUST_MODEL}; noise {noise_source(cfg)}."
+
+
+def privacy_summary(cfg: RunConfig, strategy: Any, eps_spent: float) -> dict[str, Any]:
+    """summary.json's `privacy`: enough to re-audit every node's ε from the file alone."""
+    per_round = claims_per_round(cfg)
+    return {
+        "unit": PRIVACY_UNITS[cfg.dp_mode] if cfg.private else "none",
+        "trust_model": TRUST_MODEL,
+        "mechanism": MECHANISMS[cfg.dp_mode] if cfg.private else "none",
+        "noise": noise_source(cfg) if cfg.private else "none",
+        "noise_seed": cfg.noise_seed if cfg.seeded_noise else None,
+        "public_per_node": PUBLIC_PER_NODE,
+        "caveats": CAVEATS,
+        "dp_mode": cfg.dp_mode,
+        "accounting": cfg.accounting,
+        # accounting=per-round: `eps_target` is this uncomposed label, not a budget...
+        "eps_per_round_claimed": cfg.eps if per_round else None,
+        # ...and this is what one such round really costs (Balle & Wang's exact ε).
+        "eps_per_round_true": one_shot_true_eps(cfg.eps, cfg.delta) if per_round else None,
+        # The true ε: composed over the rounds each node trained (largest node), counting
+        # nodes whose replies were lost as if they trained.
+        "eps_composed": eps_spent,
+        # dp-mode=update: against the server, which sees each node's own release, replacing
+        # a node's data moves the clipped update by 2C; this is its ε (largest node).
+        "eps_replace": (
+            strategy.eps_spent(strict=True) if cfg.private and cfg.dp_mode == "update" else None
+        ),
+        "delta": cfg.delta,
+        "accountant": cfg.accountant,
+        "max_grad_norm": cfg.max_grad_norm,
+        # grad-sample-mode=auto resolved (every mode computes the same update).
+        "opacus_grad_sample_mode": (
+            cfg.opacus_mode if cfg.private and cfg.dp_mode == "sample" else None
+        ),
+        "nodes": strategy.privacy_by_node() if cfg.private else {},
+    }
