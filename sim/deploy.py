@@ -179,10 +179,23 @@ def superlink_command(
     ]
 
 
-def node_config(partition_id: int, num_partitions: int, data_dir: str = "") -> str:
-    """The `--node-config` string: which shard this device trains on, and its data files."""
-    config = f"partition-id={partition_id} num-partitions={num_partitions}"
-    return config + (f' data-dir="{data_dir}"' if data_dir else "")
+# The privacy floor the launcher gives each SuperNode (its operator's policy; see
+# docs/deploy.md): runs up to ε=8, at most ε=32 composed over every run the node ever
+# trains in, no seeded noise, and a durable ledger in the node's own folder.
+LAUNCHER_POLICY: dict[str, Any] = {"max-eps": 8, "lifetime-eps": 32, "allow-seeded-noise": False}
+
+
+def node_config(
+    partition_id: int,
+    num_partitions: int,
+    data_dir: str = "",
+    policy: Mapping[str, Any] | None = None,
+) -> str:
+    """The `--node-config` string: the device's shard, its data files and its privacy policy."""
+    config: dict[str, Any] = {"partition-id": partition_id, "num-partitions": num_partitions}
+    if data_dir:
+        config["data-dir"] = data_dir
+    return inline_run_config(config | dict(policy or {}))
 
 
 def supernode_command(
@@ -262,15 +275,21 @@ class Deployment(SimulationLink):
         secure: bool = True,
         port: int = 0,
         data_dir: str = "",
+        policy: Mapping[str, Any] | None = None,
         startup_timeout: float = 120.0,
     ) -> None:
-        """Prepare (not start) the deployment under `root`."""
+        """Prepare (not start) the deployment under `root`.
+
+        `policy`: node-config privacy keys for every SuperNode; with a policy each node also
+        keeps its durable ledger in `node-<i>/ledger` (unless `policy` names a ledger-dir).
+        """
         self.root = Path(root).resolve()
         super().__init__(self.root / "flwr-home", startup_timeout=startup_timeout)
         self.num_nodes = num_nodes
         self.secure = secure
         self.port = port or free_port()
         self.data_dir = data_dir
+        self.policy = dict(policy) if policy is not None else None
         self.nodes: dict[int, subprocess.Popen[bytes]] = {}
         self.node_ids: dict[int, int] = {}  # partition id -> Flower node id (registration)
 
@@ -297,6 +316,16 @@ class Deployment(SimulationLink):
     def node_home(self, partition_id: int) -> Path:
         """A SuperNode's FLWR_HOME and log folder, as if it were its own device."""
         return self.root / f"node-{partition_id}"
+
+    def ledger_dir(self, partition_id: int) -> Path:
+        """Where SuperNode `partition_id` keeps its durable privacy ledger."""
+        return self.node_home(partition_id) / "ledger"
+
+    def node_policy(self, partition_id: int) -> dict[str, Any] | None:
+        """The node-config policy keys of SuperNode `partition_id` (None: no policy)."""
+        if self.policy is None:
+            return None
+        return {"ledger-dir": str(self.ledger_dir(partition_id))} | self.policy
 
     def env_for(self, flwr_home: Path) -> dict[str, str]:
         """Environment of a Flower process whose home is `flwr_home`."""
@@ -414,7 +443,12 @@ class Deployment(SimulationLink):
         """Start one SuperNode process (registration is the caller's business)."""
         cmd = supernode_command(
             superlink=self.address,
-            node_config=node_config(partition_id, num_partitions or self.num_nodes, self.data_dir),
+            node_config=node_config(
+                partition_id,
+                num_partitions or self.num_nodes,
+                self.data_dir,
+                self.node_policy(partition_id),
+            ),
             root_certificates=root_certificates,
             private_key=self.key(key_name) if key_name else None,
             runtime_port=free_port(),
@@ -533,11 +567,20 @@ class Deployment(SimulationLink):
         home = f"FLWR_HOME={self.home}"
         nodes = self.num_nodes
         security = "TLS + SuperNode auth" if self.secure else "INSECURE: no TLS, no node auth"
+        policy = self.node_policy(0)
+        policy_text = (
+            "Node policy: "
+            + inline_run_config({k: v for k, v in policy.items() if k != "ledger-dir"})
+            + f" (ledgers in {self.root}/node-*/ledger: delete them to reset the budgets)."
+            if policy
+            else "Node policy: none (every node accepts the run's privacy)."
+        )
         strategy = "gossip" if nodes >= 3 else "fedavg"  # the default ring needs 3 nodes
         return "\n".join(
             [
                 f"SuperLink {self.address} ({security}),"
                 f" {nodes} SuperNodes (partition-id 0..{nodes - 1}, num-partitions={nodes}).",
+                policy_text,
                 f"Connection '{self.connection}' is in {self.home / 'config.toml'}.",
                 "Logs: " + str(self.root / "{superlink,node-*}/out.log"),
                 "",
@@ -643,7 +686,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.log("N must be at least 1")
         return 2
     deployment = Deployment(
-        args.dir, args.num_nodes, secure=not args.insecure, port=args.port, data_dir=args.data_dir
+        args.dir,
+        args.num_nodes,
+        secure=not args.insecure,
+        port=args.port,
+        data_dir=args.data_dir,
+        policy=LAUNCHER_POLICY,
     )
     try:
         deployment.__enter__()

@@ -417,6 +417,11 @@ def expand(spec: SweepSpec) -> list[Cell]:
 
 
 def _cell(params: Mapping[str, Any], swept: list[str]) -> Cell:
+    # A cell repeats bit for bit only with seeded DP noise: the sweep seeds it with the
+    # cell's seed unless the spec sets noise-seed itself (-1: secret noise). The report says
+    # that such noise is not private against anyone who knows noise-seed.
+    if "noise-seed" not in params:
+        params = {**params, "noise-seed": params.get("seed", RunConfig().seed)}
     try:
         cfg = RunConfig.from_run_config({**params, "results-dir": "", "run-name": ""})
     except ConfigError as err:

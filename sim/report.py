@@ -137,6 +137,23 @@ def _value(value: Any) -> str:
     return "∞" if value in ("inf", math.inf) else str(value)
 
 
+def noise_note(data: Any) -> str:
+    """Whether the cells' DP noise was seeded (repeatable) or secret."""
+    seeds = data.cells.get("noise_seed", pd.Series(dtype=float)).dropna()
+    private = data.cells["eps"].astype(float).map(math.isfinite) if "eps" in data.cells else []
+    if not len(seeds) or not any(private):
+        return (
+            "- DP noise: secret, drawn in each node from OS entropy (cells do not repeat "
+            "bit for bit)."
+        )
+    return (
+        "- **DP noise is seeded** (`noise-seed` = each cell's seed, set by fl-sweep) so every "
+        "cell repeats bit for bit; seeded noise is NOT private against anyone who knows "
+        "`noise-seed`: right for measuring accuracy under DP in simulation, never for real "
+        "data (set `noise-seed=-1` for secret noise)."
+    )
+
+
 def write_report(
     out: Path,
     *,
@@ -191,6 +208,7 @@ def write_report(
                 "noise is calibrated so each node ends at its target."
             ]
         ),
+        noise_note(data),
         "",
         "## Final accuracy",
         "",

@@ -166,6 +166,7 @@ def cell_table(out: Path, manifest: Mapping[str, Any]) -> pd.DataFrame:
         row["delta"] = privacy.get("delta")
         row["privacy_unit"] = privacy.get("unit")
         row["eps_per_round_claimed"] = privacy.get("eps_per_round_claimed")
+        row["noise_seed"] = privacy.get("noise_seed")
         for key, value in (summary.get("topology") or {}).items():
             row[f"topology_{key}"] = value
         rows.append(row)

@@ -105,7 +105,7 @@ class FakeRunner:
                 "final_accuracy": acc,
                 "eps_spent": row["eps_spent"],
                 "wall_s": 3.0,
-                "privacy": {"delta": cfg.delta},
+                "privacy": {"delta": cfg.delta, "noise_seed": cfg.noise_seed},
             }
             if gossip:
                 summary["topology"] = {

@@ -84,6 +84,17 @@ def test_supernode_command_and_node_config():
     assert parse_config_args([node_config(0, 3)]) == {"partition-id": 0, "num-partitions": 3}
 
 
+def test_the_launchers_node_policy_reaches_the_node_as_a_valid_policy():
+    from flower_app.policy import NodePolicy
+    from sim.deploy import LAUNCHER_POLICY
+
+    text = node_config(1, 3, policy={**LAUNCHER_POLICY, "ledger-dir": "/dev ice/ledger"})
+    parsed = parse_config_args([text])
+    policy = NodePolicy.from_node_config(parsed)
+    assert policy.has_policy and policy.max_eps == 8 and policy.lifetime_eps == 32
+    assert policy.allow_seeded_noise is False and policy.ledger_dir == "/dev ice/ledger"
+
+
 def test_supernode_tls_modes():
     common = {"superlink": "h:1", "node_config": "", "private_key": None, "runtime_port": 2}
     system = supernode_command(root_certificates=None, **common)

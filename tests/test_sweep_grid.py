@@ -67,7 +67,11 @@ def test_grid_is_the_cartesian_product_in_order_with_deterministic_ids():
         "eps": math.inf,
         "seed": 7,
         "lr": 0.1,
+        "noise-seed": 7,  # repeatable cells: the sweep seeds the DP noise with the cell's seed
     }
+    assert cells[2].params["noise-seed"] == 8
+    secret = expand(SweepSpec(fixed={"noise-seed": -1}, grid={"seed": [7]}))[0]
+    assert secret.params["noise-seed"] == -1
     assert first.coords == {"strategy": "fedavg", "eps": math.inf, "seed": 7, "lr": 0.1}
     assert first.rounds == 2
     assert isinstance(cells[4].params["eps"], float)  # canonical RunConfig types: 2 -> 2.0

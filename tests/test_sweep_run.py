@@ -54,11 +54,18 @@ def test_a_full_sweep_writes_manifest_tidy_csv_figures_and_report(tmp_path, caps
     cell = m["cells"][2]
     assert cell["status"] == "completed" and cell["error"] is None
     assert cell["run_id"] == "run-fedavg-eps2-seed7" and cell["wall_s"] >= 0
-    assert cell["params"] == {"num-server-rounds": 3, "strategy": "fedavg", "eps": 2.0, "seed": 7}
+    assert cell["params"] == {
+        "num-server-rounds": 3,
+        "strategy": "fedavg",
+        "eps": 2.0,
+        "seed": 7,
+        "noise-seed": 7,
+    }
     assert "--out" in m["command"]
     df = tidy(out)
     assert len(df) == 4 * 3
     assert (out / "report.md").exists() and (out / "figures" / "accuracy_vs_round.png").exists()
+    assert "**DP noise is seeded**" in (out / "report.md").read_text()
     table = capsys.readouterr().out
     assert "final accuracy" in table and "∞ (no DP)" in table
 
