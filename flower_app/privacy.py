@@ -35,7 +35,7 @@ PRIVACY_UNITS = {
 }
 TRUST_MODEL = (
     "each node trusts only itself; the server and the other nodes see only models that "
-    "already carry DP noise drawn from the node's own OS entropy"
+    "already carry DP noise"
 )
 # Binary-search tolerance of the calibration: final ε lands in [target - tol, target].
 EPS_TOLERANCE = 0.01

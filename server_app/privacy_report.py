@@ -18,8 +18,8 @@ PUBLIC_PER_NODE = (
     "ε/δ they imply; no training loss or other un-noised statistic"
 )
 SECRET_NOISE = (
-    "secret: each node draws its DP noise and Poisson batches from OS entropy, every round "
-    "(not reproducible, not replayable by the server or other nodes)"
+    "secret: drawn in each node from its OS entropy, fresh every round (not reproducible, "
+    "not replayable by the server or other nodes)"
 )
 CAVEATS = (
     "Opacus secure_mode is off (its torchcsprng does not install with torch 2.14): the "

@@ -30,6 +30,8 @@ FLWR_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
+    # Ray warns on every start that this default will change; with no GPUs it changes nothing.
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 CONNECTION = "owned"
 # While a run's summary.json is awaited: how often to look at the file, and to ask Flower.
