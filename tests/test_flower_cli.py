@@ -4,7 +4,8 @@ import os
 import time
 import tomllib
 
-from sim.flower_cli import PROJECT_DIR, SimulationLink, _Marker, _summary_path
+from launch.flwr_cli import PROJECT_DIR, SummaryMarker, summary_path
+from launch.simulation import SimulationLink
 
 
 def _toml(path):
@@ -23,24 +24,24 @@ def test_staged_app_holds_the_app_files_and_not_the_virtualenv(tmp_path):
     assert link.staged_app() == staged  # built once per link
 
 
-def test_summary_path_follows_results_dir_and_run_name(tmp_path):
-    assert _summary_path({"results-dir": str(tmp_path), "run-name": "a"}) == (
+def testsummary_path_follows_results_dir_and_run_name(tmp_path):
+    assert summary_path({"results-dir": str(tmp_path), "run-name": "a"}) == (
         tmp_path / "a" / "summary.json"
     )
-    assert _summary_path({"results-dir": "results/x", "run-name": "b"}) == (
+    assert summary_path({"results-dir": "results/x", "run-name": "b"}) == (
         PROJECT_DIR / "results" / "x" / "b" / "summary.json"
     )
-    assert _summary_path({"run-name": "c"}) is None  # default folder: timestamped, unknown
+    assert summary_path({"run-name": "c"}) is None  # default folder: timestamped, unknown
 
 
 def test_a_summary_counts_only_once_rewritten_after_submission(tmp_path):
     path = tmp_path / "r" / "summary.json"
-    marker = _Marker(path)
+    marker = SummaryMarker(path)
     assert not marker.fresh()
     path.parent.mkdir()
     path.write_text("{}")
     assert marker.fresh()
-    stale = _Marker(path)  # left over from an earlier run of the same cell
+    stale = SummaryMarker(path)  # left over from an earlier run of the same cell
     assert not stale.fresh()
     later = time.time() + 5
     os.utime(path, (later, later))

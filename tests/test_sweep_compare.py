@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from sim.compare import retained, verdicts
-from sim.report import preset_of
-from sim.sweep import main
+from analysis.compare import retained, verdicts
+from analysis.report import preset_of
+from sweeps.cli import main
 from tests.sweep_fakes import FakeRunner
 
 
@@ -79,4 +79,4 @@ def test_report_names_the_preset_a_sweep_ran():
     assert preset_of("fl-sweep run --preset tutorial --out x") == "tutorial"
     assert preset_of("fl-sweep run --preset=quick") == "quick"
     assert preset_of("fl-sweep run --eps 2") is None
-    assert preset_of("fl-sweep run --preset nosuch") is None
+    assert preset_of("fl-sweep run --preset") is None

@@ -3,8 +3,9 @@ import math
 import pytest
 
 from flower_app.config import RunConfig
-from sim.grid import (
-    PRESETS,
+from sweeps.cli import build_parser, default_out, main, spec_from_args
+from sweeps.presets import PRESETS
+from sweeps.spec import (
     SweepError,
     SweepSpec,
     cell_id,
@@ -13,7 +14,6 @@ from sim.grid import (
     parse_value,
     parse_values,
 )
-from sim.sweep import build_parser, default_out, main, spec_from_args
 
 STRATEGIES = RunConfig.__dataclass_fields__["strategy"].metadata["choices"]
 needs_gossip = pytest.mark.skipif("gossip" not in STRATEGIES, reason="gossip not accepted yet")

@@ -6,9 +6,10 @@ import pytest
 from sweep_fakes import BASE, GOSSIP, FakeRunner, Killed
 
 from flower_app.config import RunConfig
-from sim.flower_cli import RunOutcome
-from sim.grid import SweepError, SweepSpec, expand
-from sim.sweep import Sweep, grid_difference, judge, main
+from launch.flwr_cli import RunOutcome
+from sweeps.cli import main
+from sweeps.runner import Sweep, grid_difference, judge
+from sweeps.spec import SweepError, SweepSpec, expand
 
 STRATEGIES = RunConfig.__dataclass_fields__["strategy"].metadata["choices"]
 needs_gossip = pytest.mark.skipif("gossip" not in STRATEGIES, reason="gossip not accepted yet")
@@ -258,20 +259,23 @@ def test_sigterm_becomes_an_interrupt_so_the_superlink_is_stopped():
     import signal
     import time
 
-    from sim.sweep import _sigterm_interrupts
+    from launch.processes import sigterm_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), _sigterm_interrupts():
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises at once
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_python_dash_m_sim_is_the_cli():
+def test_python_dash_m_sweeps_is_the_cli():
     import subprocess
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "sim", "run", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "sweeps", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0 and "--preset" in proc.stdout and "reference" in proc.stdout

@@ -23,8 +23,9 @@ from flower_app.privacy import (
     plan_update_ledger,
     privatize_update,
 )
-from sim.grid import PRESETS, TUTORIAL_FIXED, expand
 from strategies.fedavg import CentralFedAvg
+from sweeps.presets import PRESETS, TUTORIAL_FIXED
+from sweeps.spec import expand
 from tests.mock_grid import mock_grid
 
 DELTA = 1e-5

@@ -1,6 +1,6 @@
 import pytest
 
-from sim.flower_cli import SimulationLink
+from launch.simulation import SimulationLink
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sim.bench import Sizes, main, markdown
+from bench.benchmarks import Sizes, main, markdown
 
 pytestmark = pytest.mark.e2e
 
@@ -20,9 +20,9 @@ TINY = Sizes(
 
 
 def test_bench_reports_every_ratio(tmp_path, monkeypatch):
-    import sim.bench
+    import bench.benchmarks
 
-    monkeypatch.setattr(sim.bench, "QUICK", TINY)
+    monkeypatch.setattr(bench.benchmarks, "QUICK", TINY)
     out = tmp_path / "bench.json"
     assert main(["--quick", "--json", str(out)]) == 0
     results = json.loads(out.read_text())

@@ -2,7 +2,7 @@
 
 TLS with a private CA and SuperNode authentication, as docs/deploy.md sets them up; each
 SuperNode trains its partition in its own ClientApp process. Every process is started by
-`sim.deploy.Deployment` and stopped by PID; each test checks that none is left over.
+`launch.deployment.Deployment` and stopped by PID; each test checks that none is left over.
 """
 
 import csv
@@ -18,15 +18,9 @@ import pytest
 import tomli_w
 
 from flower_app.data import FASHION_MNIST_DIR
-from sim.deploy import (
-    Deployment,
-    alive,
-    descendants,
-    inline_run_config,
-    processes_under,
-    stop_from_pids,
-)
-from sim.flower_cli import PROJECT_DIR
+from launch.deployment import Deployment, stop_from_pids
+from launch.flwr_cli import PROJECT_DIR, inline_run_config
+from launch.processes import alive, descendants, processes_under
 
 pytestmark = pytest.mark.e2e
 

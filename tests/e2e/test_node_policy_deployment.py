@@ -13,7 +13,8 @@ import time
 import pytest
 
 from flower_app.privacy import epsilon
-from sim.deploy import Deployment, alive, processes_under
+from launch.deployment import Deployment
+from launch.processes import alive, processes_under
 from tests.e2e.test_deployment import RUN_TIMEOUT, all_pids
 
 pytestmark = pytest.mark.e2e

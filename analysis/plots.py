@@ -25,9 +25,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
-from flower_app.config import RunConfig  # noqa: E402
-from flower_app.results import format_eps  # noqa: E402
-from sim.tidy import (  # noqa: E402
+from analysis.tidy import (  # noqa: E402
     HEADLINE,
     cell_table,
     curve,
@@ -41,6 +39,8 @@ from sim.tidy import (  # noqa: E402
     summarize,
     targets_from_nonprivate,
 )
+from flower_app.config import RunConfig  # noqa: E402
+from flower_app.results import format_eps  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,8 @@ def _save(fig: Any, out: Path, name: str) -> tuple[Path, ...]:
     return png, svg
 
 
-def _panels(n: int, width: float = 5.6, height: float = 4.4) -> tuple[Any, list[Axes]]:
+def panels(n: int, width: float = 5.6, height: float = 4.4) -> tuple[Any, list[Axes]]:
+    """A figure of `n` panels, at most three a row, sharing the y axis."""
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(
@@ -226,7 +227,7 @@ def accuracy_vs_round(data: SweepData) -> Figure | Skipped:
     """1) Test accuracy per round, one panel per ε, strategies overlaid."""
     curves = curve(data.tidy, [*data.by, "eps"], HEADLINE if HEADLINE in data.tidy else "accuracy")
     eps_values = eps_order(curves["eps"])
-    fig, axes = _panels(len(eps_values))
+    fig, axes = panels(len(eps_values))
     for ax, eps in zip(axes, eps_values, strict=True):
         for series in data.series:
             rows = data.rows_of(curves[curves["eps"] == eps], series)
@@ -284,7 +285,7 @@ def _offset(i: int, n: int) -> float:
     return 1.045 ** (i - (n - 1) / 2)
 
 
-def _eps_lines(
+def eps_lines(
     ax: Axes,
     data: SweepData,
     df: pd.DataFrame,
@@ -340,7 +341,7 @@ def final_accuracy_vs_eps(data: SweepData) -> Figure | Skipped:
     if summary["eps"].nunique() < 2:
         return Skipped("final_accuracy_vs_eps", "needs at least two values of ε")
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
-    _eps_lines(ax, data, summary, "mean", "half", 100)
+    eps_lines(ax, data, summary, "mean", "half", 100)
     ax.set_ylabel("final test accuracy (%)")
     ax.legend(loc="best")
     fig.tight_layout()
@@ -394,7 +395,7 @@ def rounds_to_target_vs_eps(data: SweepData, targets: Targets) -> Figure | Skipp
         return Skipped(name, "no cell of a series with a target")
     ceiling = int(table["max_round"].max()) + 1
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
-    _eps_lines(ax, data, table, "rounds", None, 1, missing_at=ceiling)
+    eps_lines(ax, data, table, "rounds", None, 1, missing_at=ceiling)
     ax.axhline(ceiling - 0.5, color="grey", linestyle=":", lw=1)
     ax.set_ylim(0, ceiling + 0.6)
     ticks = [int(t) for t in MaxNLocator(integer=True).tick_values(0, ceiling - 1)]
@@ -426,7 +427,7 @@ def _metric_by_eps(
         return None
     series = [s for s in data.series if not data.rows_of(curves, s).empty]
     eps_values = eps_order(curves["eps"])
-    fig, axes = _panels(len(series))
+    fig, axes = panels(len(series))
     for ax, s in zip(axes, series, strict=True):
         rows = data.rows_of(curves, s)
         for eps in eps_values:
@@ -524,7 +525,7 @@ def topologies(data: SweepData) -> Figure | Skipped:
     summary = summarize(with_topo, [*bar_keys, "eps"])
     gaps = bar_gaps(with_topo, cells, bar_keys)
     eps_values = eps_order(summary["eps"])
-    fig, axes = _panels(len(eps_values), width=6.0)
+    fig, axes = panels(len(eps_values), width=6.0)
     for ax, eps in zip(axes, eps_values, strict=True):
         rows = summary[summary["eps"] == eps].reset_index(drop=True)
         x = np.arange(len(rows))

@@ -8,34 +8,40 @@ node config `partition-id=i num-partitions=N`. Everything lives under one folder
     certs/  keys/  flwr-home/config.toml (the CLI's connection)  superlink/  node-<i>/
     pids.json (what `stop` kills)
 
-`scripts/local-deployment start N` runs in the foreground until Ctrl-C (or with `--detach`
-returns at once), `scripts/local-deployment stop` stops every process it started, by PID.
+`scripts/local-deployment` (`launch.local_deployment`) starts and stops one from the shell.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 from rich.console import Console
 
-from sim.flower_cli import (
-    FLWR_ENV,
+from launch.flwr_cli import (
     PROJECT_DIR,
     FlowerRunError,
-    SimulationLink,
-    _bin,
+    FlwrCli,
+    RunOutcome,
+    flower_env,
+    inline_run_config,
+    json_payload,
+)
+from launch.processes import (
+    alive,
+    command_line,
+    console_script,
     free_port,
+    kill_now,
+    port_answers,
+    processes_under,
+    stop_processes,
 )
 
 CONNECTION = "local-deployment"
@@ -48,100 +54,6 @@ SCRIPTS = PROJECT_DIR / "scripts"
 FLOWER_PROCESSES = ("flower-superlink", "flower-supernode")
 
 console = Console(stderr=True, log_path=False)
-
-
-# --- processes, by PID --------------------------------------------------------------------
-
-
-def _ppid_and_state(pid: int) -> tuple[int, str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return int(fields[1]), fields[0]
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie has finished: only its parent has not reaped it yet)."""
-    info = _ppid_and_state(pid)
-    return info is not None and info[1] != "Z"
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, found through /proc (Flower detaches some of them)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (info := _ppid_and_state(int(entry.name))):
-            children.setdefault(info[0], []).append(int(entry.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def command_line(pid: int) -> str:
-    """The process's command line, or "" when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def stop_processes(pids: Iterable[int], *, grace: float = 15.0) -> list[int]:
-    """SIGTERM the processes and all their descendants, SIGKILL what is left after `grace`.
-
-    Returns the PIDs that were signalled.
-    """
-    targets: list[int] = []
-    for pid in pids:
-        if alive(pid):
-            targets += [pid, *descendants(pid)]
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for pid in targets:
-            if alive(pid):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + wait
-        while any(alive(p) for p in targets) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    return targets
-
-
-def processes_under(root: Path) -> list[int]:
-    """PIDs whose FLWR_HOME lies under `root`: every process a deployment starts inherits it.
-
-    Catches what a PID walk cannot: children orphaned when their parent was SIGKILLed.
-    """
-    marker = f"FLWR_HOME={Path(root).resolve()}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(v == marker or v.startswith(marker + b"/") for v in environ):
-            if alive(int(entry.name)):
-                found.append(int(entry.name))
-    return found
-
-
-def kill_now(pid: int) -> list[int]:
-    """SIGKILL a process and its descendants at once, as if its device lost power."""
-    targets = [pid, *descendants(pid)]
-    for p in targets:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return targets
 
 
 # --- commands, exactly as docs/deploy.md shows them ---------------------------------------
@@ -164,7 +76,7 @@ def superlink_command(
         else ["--insecure"]
     )
     return [
-        _bin("flower-superlink"),
+        console_script("flower-superlink"),
         *tls,
         *(["--enable-supernode-auth"] if node_auth else []),
         "--isolation",
@@ -219,7 +131,7 @@ def supernode_command(
     auth = ["--auth-supernode-private-key", str(private_key)] if private_key else []
     retries = ["--max-retries", str(max_retries)] if max_retries is not None else []
     return [
-        _bin("flower-supernode"),
+        console_script("flower-supernode"),
         "--superlink",
         superlink,
         *tls,
@@ -236,33 +148,14 @@ def supernode_command(
     ]
 
 
-def connection_config(name: str, address: str, root_certificates: Path | None) -> dict[str, Any]:
-    """The `flwr` CLI's Flower config file (`$FLWR_HOME/config.toml`) for one SuperLink."""
-    conn: dict[str, Any] = {"address": address}
-    if root_certificates:
-        conn["root-certificates"] = str(root_certificates)
-    else:
-        conn["insecure"] = True
-    return {"superlink": {"default": name, name: conn}}
-
-
-def inline_run_config(run_config: Mapping[str, Any]) -> str:
-    """`--run-config` as typed on a command line: `k=v` pairs, strings quoted."""
-    pairs = []
-    for key, value in run_config.items():
-        toml_value = tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
-        pairs.append(f"{key}={toml_value}")
-    return " ".join(pairs)
-
-
 # --- the deployment -----------------------------------------------------------------------
 
 
-class Deployment(SimulationLink):
+class Deployment:
     """A SuperLink and N SuperNodes on 127.0.0.1, TLS + SuperNode auth unless `secure=False`.
 
-    Reuses `SimulationLink`'s `flwr` helpers (status, wait, logs) with this deployment's
-    connection; `with Deployment(...)` starts everything and stops it by PID at the end.
+    `with Deployment(...)` starts everything and stops it by PID at the end; `cli` is the
+    `flwr` CLI with this deployment's connection (status, wait, logs).
     """
 
     connection = CONNECTION
@@ -284,14 +177,22 @@ class Deployment(SimulationLink):
         keeps its durable ledger in `node-<i>/ledger` (unless `policy` names a ledger-dir).
         """
         self.root = Path(root).resolve()
-        super().__init__(self.root / "flwr-home", startup_timeout=startup_timeout)
+        self.home = self.root / "flwr-home"
+        self.cli = FlwrCli(self.home, CONNECTION)
+        self.startup_timeout = startup_timeout
         self.num_nodes = num_nodes
         self.secure = secure
         self.port = port or free_port()
         self.data_dir = data_dir
         self.policy = dict(policy) if policy is not None else None
+        self.process: subprocess.Popen[bytes] | None = None  # the SuperLink
         self.nodes: dict[int, subprocess.Popen[bytes]] = {}
         self.node_ids: dict[int, int] = {}  # partition id -> Flower node id (registration)
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the SuperLink process, once started."""
+        return self.process.pid if self.process else None
 
     # Paths of this deployment.
     @property
@@ -329,14 +230,12 @@ class Deployment(SimulationLink):
 
     def env_for(self, flwr_home: Path) -> dict[str, str]:
         """Environment of a Flower process whose home is `flwr_home`."""
-        env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(flwr_home)}
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        return env
+        return flower_env(flwr_home)
 
     @property
     def env(self) -> dict[str, str]:
         """Environment of `flwr` CLI commands: FLWR_HOME holds the connection's config.toml."""
-        return self.env_for(self.home)
+        return self.cli.env
 
     # Starting.
     def __enter__(self) -> Deployment:
@@ -370,10 +269,7 @@ class Deployment(SimulationLink):
         self.root.mkdir(parents=True, exist_ok=True)
         if self.certs and not (self.certs / "server.pem").exists():
             self._script("make-certs", HOST, str(self.certs))
-        self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "config.toml").write_text(
-            tomli_w.dumps(connection_config(self.connection, self.address, self.ca))
-        )
+        self.cli.write_connection(self.address, self.ca)
         link_home = self.root / "superlink"
         link_home.mkdir(exist_ok=True)
         (link_home / "state.db").unlink(missing_ok=True)  # a fresh federation each start
@@ -387,7 +283,7 @@ class Deployment(SimulationLink):
         console.log("SuperLink: " + shlex.join(cmd[1:]))
         self.process = self._spawn(cmd, link_home)
         deadline = time.monotonic() + self.startup_timeout
-        while not self._answers():
+        while not port_answers(self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise FlowerRunError(f"flower-superlink did not start: see {link_home / 'out.log'}")
             time.sleep(0.5)
@@ -423,12 +319,10 @@ class Deployment(SimulationLink):
             "--format",
             "json",
         )
-        try:
-            return int(json.loads(proc.stdout[proc.stdout.index("{") :])["node-id"])
-        except (ValueError, KeyError):
-            raise FlowerRunError(
-                f"flwr supernode register failed: {(proc.stdout + proc.stderr).strip()}"
-            ) from None
+        payload = json_payload(proc, "flwr supernode register")
+        if "node-id" not in payload:
+            raise FlowerRunError(f"flwr supernode register failed: {payload}")
+        return int(payload["node-id"])
 
     def start_supernode(
         self,
@@ -475,12 +369,10 @@ class Deployment(SimulationLink):
     def supernodes(self) -> list[dict[str, Any]]:
         """`flwr supernode list`: every node the SuperLink knows, with its status."""
         proc = self.flwr("supernode", "list", self.connection, "--format", "json", timeout=60)
-        try:
-            return list(json.loads(proc.stdout[proc.stdout.index("{") :])["nodes"])
-        except (ValueError, KeyError):
-            raise FlowerRunError(
-                f"flwr supernode list failed: {(proc.stdout + proc.stderr).strip()}"
-            ) from None
+        payload = json_payload(proc, "flwr supernode list")
+        if "nodes" not in payload:
+            raise FlowerRunError(f"flwr supernode list failed: {payload}")
+        return list(payload["nodes"])
 
     def online(self) -> list[dict[str, Any]]:
         """The nodes the SuperLink sees online."""
@@ -506,31 +398,27 @@ class Deployment(SimulationLink):
         return bool(pids) and _is_flower(pids.get("superlink", 0))
 
     # Running apps.
-    def submit(
-        self,
-        run_config: Mapping[str, Any],
-        *,
-        num_nodes: int | None = None,
-        app_dir: Path = PROJECT_DIR,
-    ) -> str:
-        """`flwr run . local-deployment --run-config "k=v ..."` (no federation options)."""
-        proc = self.flwr(
-            "run",
-            str(app_dir),
-            self.connection,
-            "--run-config",
-            inline_run_config(run_config),
-            "--format",
-            "json",
-        )
-        try:
-            payload = json.loads(proc.stdout[proc.stdout.index("{") :])
-        except ValueError:
-            payload = {}
-        if proc.returncode != 0 or not payload.get("success"):
-            detail = (payload.get("error-message") or proc.stderr or proc.stdout).strip()
-            raise FlowerRunError(f"flwr run failed: {detail}")
-        return str(payload["run-id"])
+    def submit(self, run_config: Mapping[str, Any], *, app_dir: Path = PROJECT_DIR) -> str:
+        """`flwr run . local-deployment --run-config ...` (no federation options)."""
+        return self.cli.submit(app_dir, run_config)
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """A `flwr` CLI command with this deployment's connection."""
+        return self.cli.flwr(*args, timeout=timeout)
+
+    def status(self, run_id: str) -> RunOutcome:
+        """The run's status from `flwr list`."""
+        return self.cli.status(run_id)
+
+    def wait(
+        self, run_id: str, *, timeout: float = 3600, on_poll: Callable[[], None] | None = None
+    ) -> RunOutcome:
+        """Block until the run finishes."""
+        return self.cli.wait(run_id, timeout=timeout, on_poll=on_poll)
+
+    def logs(self, run_id: str) -> str:
+        """The run's log as far as the SuperLink keeps it."""
+        return self.cli.logs(run_id)
 
     def kill_node(self, partition_id: int) -> list[int]:
         """SIGKILL SuperNode `partition_id` and its ClientApp processes (a device dies)."""
@@ -630,81 +518,3 @@ def _stop_stragglers(root: Path) -> list[int]:
         console.log(f"stopping {len(stragglers)} orphaned process(es): {stragglers}")
         return stop_processes(stragglers, grace=5.0)
     return []
-
-
-# --- command line -------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """`start N [--dir DIR] ...` and `stop [--dir DIR]`."""
-    parser = argparse.ArgumentParser(
-        prog="local-deployment",
-        description="A SuperLink and N SuperNodes on 127.0.0.1 (TLS + SuperNode auth).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    start = sub.add_parser("start", help="start a SuperLink and N SuperNodes")
-    start.add_argument("num_nodes", type=int, metavar="N")
-    stop = sub.add_parser("stop", help="stop everything `start` started (by PID)")
-    for p in (start, stop):
-        p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"default {DEFAULT_DIR}")
-    start.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
-    start.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth")
-    start.add_argument("--data-dir", default="", help="node-config data-dir of every SuperNode")
-    start.add_argument(
-        "--detach", action="store_true", help="return once all nodes are online (stop later)"
-    )
-    return parser
-
-
-def _run_foreground(deployment: Deployment) -> int:
-    """Wait until Ctrl-C (or SIGTERM, or the SuperLink dies), then stop everything."""
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        while deployment.process is not None and deployment.process.poll() is None:
-            time.sleep(1)
-        console.log("the SuperLink exited; stopping the SuperNodes")
-        return 1
-    except KeyboardInterrupt:
-        console.log("stopping")
-        return 0
-    finally:
-        deployment.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `scripts/local-deployment`."""
-    args = build_parser().parse_args(argv)
-    if args.command == "stop":
-        stopped = stop_from_pids(args.dir)
-        console.log(f"stopped {len(stopped)} process(es)" if stopped else "nothing running")
-        return 0
-    if args.num_nodes < 1:
-        console.log("N must be at least 1")
-        return 2
-    deployment = Deployment(
-        args.dir,
-        args.num_nodes,
-        secure=not args.insecure,
-        port=args.port,
-        data_dir=args.data_dir,
-        policy=LAUNCHER_POLICY,
-    )
-    try:
-        deployment.__enter__()
-    except (FlowerRunError, subprocess.TimeoutExpired) as err:
-        console.log(f"start failed: {err}")
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    Console().print(deployment.instructions(), soft_wrap=True, highlight=False, markup=False)
-    if args.detach:
-        return 0
-    return _run_foreground(deployment)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

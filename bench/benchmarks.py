@@ -40,7 +40,7 @@ from flower_app.privacy import plan_ledger
 from flower_app.results import write_json
 from flower_app.topology import build_topology
 from flower_app.train import evaluate, train_dp, train_plain
-from sim.flower_cli import SimulationLink
+from launch.simulation import SimulationLink
 
 console = Console()
 

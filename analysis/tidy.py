@@ -19,11 +19,12 @@ import pandas as pd
 from scipy import stats
 
 from flower_app.results import ROUNDS, SUMMARY, atomic_write_text, csv_text
-from sim.grid import CORE
 
 TIDY = "sweep.csv"
 MANIFEST = "manifest.json"
 RUNS = "runs"
+# Every sweep cell's core coordinates (sweeps.spec names cells by them).
+CORE = ("strategy", "eps", "seed")
 ID_COLUMNS = ("cell", *CORE)
 CONFIDENCE = 0.95
 

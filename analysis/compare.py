@@ -16,17 +16,17 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from sim.plots import (
+from analysis.plots import (
     TARGET_FRACTION,
     SweepData,
-    _eps_lines,
-    _panels,
     choose_targets,
     eps_label,
+    eps_lines,
+    panels,
     rounds_table,
 )
-from sim.report import final_summary, format_number, markdown_table
-from sim.tidy import eps_order, series_tuple, summarize
+from analysis.report import final_summary, format_number, markdown_table
+from analysis.tidy import eps_order, series_tuple, summarize
 
 # Ten classes (MNIST and Fashion-MNIST): what a model guessing one class scores.
 CHANCE = 0.1
@@ -115,6 +115,9 @@ def _key(row: Any, by: Sequence[str]) -> tuple[Any, ...]:
     return (*series_tuple(row, by), float(row["eps"]))
 
 
+Key = tuple[Any, ...]  # the series coordinates, then ε
+
+
 def compare(
     outs: Sequence[Path], names: Sequence[str] | None = None, fraction: float = TARGET_FRACTION
 ) -> str:
@@ -124,34 +127,68 @@ def compare(
         raise ValueError(f"{len(names)} names for {len(outs)} sweeps")
     loaded = [SweepData.load(out) for out in outs]
     by = list(dict.fromkeys(k for data in loaded for k in data.by))
-    finals: list[dict[tuple[Any, ...], Any]] = []
-    rounds: list[dict[tuple[Any, ...], Any]] = []
-    targets: list[str] = []
-    keys: list[tuple[Any, ...]] = []
-    for data in loaded:
-        data.by = by  # align series keys across sweeps (absent keys read as None)
-        for k in by:
-            if k not in data.tidy:
-                data.tidy[k] = math.nan
-        summary = final_summary(data)
-        finals.append({_key(r, by): r for _, r in summary.iterrows()})
-        chosen = choose_targets(data, fraction=fraction)
-        targets.append(chosen.how)
-        table = rounds_table(data, chosen) if chosen.values else None
-        rounds.append({} if table is None else {_key(r, by): r for _, r in table.iterrows()})
-        keys += [k for k in finals[-1] if k not in keys]
+    finals, rounds, targets = zip(
+        *(_sweep_tables(data, by, fraction) for data in loaded), strict=True
+    )
+    keys = list(dict.fromkeys(k for table in finals for k in table))
     order = {e: i for i, e in enumerate(eps_order(k[-1] for k in keys))}
     keys.sort(key=lambda k: (tuple(str(x) for x in k[:-1]), order[k[-1]]))
+    notes = [f"- {name}: target {how}" for name, how in zip(names, targets, strict=True)]
+    claims = _claims(loaded, names, finals, fraction) if by == ["strategy"] else []
+    intro = (
+        [
+            "The tutorial's conclusion, judged on each sweep's numbers above (speed: "
+            f"rounds to {fraction:.0%} of the better strategy's non-private final "
+            "accuracy, one target for both):",
+            "",
+        ]
+        if claims
+        else []
+    )
+    return "\n".join(
+        [
+            _accuracy_table(by, names, keys, finals),
+            "",
+            f"Rounds to reach {fraction:.0%} of the same sweep's non-private final accuracy:",
+            "",
+            _rounds_table(by, names, keys, rounds),
+            "",
+            *notes,
+            "",
+            *intro,
+            *claims,
+        ]
+    )
 
-    def label(key: tuple[Any, ...]) -> list[str]:
-        return ["" if v is None else str(v) for v in key[:-1]] + [eps_label(key[-1])]
 
+def _sweep_tables(
+    data: SweepData, by: list[str], fraction: float
+) -> tuple[dict[Key, Any], dict[Key, Any], str]:
+    """One sweep's final-accuracy rows and rounds-to-target rows by key, and its target."""
+    data.by = by  # align series keys across sweeps (absent keys read as None)
+    for k in by:
+        if k not in data.tidy:
+            data.tidy[k] = math.nan
+    final = {_key(r, by): r for _, r in final_summary(data).iterrows()}
+    chosen = choose_targets(data, fraction=fraction)
+    table = rounds_table(data, chosen) if chosen.values else None
+    rounds = {} if table is None else {_key(r, by): r for _, r in table.iterrows()}
+    return final, rounds, chosen.how
+
+
+def _label(key: Key) -> list[str]:
+    return ["" if v is None else str(v) for v in key[:-1]] + [eps_label(key[-1])]
+
+
+def _accuracy_table(
+    by: list[str], names: list[str], keys: list[Key], finals: Sequence[dict[Key, Any]]
+) -> str:
     header = [*by, "ε"]
     for name in names:
         header += [f"{name}: accuracy (%)", f"{name}: ε spent"]
-    acc_rows = []
+    rows = []
     for key in keys:
-        row = label(key)
+        row = _label(key)
         for table in finals:
             r = table.get(key)
             row += (
@@ -159,11 +196,16 @@ def compare(
                 if r is None
                 else [format_number(r["mean"] * 100, ".1f"), format_number(r["eps_spent"], ".3g")]
             )
-        acc_rows.append(row)
-    rounds_header = [*by, "ε", *(f"{name}: rounds" for name in names)]
-    rounds_rows = []
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def _rounds_table(
+    by: list[str], names: list[str], keys: list[Key], rounds: Sequence[dict[Key, Any]]
+) -> str:
+    rows = []
     for key in keys:
-        row = label(key)
+        row = _label(key)
         for table in rounds:
             r = table.get(key)
             if r is None:
@@ -172,54 +214,42 @@ def compare(
                 row.append(f"not in {int(r['max_round'])}")
             else:
                 row.append(str(int(r["rounds"])))
-        rounds_rows.append(row)
-    notes = [f"- {name}: target {how}" for name, how in zip(names, targets, strict=True)]
+        rows.append(row)
+    return markdown_table([*by, "ε", *(f"{name}: rounds" for name in names)], rows)
+
+
+def _claims(
+    loaded: list[SweepData],
+    names: list[str],
+    finals: Sequence[dict[Key, Any]],
+    fraction: float,
+) -> list[str]:
+    """The tutorial's two claims judged per sweep (only the strategy varies).
+
+    Speed is judged against ONE target for both strategies (90% of the better non-private
+    final accuracy): against its own plateau, a strategy that barely learns "converges" at
+    once.
+    """
     claims: list[str] = []
-    if by == ["strategy"]:  # the claims compare the two strategies, nothing else varying
-        # Speed is judged against ONE target for both strategies (90% of the better
-        # non-private final accuracy): against its own plateau, a strategy that barely
-        # learns "converges" at once.
-        common = [_common_rounds(data, fraction) for data in loaded]
-        for name, final, rnd in zip(names, finals, common, strict=True):
-            per: dict[str, dict[float, float]] = {}
-            per_rounds: dict[str, dict[float, float]] = {}
-            for (strategy, e), row in final.items():
-                per.setdefault(strategy, {})[e] = float(row["mean"])
-            for (strategy, e), row in rnd.items():
-                per_rounds.setdefault(strategy, {})[e] = float(row["rounds"])
-            claims += [f"**{name}**", "", *verdicts(per, per_rounds), ""]
-    return "\n".join(
-        [
-            markdown_table(header, acc_rows),
-            "",
-            f"Rounds to reach {fraction:.0%} of the same sweep's non-private final accuracy:",
-            "",
-            markdown_table(rounds_header, rounds_rows),
-            "",
-            *notes,
-            "",
-            *(
-                [
-                    "The tutorial's conclusion, judged on each sweep's numbers above (speed: "
-                    f"rounds to {fraction:.0%} of the better strategy's non-private final "
-                    "accuracy, one target for both):",
-                    "",
-                ]
-                if claims
-                else []
-            ),
-            *claims,
-        ]
-    )
+    common = [_common_rounds(data, fraction) for data in loaded]
+    for name, final, rnd in zip(names, finals, common, strict=True):
+        per: dict[str, dict[float, float]] = {}
+        per_rounds: dict[str, dict[float, float]] = {}
+        for (strategy, e), row in final.items():
+            per.setdefault(strategy, {})[e] = float(row["mean"])
+        for (strategy, e), row in rnd.items():
+            per_rounds.setdefault(strategy, {})[e] = float(row["rounds"])
+        claims += [f"**{name}**", "", *verdicts(per, per_rounds), ""]
+    return claims
 
 
 def compare_figure(outs: Sequence[Path], names: Sequence[str], path: Path) -> Path:
     """Final accuracy against ε, one panel per sweep (shared y axis), chance level dashed."""
     loaded = [SweepData.load(out) for out in outs]
-    fig, axes = _panels(len(loaded), width=5.2, height=4.4)
+    fig, axes = panels(len(loaded), width=5.2, height=4.4)
     for ax, data, name in zip(axes, loaded, names, strict=True):
         summary = summarize(data.finals, [*data.by, "eps"])
-        _eps_lines(ax, data, summary, "mean", "half", 100)
+        eps_lines(ax, data, summary, "mean", "half", 100)
         ax.axhline(CHANCE * 100, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_title(name)
         ax.xaxis.label.set_fontsize(8)

@@ -1,5 +1,5 @@
 """`python -m sim`: the `fl-sweep` command."""
 
-from sim.sweep import main
+from sweeps.cli import main
 
 raise SystemExit(main())

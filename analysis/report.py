@@ -15,10 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
-from flower_app.results import atomic_write_text
-from sim.grid import PRESETS
-from sim.plots import (
+from analysis.plots import (
     TARGET_FRACTION,
     Figure,
     Skipped,
@@ -28,7 +25,9 @@ from sim.plots import (
     plot_all,
     rounds_table,
 )
-from sim.tidy import eps_order, summarize
+from analysis.tidy import eps_order, summarize
+from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
+from flower_app.results import atomic_write_text, project_root
 
 REPORT = "report.md"
 
@@ -71,7 +70,7 @@ def preset_of(command: str) -> str | None:
     for i, word in enumerate(words):
         name = words[i + 1] if word == "--preset" and i + 1 < len(words) else None
         name = word.partition("=")[2] if word.startswith("--preset=") else name
-        if name in PRESETS:
+        if name:
             return name
     return None
 
@@ -154,6 +153,129 @@ def noise_note(data: Any) -> str:
     )
 
 
+def display_path(path: Path) -> str:
+    """`path` relative to the project (or the working directory) when inside it.
+
+    Committed reports must not carry one machine's absolute paths.
+    """
+    for base in (project_root(), Path.cwd()):
+        if base is not None:
+            try:
+                return path.resolve().relative_to(base.resolve()).as_posix()
+            except ValueError:
+                continue
+    return str(path)
+
+
+def _setup_section(m: dict[str, Any]) -> list[str]:
+    cells = m["cells"]
+    count = {s: sum(c["status"] == s for c in cells) for s in ("completed", "failed", "pending")}
+    text = ["## Setup", ""]
+    if m.get("command"):
+        text.append(f"- Command: `{m['command']}`")
+        if preset := preset_of(m["command"]):
+            about = f": {m['description']}" if m.get("description") else ""
+            text.append(f"- Preset `{preset}`{about}")
+    return text + [
+        f"- Simulated nodes: {m.get('nodes')}",
+        "- Fixed: "
+        + (", ".join(f"`{k}={_value(v)}`" for k, v in m.get("fixed", {}).items()) or "nothing"),
+        "- Swept: "
+        + ("; ".join(f"`{k}` ∈ {_values(v)}" for k, v in m.get("swept", {}).items()) or "nothing"),
+        f"- Cells: {count['completed']} completed, {count['failed']} failed, "
+        f"{count['pending']} pending (of {len(cells)}).",
+        "",
+    ]
+
+
+def _privacy_section(data: SweepData) -> list[str]:
+    if _has_values(data.cells, "eps_per_round_claimed"):
+        budget = (
+            "- **Cells with `accounting=per-round` (as the tutorial) label ε per round**: "
+            "their ε is the uncomposed one-shot label of the classic Gaussian mechanism, "
+            "NOT a budget; `ε spent` below is the true ε composed over the rounds each "
+            "node trained (RDP accountant, δ as above)."
+        )
+    else:
+        budget = (
+            "- ε is the budget each node spends over the whole run (not per round); the "
+            "noise is calibrated so each node ends at its target."
+        )
+    return [
+        "## Privacy",
+        "",
+        *[f"- Privacy unit: {unit}." for unit in privacy_units(data)],
+        f"- Trust model: {TRUST_MODEL}.",
+        f"- δ = {data.delta_text()} per node. ε = ∞ means no DP: plain SGD, no clipping, no noise.",
+        budget,
+        noise_note(data),
+        "",
+    ]
+
+
+def _accuracy_section(data: SweepData, target: float | None, fraction: float) -> list[str]:
+    text = ["## Final accuracy", ""]
+    summary = final_summary(data)
+    if summary.empty:
+        return text + ["No completed cell yet.", ""]
+    text += [
+        markdown_table(*summary_rows(data, summary)),
+        "",
+        "Final test accuracy: mean ± half-width of the 95% Student-t interval over seeds. "
+        f"{data.seed_note()} ε spent is the largest over the nodes, averaged over seeds; "
+        "wall time is per cell.",
+        "",
+    ]
+    targets = choose_targets(data, target, fraction)
+    text += ["## Rounds to reach the target accuracy", "", f"Target: {targets.how}.", ""]
+    if not targets.values:
+        return text
+    table = rounds_table(data, targets)
+    table = _ordered(data, table) if len(table) else table
+    rows = [
+        [
+            *("" if _nan(r[k]) else str(r[k]) for k in data.by),
+            eps_label(r["eps"]),
+            f"{r['target'] * 100:.1f}",
+            f"not reached in {r['max_round']}" if _nan(r["rounds"]) else str(int(r["rounds"])),
+        ]
+        for _, r in table.iterrows()
+    ]
+    return text + [
+        markdown_table([*data.by, "ε", "target (%)", "rounds"], rows),
+        "",
+        "Counted on the seed-mean accuracy curve.",
+        "",
+    ]
+
+
+def _figures_section(out: Path, drawn: list[Figure], skipped: list[Skipped]) -> list[str]:
+    text = ["## Figures", ""]
+    for fig in drawn:
+        png = fig.files[0].relative_to(out).as_posix()
+        svg = fig.files[1].relative_to(out).as_posix()
+        text += [f"### {fig.title}", "", f"![{fig.title}]({png})", ""]
+        text += [f"{fig.caption} ([SVG]({svg}))", ""]
+    if skipped:
+        text += ["Figures not drawn:", ""]
+        text += [f"- `{s.name}`: {s.reason}." for s in skipped]
+        text.append("")
+    return text
+
+
+def _failed_section(cells: list[dict[str, Any]]) -> list[str]:
+    if not (failed := [c for c in cells if c["status"] == "failed"]):
+        return []
+    return [
+        "## Failed cells",
+        "",
+        *[f"- `{c['id']}`: {(c.get('error') or '?').splitlines()[0]}" for c in failed],
+        "",
+        "Re-run the sweep's command with the same `--out` to retry them.",
+        "",
+    ]
+
+
 def write_report(
     out: Path,
     *,
@@ -164,111 +286,19 @@ def write_report(
     """Draw the figures (unless given) and write `<out>/report.md`."""
     drawn, skipped = figures if figures is not None else plot_all(out, target=target)
     data = SweepData.load(out)
-    m = data.manifest
-    cells = m["cells"]
-    count = {s: sum(c["status"] == s for c in cells) for s in ("completed", "failed", "pending")}
     text = [
-        f"# Privacy sweep `{m.get('name', out.name)}`",
+        f"# Privacy sweep `{data.manifest.get('name', out.name)}`",
         "",
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the stored results in this "
         "folder (`sweep.csv`, `manifest.json`, `runs/*/summary.json`); regenerate with "
-        f"`fl-sweep report {out}`.",
+        f"`fl-sweep report {display_path(out)}`.",
         "",
-        "## Setup",
-        "",
+        *_setup_section(data.manifest),
+        *_privacy_section(data),
+        *_accuracy_section(data, target, fraction),
+        *_figures_section(out, drawn, skipped),
+        *_failed_section(data.manifest["cells"]),
     ]
-    if m.get("command"):
-        text.append(f"- Command: `{m['command']}`")
-        if preset := preset_of(m["command"]):
-            text.append(f"- Preset `{preset}`: {PRESETS[preset].description}")
-    text += [
-        f"- Simulated nodes: {m.get('nodes')}",
-        "- Fixed: "
-        + (", ".join(f"`{k}={_value(v)}`" for k, v in m.get("fixed", {}).items()) or "nothing"),
-        "- Swept: "
-        + ("; ".join(f"`{k}` ∈ {_values(v)}" for k, v in m.get("swept", {}).items()) or "nothing"),
-        f"- Cells: {count['completed']} completed, {count['failed']} failed, "
-        f"{count['pending']} pending (of {len(cells)}).",
-        "",
-        "## Privacy",
-        "",
-        *[f"- Privacy unit: {unit}." for unit in privacy_units(data)],
-        f"- Trust model: {TRUST_MODEL}.",
-        f"- δ = {data.delta_text()} per node. ε = ∞ means no DP: plain SGD, no clipping, no noise.",
-        *(
-            [
-                "- **Cells with `accounting=per-round` (as the tutorial) label ε per round**: "
-                "their ε is the uncomposed one-shot label of the classic Gaussian mechanism, "
-                "NOT a budget; `ε spent` below is the true ε composed over the rounds each "
-                "node trained (RDP accountant, δ as above)."
-            ]
-            if _has_values(data.cells, "eps_per_round_claimed")
-            else [
-                "- ε is the budget each node spends over the whole run (not per round); the "
-                "noise is calibrated so each node ends at its target."
-            ]
-        ),
-        noise_note(data),
-        "",
-        "## Final accuracy",
-        "",
-    ]
-    summary = final_summary(data)
-    if summary.empty:
-        text += ["No completed cell yet.", ""]
-    else:
-        text += [
-            markdown_table(*summary_rows(data, summary)),
-            "",
-            "Final test accuracy: mean ± half-width of the 95% Student-t interval over seeds. "
-            f"{data.seed_note()} ε spent is the largest over the nodes, averaged over seeds; "
-            "wall time is per cell.",
-            "",
-        ]
-        targets = choose_targets(data, target, fraction)
-        text += ["## Rounds to reach the target accuracy", "", f"Target: {targets.how}.", ""]
-        if targets.values:
-            table = rounds_table(data, targets)
-            table = _ordered(data, table) if len(table) else table
-            text += [
-                markdown_table(
-                    [*data.by, "ε", "target (%)", "rounds"],
-                    [
-                        [
-                            *("" if _nan(r[k]) else str(r[k]) for k in data.by),
-                            eps_label(r["eps"]),
-                            f"{r['target'] * 100:.1f}",
-                            f"not reached in {r['max_round']}"
-                            if _nan(r["rounds"])
-                            else str(int(r["rounds"])),
-                        ]
-                        for _, r in table.iterrows()
-                    ],
-                ),
-                "",
-                "Counted on the seed-mean accuracy curve.",
-                "",
-            ]
-    text += ["## Figures", ""]
-    for fig in drawn:
-        png = fig.files[0].relative_to(out).as_posix()
-        svg = fig.files[1].relative_to(out).as_posix()
-        text += [
-            f"### {fig.title}",
-            "",
-            f"![{fig.title}]({png})",
-            "",
-            f"{fig.caption} ([SVG]({svg}))",
-            "",
-        ]
-    if skipped:
-        text += ["Figures not drawn:", ""]
-        text += [f"- `{s.name}`: {s.reason}." for s in skipped]
-        text.append("")
-    if failed := [c for c in cells if c["status"] == "failed"]:
-        text += ["## Failed cells", ""]
-        text += [f"- `{c['id']}`: {(c.get('error') or '?').splitlines()[0]}" for c in failed]
-        text += ["", "Re-run the sweep's command with the same `--out` to retry them.", ""]
     path = out / REPORT
     atomic_write_text(path, "\n".join(text).rstrip("\n") + "\n")
     return path

@@ -1,0 +1,1 @@
+"""Reading stored results only: the tidy table, figures, the report, sweep comparisons."""

@@ -1,0 +1,1 @@
+"""fl-bench: where the time of private federated training goes, as ratios from one run."""

@@ -1,0 +1,163 @@
+"""A simulation SuperLink this process owns: real `flwr run`s, stopped by process group.
+
+Used by the sweep runner, the benchmarks and the end-to-end tests. The SuperLink gets its
+own FLWR_HOME and a free loopback port, so it never collides with the user's `:local:`
+SuperLink, and it is stopped (process group, by PID) when the `with` block ends.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.cli.build import build_fab_from_disk  # pinned flwr: builds the FAB as `flwr run` does
+
+from launch.flwr_cli import PROJECT_DIR, FlowerRunError, FlwrCli, RunOutcome, flower_env
+from launch.processes import console_script, free_port, port_answers, stop_process_group
+
+CONNECTION = "owned"
+
+
+class SimulationLink:
+    """A `flower-superlink --simulation` started and stopped by this process."""
+
+    connection = CONNECTION  # the connection name `flwr` commands use (its config.toml)
+
+    def __init__(
+        self,
+        flwr_home: Path | None = None,
+        *,
+        ray_address: str | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        """Prepare (not start) a SuperLink with its own FLWR_HOME and port."""
+        self._tmp = None if flwr_home else tempfile.TemporaryDirectory(prefix="flwr-home-")
+        self.home = Path(flwr_home or self._tmp.name)  # type: ignore[union-attr]
+        self.ray_address = ray_address
+        self.startup_timeout = startup_timeout
+        self.port = free_port()  # one HTTP port serves the Control, Runtime and Fleet APIs
+        self.process: subprocess.Popen[bytes] | None = None
+        self._staged: Path | None = None
+        # ray.init() in the simulation joins RAY_ADDRESS when it is set.
+        extra = {"RAY_ADDRESS": ray_address} if ray_address else {}
+        self.cli = FlwrCli(self.home, CONNECTION, extra)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment of the SuperLink (and so of the simulation) and the `flwr` commands."""
+        return flower_env(self.home, **self.cli.extra_env)
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the SuperLink process, once started."""
+        return self.process.pid if self.process else None
+
+    def __enter__(self) -> SimulationLink:
+        """Start the SuperLink and wait until it answers."""
+        self.cli.write_connection(f"127.0.0.1:{self.port}")
+        log = open(self.home / "superlink.out", "wb")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            [
+                console_script("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.home / "state.db"),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so stop() reaches its children
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = (self.home / "superlink.out").read_text(errors="replace").strip()
+                raise FlowerRunError(
+                    f"flower-superlink exited with code {self.process.returncode}: "
+                    f"{tail.splitlines()[-1] if tail else 'no output'}"
+                )
+            if port_answers(self.port):
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise FlowerRunError(f"flower-superlink did not answer within {self.startup_timeout}s")
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop the SuperLink and everything it started."""
+        self.stop()
+
+    def stop(self) -> None:
+        """Terminate the SuperLink's process group by PID (then kill it if it lingers)."""
+        if self.process is not None:
+            stop_process_group(self.process)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def staged_app(self) -> Path:
+        """The app's FAB contents, extracted once into this link's home.
+
+        `flwr run DIR` walks every file under DIR (the project's .venv: ~47,000 files, about
+        6 s of CPU) before filtering; a directory holding only the app's files costs nothing.
+        """
+        if self._staged is None:
+            staged = self.home / "app"
+            with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(PROJECT_DIR))) as fab:
+                members = [m for m in fab.namelist() if not m.startswith(".info/")]
+                fab.extractall(staged, members)
+            self._staged = staged
+        return self._staged
+
+    # The `flwr` CLI against this SuperLink.
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a `flwr` CLI command against this SuperLink."""
+        return self.cli.flwr(*args, timeout=timeout)
+
+    def submit(
+        self, run_config: Mapping[str, Any], *, num_nodes: int, app_dir: Path = PROJECT_DIR
+    ) -> str:
+        """`flwr run` the app with these run-config overrides on `num_nodes` simulated nodes."""
+        return self.cli.submit(
+            self.staged_app() if app_dir == PROJECT_DIR else app_dir,
+            run_config,
+            federation_config=f"num-supernodes={num_nodes} client-resources-num-cpus=1 "
+            "client-resources-num-gpus=0.0",
+        )
+
+    def status(self, run_id: str) -> RunOutcome:
+        """The run's status from `flwr list`."""
+        return self.cli.status(run_id)
+
+    def wait(
+        self,
+        run_id: str,
+        *,
+        timeout: float = 3600,
+        poll_s: float = 2.0,
+        on_poll: Callable[[], None] | None = None,
+    ) -> RunOutcome:
+        """Block until the run finishes (see `FlwrCli.wait`)."""
+        return self.cli.wait(run_id, timeout=timeout, poll_s=poll_s, on_poll=on_poll)
+
+    def logs(self, run_id: str) -> str:
+        """The run's log as far as the SuperLink keeps it."""
+        return self.cli.logs(run_id)
+
+    def run(
+        self, run_config: Mapping[str, Any], *, num_nodes: int, timeout: float = 3600
+    ) -> RunOutcome:
+        """Submit and wait."""
+        return self.wait(self.submit(run_config, num_nodes=num_nodes), timeout=timeout)

@@ -1,1 +1,0 @@
-"""Privacy sweeps on Flower's simulation engine, tidy results, plots, benchmarks."""

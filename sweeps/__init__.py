@@ -1,0 +1,1 @@
+"""Privacy sweeps: grid specs and presets, the resumable runner, the fl-sweep CLI."""

@@ -1,0 +1,301 @@
+"""`fl-sweep` (run, report, compare): flags -> a sweep spec -> the runner -> figures and report.
+
+`<out>/manifest.json` lists every cell with its status and is rewritten atomically after each
+cell, `<out>/sweep.csv` is rebuilt from the completed cells, and each cell's results live in
+`<out>/runs/<cell id>/`. Re-running the same command with the same `--out` skips completed
+cells and re-runs failed or interrupted ones, so killing the sweep loses no completed cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from analysis.compare import compare, compare_figure
+from analysis.plots import TARGET_FRACTION, SweepData, plot_all
+from analysis.report import final_summary, summary_rows, write_report
+from analysis.tidy import MANIFEST, TIDY
+from flower_app.results import (
+    resolve_results_dir,
+)
+from launch.flwr_cli import RunOutcome
+from launch.processes import sigterm_as_interrupt
+from launch.simulation import SimulationLink
+from sweeps.presets import PRESETS
+from sweeps.runner import COMPLETED, FlowerRunner, Runner, SuperLinkDown, Sweep
+from sweeps.spec import (
+    SweepError,
+    SweepSpec,
+    expand,
+    load_spec,
+    parse_assignment,
+    parse_value,
+    parse_values,
+    parse_variant,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fl-sweep` command line: run, plot, report, compare."""
+    parser = argparse.ArgumentParser(
+        prog="fl-sweep",
+        description="Privacy sweeps of FedAvg and gossip learning under DP-SGD, on Flower.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = _add_run(sub)
+    for name, text in (("plot", "draw the figures"), ("report", "write report.md (and figures)")):
+        p = sub.add_parser(name, help=f"{text} from a sweep folder's stored results")
+        p.add_argument("results_dir", type=Path, metavar="RESULTS_DIR")
+    _add_compare(sub)
+    for p in (run, sub.choices["plot"], sub.choices["report"]):
+        p.add_argument(
+            "--target-accuracy",
+            type=float,
+            help="accuracy (0-1) for the rounds-to-target figure "
+            # argparse %-formats help texts: a literal percent sign is %%.
+            f"(default: {TARGET_FRACTION * 100:.0f}%% of each strategy's non-private final "
+            "accuracy)",
+        )
+    return parser
+
+
+def _add_run(sub: Any) -> argparse.ArgumentParser:
+    run = sub.add_parser(
+        "run",
+        help="run a sweep (resumable with the same --out)",
+        description="Expand the grid (strategies × ε × seeds × --sweep keys), validate every "
+        "cell, then run the cells one after another on one simulation SuperLink. Order of "
+        "precedence: preset < SPEC.toml < --nodes/--strategies/--eps/--seeds/--rounds < --set "
+        "< --sweep. Values parse like TOML (inf, 2, 0.5, true); bare words are strings. A key "
+        "may be scoped to one strategy: --set gossip:topology=ring.",
+    )
+    run.add_argument("spec", nargs="?", type=Path, help="SPEC.toml: nodes, [fixed], [grid]")
+    run.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="; ".join(f"{k}: {p.description}" for k, p in PRESETS.items()),
+    )
+    run.add_argument("--eps", help="ε values, e.g. inf,8,4,2,1 (inf = no DP)")
+    run.add_argument("--strategies", help="strategies, e.g. fedavg,gossip")
+    run.add_argument("--seeds", help="seeds, e.g. 7,8,9")
+    run.add_argument("--rounds", type=int, help="num-server-rounds")
+    run.add_argument("--nodes", type=int, help="simulated nodes (SuperNodes)")
+    repeated = {"action": "append", "default": []}
+    run.add_argument("--set", **repeated, metavar="KEY=VALUE", help="fix a run-config key")
+    run.add_argument(
+        "--sweep", **repeated, metavar="KEY=V1,V2", help="sweep a run-config key over values"
+    )
+    run.add_argument(
+        "--variant",
+        **repeated,
+        metavar="'K1=V1 K2=V2'",
+        help="add a variant: keys set together (repeat for more); the grid is multiplied by "
+        "the variants, e.g. --variant 'gossip:gossip-mode=edges gossip:topology=ring'",
+    )
+    run.add_argument(
+        "--out",
+        type=Path,
+        help="sweep folder (default: results/sweeps/<preset or sweep>-<UTC time> in the "
+        "project); give the same folder again to resume",
+    )
+    run.add_argument(
+        "--ray-address", help="join a running Ray cluster (see `ray start --head`) at ADDR"
+    )
+    run.add_argument(
+        "--timeout", type=float, default=3600, help="stop a cell after S seconds (default 3600)"
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="validate and list the cells; write nothing"
+    )
+    return run
+
+
+def _add_compare(sub: Any) -> None:
+    cmp = sub.add_parser(
+        "compare",
+        help="print a Markdown table of several sweeps side by side (same series and ε)",
+    )
+    cmp.add_argument("results_dirs", type=Path, nargs="+", metavar="RESULTS_DIR")
+    cmp.add_argument("--names", help="column names, comma-separated (default: folder names)")
+    cmp.add_argument(
+        "--figure",
+        type=Path,
+        metavar="PNG",
+        help="also draw final accuracy vs ε, a panel per sweep",
+    )
+
+
+def spec_from_args(args: argparse.Namespace) -> SweepSpec:
+    """Preset, then SPEC.toml, then the flags: later ones override earlier ones."""
+    spec = PRESETS[args.preset].spec.copy() if args.preset else SweepSpec()
+    if args.spec:
+        spec = load_spec(args.spec, spec)
+    if args.nodes is not None:
+        spec.nodes = args.nodes
+    for key, text in (("strategy", args.strategies), ("eps", args.eps), ("seed", args.seeds)):
+        if text is not None:
+            spec.sweep(key, parse_values(text))
+    if args.rounds is not None:
+        spec.set("num-server-rounds", args.rounds)
+    for text in args.set:
+        key, value = parse_assignment(text, "--set")
+        spec.set(key, parse_value(value))
+    for text in args.sweep:
+        key, values = parse_assignment(text, "--sweep")
+        spec.sweep(key, parse_values(values))
+    for text in args.variant:
+        spec.vary(parse_variant(text))
+    return spec
+
+
+def default_out(name: str, now: datetime | None = None) -> Path:
+    """`<project>/results/sweeps/<name>-<UTC timestamp>`."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    return resolve_results_dir(f"results/sweeps/{name}-{stamp}")
+
+
+def summary_table(data: SweepData) -> Table:
+    """The final rich table: final accuracy mean ± 95% CI over seeds per strategy and ε."""
+    header, rows = summary_rows(data, final_summary(data))
+    table = Table(title="Final test accuracy (mean ± 95% t-interval over seeds)")
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i < len(data.by) else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _finish(out: Path, target: float | None, console: Console) -> None:
+    """Figures, report and the summary table; never fails the command."""
+    try:
+        figures = plot_all(out, target=target)
+        report = write_report(out, target=target, figures=figures)
+        console.log(
+            f"{len(figures[0])} figures in {out / 'figures'}; report: {report}", markup=False
+        )
+    except Exception as err:  # noqa: BLE001 - the runs are safe; plotting can be redone
+        log.warning(
+            "plot/report failed (%s: %s); retry with `fl-sweep report %s`",
+            type(err).__name__,
+            err,
+            out,
+        )
+    _print_summary(out)
+
+
+def _print_summary(out: Path) -> None:
+    data = SweepData.load(out)
+    if data.tidy.empty:
+        Console(stderr=True).print("no completed cell yet: no summary table")
+    else:
+        Console().print(summary_table(data))
+
+
+def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | None = None) -> int:
+    """`fl-sweep run`: validate everything, then run; 0 all completed, 1 some failed."""
+    console = Console(stderr=True, log_path=False)
+    spec = spec_from_args(args)
+    cells = expand(spec)
+    name = args.preset or "sweep"
+    if args.dry_run:
+        for cell in cells:
+            console.print(f"{cell.id}  {cell.params}", soft_wrap=True, markup=False)
+        console.print(f"{len(cells)} cells on {spec.nodes} nodes: all valid")
+        return 0
+    out = (args.out.expanduser().resolve()) if args.out else default_out(name)
+    command = shlex.join(["fl-sweep", *argv] + ([] if args.out else ["--out", str(out)]))
+    description = PRESETS[args.preset].description if args.preset else ""
+    sweep = Sweep(out, spec, cells, name=name, command=command, description=description)
+    console.log(f"{len(cells)} cells on {spec.nodes} nodes → {out}", markup=False)
+    try:
+        with sigterm_as_interrupt():
+            if runner is not None or not sweep.todo:  # nothing to run: no SuperLink needed
+                sweep.run(runner or _no_runner, console)
+            else:
+                with SimulationLink(ray_address=args.ray_address) as link:
+                    sweep.run(FlowerRunner(link, args.timeout), console)
+    except KeyboardInterrupt:
+        done = sum(sweep.status(c.id) == COMPLETED for c in cells)
+        _stderr(f"interrupted: {done} of {len(cells)} cells completed; resume with: {command}")
+        return 130
+    except SuperLinkDown as err:
+        _stderr(f"{err}; resume with: {command}")
+        return 1
+    _finish(out, args.target_accuracy, console)
+    if failed := sweep.failed:
+        _stderr(
+            f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)} "
+            f"(errors in {out / MANIFEST}); re-run the same command to retry them"
+        )
+        return 1
+    return 0
+
+
+def _no_runner(run_config: dict[str, Any], **_: Any) -> RunOutcome:
+    raise AssertionError(f"no cell should run, got {run_config['run-name']}")
+
+
+def _stderr(line: str) -> None:
+    sys.stderr.write(f"fl-sweep: {line}\n")
+
+
+def _sweep_folder(path: Path) -> Path:
+    folder = path.expanduser().resolve()
+    if not (folder / MANIFEST).exists() or not (folder / TIDY).exists():
+        raise SweepError(f"{folder} is not a sweep folder (no {MANIFEST} and {TIDY})")
+    return folder
+
+
+def _setup_logging() -> None:
+    for name in ("sweeps", "analysis", "launch"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(isinstance(h, RichHandler) for h in logger.handlers):
+            logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False))
+        logger.propagate = False  # Opacus calls logging.basicConfig on import: no double lines
+
+
+def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> int:
+    """Entry point of `fl-sweep` and `python -m sim`; `runner` replaces Flower in tests."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        if args.command == "run":
+            return command_run(args, argv, runner)
+        if args.command == "compare":
+            outs = [_sweep_folder(p) for p in args.results_dirs]
+            names = args.names.split(",") if args.names else None
+            if names is not None and len(names) != len(outs):
+                raise SweepError(f"--names gives {len(names)} names for {len(outs)} folders")
+            sys.stdout.write(compare(outs, names))
+            if args.figure:
+                compare_figure(outs, names or [p.name for p in outs], args.figure)
+            return 0
+        out = _sweep_folder(args.results_dir)
+        if args.command == "plot":
+            figures, _ = plot_all(out, target=args.target_accuracy)
+            for fig in figures:
+                Console(stderr=True, log_path=False).log(
+                    f"{fig.name}: {', '.join(map(str, fig.files))}"
+                )
+            return 0
+        report = write_report(out, target=args.target_accuracy)
+        Console(stderr=True, log_path=False).log(f"report: {report}")
+        _print_summary(out)
+        return 0
+    except SweepError as err:
+        _stderr(str(err))
+        return 2
