@@ -137,19 +137,26 @@ def _value(value: Any) -> str:
 
 
 def noise_note(data: Any) -> str:
-    """Whether the cells' DP noise was seeded (repeatable) or secret."""
-    seeds = data.cells.get("noise_seed", pd.Series(dtype=float)).dropna()
-    private = data.cells["eps"].astype(float).map(math.isfinite) if "eps" in data.cells else []
-    if not len(seeds) or not any(private):
+    """Whether the cells' DP noise was seeded (repeatable), secret, or not recorded."""
+    cells = data.cells
+    private = cells[cells["eps"].astype(float).map(math.isfinite)] if "eps" in cells else cells
+    if private.empty:
+        return "- DP noise: none (no private cell)."
+    if "noise" not in private or private["noise"].isna().all():
         return (
-            "- DP noise: secret, drawn in each node from OS entropy (cells do not repeat "
-            "bit for bit)."
+            "- DP noise: these runs predate secret noise; their noise was derived from the run's "
+            "`seed`, so it was repeatable and not private against anyone who knows the seed."
+        )
+    if "noise_seed" in private and private["noise_seed"].notna().any():
+        return (
+            "- **DP noise is seeded** (`noise-seed` = each cell's seed, set by fl-sweep) so every "
+            "cell repeats bit for bit; seeded noise is NOT private against anyone who knows "
+            "`noise-seed`: right for measuring accuracy under DP in simulation, never for real "
+            "data (set `noise-seed=-1` for secret noise)."
         )
     return (
-        "- **DP noise is seeded** (`noise-seed` = each cell's seed, set by fl-sweep) so every "
-        "cell repeats bit for bit; seeded noise is NOT private against anyone who knows "
-        "`noise-seed`: right for measuring accuracy under DP in simulation, never for real "
-        "data (set `noise-seed=-1` for secret noise)."
+        "- DP noise: secret, drawn in each node from its OS entropy (cells do not repeat bit "
+        "for bit)."
     )
 
 

@@ -168,6 +168,7 @@ def cell_table(out: Path, manifest: Mapping[str, Any]) -> pd.DataFrame:
         row["privacy_unit"] = privacy.get("unit")
         row["eps_per_round_claimed"] = privacy.get("eps_per_round_claimed")
         row["noise_seed"] = privacy.get("noise_seed")
+        row["noise"] = privacy.get("noise")  # absent in runs from before noise was secret
         for key, value in (summary.get("topology") or {}).items():
             row[f"topology_{key}"] = value
         rows.append(row)

@@ -450,40 +450,6 @@ class Deployment:
         _stop_stragglers(self.root)
         (self.root / PIDS).unlink(missing_ok=True)
 
-    def instructions(self) -> str:
-        """How to run the app against this deployment, printed by `start`."""
-        home = f"FLWR_HOME={self.home}"
-        nodes = self.num_nodes
-        security = "TLS + SuperNode auth" if self.secure else "INSECURE: no TLS, no node auth"
-        policy = self.node_policy(0)
-        policy_text = (
-            "Node policy: "
-            + inline_run_config({k: v for k, v in policy.items() if k != "ledger-dir"})
-            + f" (ledgers in {self.root}/node-*/ledger: delete them to reset the budgets)."
-            if policy
-            else "Node policy: none (every node accepts the run's privacy)."
-        )
-        strategy = "gossip" if nodes >= 3 else "fedavg"  # the default ring needs 3 nodes
-        return "\n".join(
-            [
-                f"SuperLink {self.address} ({security}),"
-                f" {nodes} SuperNodes (partition-id 0..{nodes - 1}, num-partitions={nodes}).",
-                policy_text,
-                f"Connection '{self.connection}' is in {self.home / 'config.toml'}.",
-                "Logs: " + str(self.root / "{superlink,node-*}/out.log"),
-                "",
-                "Run the app (from the project folder, venv active):",
-                f"  cd {PROJECT_DIR} && source .venv/bin/activate",
-                f"  {home} flwr run . {self.connection} --run-config "
-                f"'strategy=\"{strategy}\" eps=2 num-nodes={nodes}' --stream",
-                f"  {home} flwr list {self.connection}",
-                f"  {home} flwr supernode list {self.connection}",
-                "Results: results/<run-name>/ (rounds.csv, summary.json) of this project.",
-                "",
-                f"Stop: Ctrl-C here, or  scripts/local-deployment stop --dir {self.root}",
-            ]
-        )
-
 
 # --- pids.json ----------------------------------------------------------------------------
 

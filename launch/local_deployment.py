@@ -21,7 +21,7 @@ from launch.deployment import (
     console,
     stop_from_pids,
 )
-from launch.flwr_cli import FlowerRunError
+from launch.flwr_cli import PROJECT_DIR, FlowerRunError, inline_run_config
 from launch.processes import sigterm_as_interrupt
 
 
@@ -44,6 +44,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--detach", action="store_true", help="return once all nodes are online (stop later)"
     )
     return parser
+
+
+def instructions(d: Deployment) -> str:
+    """How to run the app against this deployment, printed by `start`."""
+    home = f"FLWR_HOME={d.home}"
+    nodes = d.num_nodes
+    security = "TLS + SuperNode auth" if d.secure else "INSECURE: no TLS, no node auth"
+    policy = d.node_policy(0)
+    policy_text = (
+        "Node policy: "
+        + inline_run_config({k: v for k, v in policy.items() if k != "ledger-dir"})
+        + f" (ledgers in {d.root}/node-*/ledger: delete them to reset the budgets)."
+        if policy
+        else "Node policy: none (every node accepts the run's privacy)."
+    )
+    strategy = "gossip" if nodes >= 3 else "fedavg"  # the default ring needs 3 nodes
+    return "\n".join(
+        [
+            f"SuperLink {d.address} ({security}),"
+            f" {nodes} SuperNodes (partition-id 0..{nodes - 1}, num-partitions={nodes}).",
+            policy_text,
+            f"Connection '{d.connection}' is in {d.home / 'config.toml'}.",
+            "Logs: " + str(d.root / "{superlink,node-*}/out.log"),
+            "",
+            "Run the app (from the project folder, venv active):",
+            f"  cd {PROJECT_DIR} && source .venv/bin/activate",
+            f"  {home} flwr run . {d.connection} --run-config "
+            f"'strategy=\"{strategy}\" eps=2 num-nodes={nodes}' --stream",
+            f"  {home} flwr list {d.connection}",
+            f"  {home} flwr supernode list {d.connection}",
+            "Results: results/<run-name>/ (rounds.csv, summary.json) of this project.",
+            "",
+            f"Stop: Ctrl-C here, or  scripts/local-deployment stop --dir {d.root}",
+        ]
+    )
 
 
 def _run_foreground(deployment: Deployment) -> int:
@@ -86,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    Console().print(deployment.instructions(), soft_wrap=True, highlight=False, markup=False)
+    Console().print(instructions(deployment), soft_wrap=True, highlight=False, markup=False)
     if args.detach:
         return 0
     return _run_foreground(deployment)

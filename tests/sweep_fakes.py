@@ -105,7 +105,11 @@ class FakeRunner:
                 "final_accuracy": acc,
                 "eps_spent": row["eps_spent"],
                 "wall_s": 3.0,
-                "privacy": {"delta": cfg.delta, "noise_seed": cfg.noise_seed},
+                "privacy": {
+                    "delta": cfg.delta,
+                    "noise": "seeded" if cfg.seeded_noise else "secret",
+                    "noise_seed": cfg.noise_seed if cfg.seeded_noise else None,
+                },
             }
             if gossip:
                 summary["topology"] = {
