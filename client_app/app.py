@@ -14,6 +14,7 @@ from flower_app.ledger import FileLedger, LedgerError
 from flower_app.node import Refused, serve_train
 from flower_app.policy import NodePolicy, PolicyError
 from flower_app.records import ARRAYS, CONFIG, StateLedger, refusal_reply, train_reply
+from flower_app.train import quiet_opacus_logging
 
 app = ClientApp()
 
@@ -34,6 +35,7 @@ def shard_of(node_config: dict[str, Any]) -> tuple[int, int]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train if the node's policy accepts the run; otherwise reply why, having trained nothing."""
+    quiet_opacus_logging()
     # One thread per simulated node: two nodes on two cores beat one node with two threads.
     torch.set_num_threads(int(context.node_config.get("torch-threads", 1)))
     pid = -1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -20,7 +20,7 @@ from flower_app.privacy import (
     plan_update_ledger,
     privatize_update,
 )
-from flower_app.rng import privacy_randomness, shuffle_generator
+from flower_app.rng import PrivacyRandomness, privacy_randomness, shuffle_generator
 from flower_app.train import train_dp, train_plain
 
 
@@ -146,41 +146,73 @@ def local_round(
         ledger = plan(cfg, len(data))
     model = build_model(cfg.model)
     model.load_state_dict(weights, strict=True)
-    common = dict(
-        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum
-    )
     if ledger is None:
-        result = train_plain(
-            model, data, generator=shuffle_generator(cfg, partition_id, server_round), **common
-        )
-        return NodeRound(_detached(model), len(data), result.loss, None)
+        loss = _round_plain(cfg, model, data, shuffle_generator(cfg, partition_id, server_round))
+        return NodeRound(_detached(model), len(data), loss, None)
     rand = privacy_randomness(cfg, partition_id, server_round)
     if cfg.dp_mode == "update":
-        result = train_plain(
-            model, data, generator=shuffle_generator(cfg, partition_id, server_round), **common
-        )
-        private, _ = privatize_update(
-            weights,
-            model.state_dict(),
-            clip=cfg.max_grad_norm,
-            noise_multiplier=ledger.noise_multiplier,
-            generator=rand.noise,
-        )
-        model.load_state_dict(private)
-        steps = 1
+        shuffle = shuffle_generator(cfg, partition_id, server_round)
+        loss, steps = _round_update(cfg, model, data, weights, ledger, shuffle, rand.noise)
     else:
-        result = train_dp(
-            model,
-            data,
-            ledger,
-            max_grad_norm=cfg.max_grad_norm,
-            grad_sample_mode=cfg.opacus_mode,
-            generator=rand.sampling,
-            noise_generator=rand.noise,
-            **common,
-        )
-        steps = result.steps
-    return NodeRound(_detached(model), len(data), result.loss, ledger.after(steps), steps)
+        loss, steps = _round_sample(cfg, model, data, ledger, rand)
+    return NodeRound(_detached(model), len(data), loss, ledger.after(steps), steps)
+
+
+def _sgd(cfg: RunConfig) -> dict[str, Any]:
+    """The SGD knobs every mode trains with."""
+    return dict(
+        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum
+    )
+
+
+def _round_plain(
+    cfg: RunConfig, model: torch.nn.Module, data: BatchTensorDataset, shuffle: torch.Generator
+) -> float:
+    """No DP (eps=inf): plain SGD; the mean training loss."""
+    return train_plain(model, data, generator=shuffle, **_sgd(cfg)).loss
+
+
+def _round_update(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    data: BatchTensorDataset,
+    weights: dict[str, torch.Tensor],
+    ledger: PrivacyLedger,
+    shuffle: torch.Generator,
+    noise: torch.Generator,
+) -> tuple[float, int]:
+    """dp-mode=update: plain SGD, then the round's update clipped and noised once (1 step)."""
+    loss = _round_plain(cfg, model, data, shuffle)
+    private, _ = privatize_update(
+        weights,
+        model.state_dict(),
+        clip=cfg.max_grad_norm,
+        noise_multiplier=ledger.noise_multiplier,
+        generator=noise,
+    )
+    model.load_state_dict(private)
+    return loss, 1
+
+
+def _round_sample(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    data: BatchTensorDataset,
+    ledger: PrivacyLedger,
+    rand: PrivacyRandomness,
+) -> tuple[float, int]:
+    """dp-mode=sample: Opacus DP-SGD; the loss and the DP steps it took."""
+    result = train_dp(
+        model,
+        data,
+        ledger,
+        max_grad_norm=cfg.max_grad_norm,
+        grad_sample_mode=cfg.opacus_mode,
+        generator=rand.sampling,
+        noise_generator=rand.noise,
+        **_sgd(cfg),
+    )
+    return result.loss, result.steps
 
 
 def _detached(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -168,15 +169,100 @@ class RunFiles:
         """Remove the folder of a run that was refused before it trained anything."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def finish(self, summary: Mapping[str, Any]) -> None:
+    def finish(self, summary: RunSummary | Mapping[str, Any]) -> None:
         """Write `summary.json` last: its presence with status completed marks the run done."""
-        write_json(self.folder / SUMMARY, dict(summary))
+        data = summary.to_dict() if isinstance(summary, RunSummary) else dict(summary)
+        write_json(self.folder / SUMMARY, data)
+
+
+def _number(value: Any) -> Any:
+    """A float field as read back: `to_json` wrote inf and nan as strings."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+# Fields that `to_json` may have written as the strings "inf" or "nan".
+_FLOAT_FIELDS = (
+    "final_accuracy",
+    "final_node_accuracy",
+    "final_loss",
+    "initial_accuracy",
+    "eps_target",
+    "eps_spent",
+    "wall_s",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    """`summary.json`: how a run ended, its final numbers, its privacy, its strategy.
+
+    A failed run's summary holds only `status` ("failed") and `error`.
+    """
+
+    status: str  # completed | incomplete | failed
+    run_name: str | None = None
+    strategy: str | None = None
+    rounds_completed: int = 0
+    final_accuracy: float | None = None
+    # What a node actually holds: the global model (FedAvg) or its own (gossip).
+    final_node_accuracy: float | None = None
+    # First round whose evaluated model had a non-finite loss (None: never).
+    diverged_at_round: int | None = None
+    final_loss: float | None = None
+    initial_accuracy: float | None = None
+    eps_target: float | None = None
+    eps_spent: float = 0.0
+    wall_s: float | None = None
+    num_nodes: int | None = None
+    privacy: dict[str, Any] = field(default_factory=dict)
+    # From the strategy's `run_summary()`: how models were combined; gossip's graph.
+    aggregation: str | None = None
+    topology: dict[str, Any] | None = None
+    error: str | None = None  # failed runs only: "<ExceptionType>: <message>"
+
+    @classmethod
+    def failed(cls, err: BaseException) -> RunSummary:
+        """The summary of a run stopped by `err`."""
+        return cls(status="failed", error=f"{type(err).__name__}: {err}")
+
+    @property
+    def completed(self) -> bool:
+        """Whether the run trained every round it was configured for."""
+        return self.status == "completed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: no `topology` without one, nothing but the error for a failure."""
+        if self.error is not None:
+            return {"status": self.status, "error": self.error}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        del out["error"]
+        if self.topology is None:
+            del out["topology"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunSummary:
+        """Read a summary back; keys older files lack default, unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values |= {k: _number(values[k]) for k in _FLOAT_FIELDS if k in values}
+        values.setdefault("status", "unknown")
+        return cls(**values)
+
+    @classmethod
+    def read(cls, folder: Path) -> RunSummary | None:
+        """The summary in `folder`, or None when it is missing or unreadable."""
+        try:
+            data = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return cls.from_dict(data) if isinstance(data, Mapping) else None
 
 
 def is_completed(folder: Path) -> bool:
-    """Whether `folder` holds a run whose summary says it completed."""
-    try:
-        summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return summary.get("status") == "completed"
+    """Whether `folder` holds a run whose summary says it completed (the one such check)."""
+    summary = RunSummary.read(folder)
+    return summary is not None and summary.completed

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.grad_sample import AbstractGradSampleModule
+from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -17,8 +19,15 @@ from flower_app.privacy import PrivacyLedger, steps_per_epoch
 
 EVAL_BATCH = 500
 
-# Importing Opacus runs logging.basicConfig, which makes every Flower log line print twice.
-logging.getLogger("flwr").propagate = False
+
+def quiet_opacus_logging() -> None:
+    """Print each Flower log line once in a process that imported Opacus.
+
+    Importing Opacus runs `logging.basicConfig`, which gives the root logger a handler;
+    Flower's logger has its own and propagates to the root, so every line printed twice.
+    The ClientApp and the ServerApp call this first.
+    """
+    logging.getLogger("flwr").propagate = False
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,53 @@ def train_dp(
         num_samples=len(data), sample_rate=1 / per_epoch, generator=generator, steps=per_epoch
     )
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=keep_batch)
-    optimizer = _optimizer(model, lr, momentum)
+    dp = _make_private(
+        model,
+        _optimizer(model, lr, momentum),
+        loader,
+        ledger,
+        max_grad_norm=max_grad_norm,
+        grad_sample_mode=grad_sample_mode,
+        noise_generator=noise_generator,
+    )
+    if abs(1 / len(dp.loader) - ledger.sample_rate) > 1e-12:
+        raise RuntimeError(
+            f"sample rate {1 / len(dp.loader)} differs from the calibrated {ledger.sample_rate}: "
+            "the node's data changed between rounds"
+        )
+    loss = _dp_epochs(dp, epochs, empty_batches_by_hand=grad_sample_mode == "ew")
+    steps = sum(n for _, _, n in dp.engine.accountant.history) - ledger.steps
+    if steps != epochs * len(dp.loader):
+        raise RuntimeError(
+            f"the accountant counted {steps} steps, expected "
+            f"{epochs * len(dp.loader)}: privacy accounting would be wrong"
+        )
+    dp.model._close()  # remove Opacus hooks; the caller keeps using `model`
+    return LocalResult(loss=loss, steps=steps)
+
+
+@dataclass(frozen=True)
+class _Private:
+    """What Opacus's `make_private` wrapped: model, optimizer, loss, loader, and its engine."""
+
+    engine: PrivacyEngine
+    model: AbstractGradSampleModule
+    optimizer: DPOptimizer
+    criterion: nn.Module
+    loader: DataLoader
+
+
+def _make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    ledger: PrivacyLedger,
+    *,
+    max_grad_norm: float,
+    grad_sample_mode: str,
+    noise_generator: torch.Generator | None,
+) -> _Private:
+    """Wrap for DP-SGD, the accountant resuming from the ledger's steps."""
     with warnings.catch_warnings():
         # secure_mode=False (no torchcsprng) makes Opacus warn on every call.
         warnings.simplefilter("ignore")
@@ -99,7 +154,6 @@ def train_dp(
             engine.accountant.history = [
                 (ledger.noise_multiplier, ledger.sample_rate, ledger.steps)
             ]
-        steps_before = ledger.steps
         made = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -117,40 +171,41 @@ def train_dp(
     else:
         private_model, dp_optimizer, dp_loader = made
         criterion = nn.CrossEntropyLoss()
-    if abs(1 / len(dp_loader) - ledger.sample_rate) > 1e-12:
-        raise RuntimeError(
-            f"sample rate {1 / len(dp_loader)} differs from the calibrated {ledger.sample_rate}: "
-            "the node's data changed between rounds"
-        )
-    private_model.train()
+    return _Private(engine, private_model, dp_optimizer, criterion, dp_loader)
+
+
+def _dp_epochs(dp: _Private, epochs: int, *, empty_batches_by_hand: bool) -> float:
+    """Train `epochs` epochs; the mean loss over the non-empty batches."""
+    dp.model.train()
     total, batches = 0.0, 0
-    # Opacus's hooks trip a PyTorch warning about inputs without grad on every batch.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    for _ in range(epochs):
-        for x, y in dp_loader:
-            dp_optimizer.zero_grad(set_to_none=True)
-            if len(y) == 0 and grad_sample_mode == "ew":
-                # Poisson sampling can draw an empty batch, which ExpandedWeights refuses
-                # ("Batch size must be positive"). The step still counts and must still add
-                # noise: hand the optimizer zero per-sample gradients, as hooks mode would.
-                for p in dp_optimizer.params:
-                    p.grad_sample = p.new_zeros((0, *p.shape))
-                dp_optimizer.step()
-                continue
-            loss = criterion(private_model(x), y)
-            loss.backward()
-            dp_optimizer.step()
-            if len(y):  # Poisson sampling can draw an empty batch: a step, but no loss
-                total += loss.item()
-                batches += 1
-    steps_after = sum(n for _, _, n in engine.accountant.history)
-    if steps_after - steps_before != epochs * len(dp_loader):
-        raise RuntimeError(
-            f"the accountant counted {steps_after - steps_before} steps, expected "
-            f"{epochs * len(dp_loader)}: privacy accounting would be wrong"
-        )
-    private_model._close()  # remove Opacus hooks; the caller keeps using `model`
-    return LocalResult(loss=total / max(batches, 1), steps=steps_after - steps_before)
+    with warnings.catch_warnings():
+        # Opacus's hooks trip a PyTorch warning about inputs without grad on every batch.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(epochs):
+            for x, y in dp.loader:
+                dp.optimizer.zero_grad(set_to_none=True)
+                if len(y) == 0 and empty_batches_by_hand:
+                    _empty_step(dp.optimizer)
+                    continue
+                loss = dp.criterion(dp.model(x), y)
+                loss.backward()
+                dp.optimizer.step()
+                if len(y):  # Poisson sampling can draw an empty batch: a step, but no loss
+                    total += loss.item()
+                    batches += 1
+    return total / max(batches, 1)
+
+
+def _empty_step(optimizer: DPOptimizer) -> None:
+    """A noise-only step for an empty Poisson batch under ExpandedWeights.
+
+    ExpandedWeights refuses an empty batch ("Batch size must be positive"), but the step
+    still counts and must still add noise: hand the optimizer zero per-sample gradients,
+    as hooks mode would.
+    """
+    for p in optimizer.params:
+        p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.step()
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@ from typing import Any
 from flower_app.config import RunConfig, claims_per_round
 from flower_app.privacy import PRIVACY_UNITS, TRUST_MODEL, gaussian_sigma, one_shot_true_eps
 from flower_app.results import format_eps
+from strategies.base import Diagnostics
 
 MECHANISMS = {
     "sample": "Opacus DP-SGD (per-example clipping and Gaussian noise at every step)",
@@ -59,7 +60,7 @@ def privacy_line(cfg: RunConfig) -> str:
     return f"Privacy: {budget}; {unit}; {TRUST_MODEL}; noise {noise_source(cfg)}."
 
 
-def privacy_summary(cfg: RunConfig, strategy: Any, eps_spent: float) -> dict[str, Any]:
+def privacy_summary(cfg: RunConfig, strategy: Diagnostics, eps_spent: float) -> dict[str, Any]:
     """summary.json's `privacy`: enough to re-audit every node's ε from the file alone."""
     per_round = claims_per_round(cfg)
     return {

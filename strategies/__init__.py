@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.serverapp.strategy import Strategy
-
 from flower_app.config import ConfigError, RunConfig, claims_per_round
 from flower_app.privacy import epsilon, gaussian_sigma
 from flower_app.topology import TopologyError, build_topology
-from strategies.fedavg import CentralFedAvg, PrivacyBounds
+from strategies.base import PrivacyBounds, RunStrategy
+from strategies.fedavg import CentralFedAvg
 from strategies.gossip import ArraysEvaluator, Gossip
 
 
@@ -32,7 +31,7 @@ def privacy_bounds(cfg: RunConfig) -> PrivacyBounds:
     )
 
 
-def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> Strategy:
+def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> RunStrategy:
     return CentralFedAvg(
         num_nodes=num_nodes,
         fraction_train=cfg.fraction_train,
@@ -42,7 +41,7 @@ def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
     )
 
 
-def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> Strategy:
+def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> RunStrategy:
     if num_nodes < 2:
         raise ConfigError(
             f"strategy=gossip needs at least 2 nodes; this federation has {num_nodes}"
@@ -66,7 +65,7 @@ def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
 
 # Builds the strategy from the run config, the node count and a per-node model evaluator;
 # raises ConfigError when the combination cannot run.
-STRATEGIES: dict[str, Callable[[RunConfig, int, ArraysEvaluator], Strategy]] = {
+STRATEGIES: dict[str, Callable[[RunConfig, int, ArraysEvaluator], RunStrategy]] = {
     "fedavg": _fedavg,
     "gossip": _gossip,
 }

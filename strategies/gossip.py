@@ -40,7 +40,7 @@ from flower_app.gossip import (
 )
 from flower_app.records import ARRAYS, CONFIG, METRICS
 from flower_app.topology import graph_facts
-from strategies.fedavg import CentralEvaluationMixin, NodeLedgerMixin, PrivacyBounds
+from strategies.base import CentralEvaluationMixin, NodeReportsMixin, PrivacyBounds
 
 # Evaluates one model given as the list of its arrays: returns (loss, accuracy).
 ArraysEvaluator = Callable[[list[np.ndarray]], tuple[float, float]]
@@ -87,7 +87,7 @@ class Layout:
         return ArrayRecord({k: Array(a) for k, a in zip(self.keys, arrays, strict=True)})
 
 
-class Gossip(CentralEvaluationMixin, NodeLedgerMixin, Strategy):
+class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
     """Decentralised learning on a graph: train locally, then average with neighbours.
 
     Modes: `matching` (a random maximal matching, pairs average at once), `edges` (k random
@@ -119,7 +119,7 @@ class Gossip(CentralEvaluationMixin, NodeLedgerMixin, Strategy):
         self.layout: Layout | None = None
         self.initial: ArrayRecord | None = None
         # Binds each vertex (partition id) to the first Flower node that reports it.
-        self.init_ledger(bounds or PrivacyBounds())
+        self.init_reports(bounds or PrivacyBounds())
         self.last_round: dict[str, Any] = {}
 
     def summary(self) -> None:

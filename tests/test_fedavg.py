@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from strategies.fedavg import CentralFedAvg, QuorumError, aggregate_train_metrics
+from strategies.base import QuorumError
+from strategies.fedavg import CentralFedAvg, aggregate_train_metrics
 
 
 def reply(pid, value, n, eps=None, error=False):

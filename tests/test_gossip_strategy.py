@@ -144,3 +144,12 @@ def test_summary_reports_the_spectral_gap_of_the_mode_used():
     assert facts["spectral_gap"] == pytest.approx(expected, rel=1e-6)
     assert facts["nodes"] == 20 and facts["edges"] == 20 and facts["diameter"] == 10
     assert facts["name"] == "ring" and facts["mode"] == "metropolis"
+
+
+def test_gossip_takes_what_both_strategies_share_from_base_not_from_fedavg():
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).parent.parent / "strategies" / "gossip.py").read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "strategies.base" in modules and "strategies.fedavg" not in modules

@@ -11,7 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from flower_app.topology import build_topology
-from strategies.fedavg import CentralFedAvg, QuorumError
+from strategies.base import QuorumError
+from strategies.fedavg import CentralFedAvg
 from strategies.gossip import Gossip
 from tests.mock_grid import mock_grid
 

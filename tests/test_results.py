@@ -9,6 +9,7 @@ import pytest
 from flower_app.results import (
     ROUND_COLUMNS,
     RunFiles,
+    RunSummary,
     default_run_name,
     is_completed,
     resolve_results_dir,
@@ -67,3 +68,59 @@ def test_default_results_dir_is_in_the_project_not_the_cwd(tmp_path, monkeypatch
     assert (root.parent / "pyproject.toml").exists()
     assert resolve_results_dir("/abs/where").as_posix() == "/abs/where"
     assert re.search(r"/mine$", resolve_results_dir("mine").as_posix())
+
+
+SUMMARY_KEYS = [
+    "status",
+    "run_name",
+    "strategy",
+    "rounds_completed",
+    "final_accuracy",
+    "final_node_accuracy",
+    "diverged_at_round",
+    "final_loss",
+    "initial_accuracy",
+    "eps_target",
+    "eps_spent",
+    "wall_s",
+    "num_nodes",
+    "privacy",
+    "aggregation",
+]
+
+
+def test_run_summary_writes_the_same_keys_and_reads_them_back(tmp_path):
+    summary = RunSummary(
+        status="completed",
+        run_name="r",
+        strategy="gossip",
+        rounds_completed=3,
+        final_accuracy=0.5,
+        final_loss=math.nan,
+        eps_target=math.inf,
+        privacy={"unit": "none"},
+        aggregation="gossip (matching), plain pairwise means",
+        topology={"name": "ring"},
+    )
+    assert list(summary.to_dict()) == [*SUMMARY_KEYS, "topology"]
+    assert list(RunSummary(status="completed").to_dict()) == SUMMARY_KEYS
+    files = RunFiles(tmp_path / "run")
+    files.start({})
+    files.finish(summary)
+    back = RunSummary.read(tmp_path / "run")
+    assert back is not None and back.completed and is_completed(tmp_path / "run")
+    assert back.eps_target == math.inf and math.isnan(back.final_loss)
+    assert back.to_dict().keys() == summary.to_dict().keys()
+
+
+def test_run_summary_reads_failed_and_older_summaries(tmp_path):
+    failed = RunSummary.failed(RuntimeError("boom"))
+    assert failed.to_dict() == {"status": "failed", "error": "RuntimeError: boom"}
+    assert RunSummary.from_dict(failed.to_dict()) == failed
+    older = {"status": "completed", "rounds_completed": 2, "privacy": {}, "gone": 1}
+    summary = RunSummary.from_dict(older)
+    assert summary.completed and summary.diverged_at_round is None
+    assert summary.final_node_accuracy is None
+    assert RunSummary.read(tmp_path) is None
+    (tmp_path / "summary.json").write_text("[1, 2]")
+    assert RunSummary.read(tmp_path) is None and not is_completed(tmp_path)

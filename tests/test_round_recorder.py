@@ -12,7 +12,8 @@ from flower_app.config import RunConfig
 from flower_app.data import to_tensors
 from flower_app.model import build_model
 from flower_app.results import RunFiles
-from server_app.app import RoundRecorder
+from server_app.app import summarize
+from server_app.evaluation import RoundRecorder, round_line
 
 
 def _recorder(tmp_path):
@@ -42,3 +43,38 @@ def test_a_diverged_model_is_flagged_once_at_its_first_round(tmp_path):
     rows = list(csv.DictReader((files.folder / "rounds.csv").open()))
     assert [r["round"] for r in rows] == ["1", "2", "3"]
     assert math.isfinite(float(rows[0]["loss"])) and math.isnan(float(rows[1]["loss"]))
+
+
+def test_the_round_line_leads_with_node_accuracy_under_gossip():
+    row = {
+        "round": 2,
+        "accuracy": 0.5,
+        "loss": 1.25,
+        "eps_spent": 0.75,
+        "node_acc_mean": 0.4,
+        "node_acc_min": 0.3,
+        "node_acc_max": 0.5,
+        "consensus_distance": 0.01,
+        "round_s": 1.26,
+    }
+    fedavg = round_line(RunConfig(eps=2.0, num_server_rounds=5), row)
+    assert fedavg == "round 2/5  accuracy 0.5000  loss 1.2500  ε spent 0.750 of 2 " + (
+        "(δ=1e-05, sample-level)  1.3s"
+    )
+    gossip = round_line(RunConfig(strategy="gossip", eps=2.0, num_server_rounds=5), row)
+    assert gossip.startswith("round 2/5  node accuracy 0.4000 (0.300..0.500)  consensus 0.01")
+
+
+def test_the_summary_has_the_fields_summary_json_always_had(tmp_path):
+    recorder, files = _recorder(tmp_path)
+    model = build_model("mlp", seed=0)
+    recorder(0, ArrayRecord(model.state_dict()))
+    recorder(1, ArrayRecord(model.state_dict()))
+    strategy = Mock()
+    strategy.run_summary.return_value = {"aggregation": "mean"}
+    strategy.privacy_by_node.return_value = {}
+    cfg = RunConfig(model="mlp", num_server_rounds=1)
+    summary = summarize(cfg, strategy, recorder, run_name="r", num_nodes=2, wall_s=1.23456)
+    assert summary.status == "completed" and summary.wall_s == 1.235
+    assert summary.rounds_completed == 1 and summary.final_accuracy == recorder.last_row["accuracy"]
+    assert "topology" not in summary.to_dict() and summary.to_dict()["aggregation"] == "mean"

@@ -13,9 +13,10 @@ from flower_app.node import Refused
 from flower_app.privacy import epsilon
 from flower_app.records import refusal_reply
 from flower_app.topology import build_topology
-from server_app.app import OneLineRejections, RunRejected
+from server_app.rejections import OneLineRejections, RunRejected
 from strategies import privacy_bounds
-from strategies.fedavg import CentralFedAvg, NodeRefused, PrivacyBounds
+from strategies.base import NodeRefused, PrivacyBounds
+from strategies.fedavg import CentralFedAvg
 from strategies.gossip import Gossip
 from tests.mock_grid import mock_grid
 

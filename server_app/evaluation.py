@@ -1,0 +1,143 @@
+"""Central evaluation: the test sets, the per-round recorder and its log line."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common import log
+
+from flower_app.config import RunConfig, claims_per_round
+from flower_app.data import BatchTensorDataset, cap, load_arrays, to_tensors
+from flower_app.model import build_model
+from flower_app.results import RunFiles, format_eps
+from flower_app.train import evaluate
+from strategies.base import Diagnostics
+
+# Short unit for the per-round line, by dp-mode.
+UNIT_SHORT = {"sample": "sample-level", "update": "client-level"}
+
+
+def central_test_sets(cfg: RunConfig) -> tuple[BatchTensorDataset, BatchTensorDataset]:
+    """The central test set (`test-samples`) and its fixed subset for per-node models."""
+    arrays = load_arrays(cfg.dataset, cfg.data_dir)
+    idx = cap(np.arange(len(arrays.y_test)), cfg.test_samples, cfg.seed)
+    node_idx = cap(idx, cfg.node_eval_samples, cfg.seed + 1)
+    return (
+        to_tensors(cfg.dataset, arrays.x_test[idx], arrays.y_test[idx], cfg.normalize),
+        to_tensors(cfg.dataset, arrays.x_test[node_idx], arrays.y_test[node_idx], cfg.normalize),
+    )
+
+
+def model_evaluator(
+    cfg: RunConfig, test: BatchTensorDataset
+) -> Callable[[list[np.ndarray]], tuple[float, float]]:
+    """(loss, accuracy) of a model given as its list of arrays, on `test`."""
+    model = build_model(cfg.model)
+    keys = list(model.state_dict())
+
+    def evaluate_arrays(arrays: list[np.ndarray]) -> tuple[float, float]:
+        model.load_state_dict(
+            {k: torch.from_numpy(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)}
+        )
+        return evaluate(model, test)
+
+    return evaluate_arrays
+
+
+def round_line(cfg: RunConfig, row: Mapping[str, Any]) -> str:
+    """The one log line of a round, from its rounds.csv row."""
+    if cfg.strategy == "gossip":
+        # No global model exists: lead with the nodes' own models.
+        quality = (
+            f"node accuracy {row['node_acc_mean']:.4f} "
+            f"({row['node_acc_min']:.3f}..{row['node_acc_max']:.3f})  "
+            f"consensus {row['consensus_distance']:.3g}  "
+            f"avg-model accuracy {row['accuracy']:.4f}"
+        )
+    else:
+        quality = f"accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}"
+    if claims_per_round(cfg):
+        budget = f"true composed ε {row['eps_spent']:.3f} (claimed: ε={cfg.eps:g} per round"
+        budget += ", uncomposed)"
+    else:
+        budget = f"ε spent {row['eps_spent']:.3f} of {format_eps(cfg.eps)}"
+    unit = UNIT_SHORT[cfg.dp_mode] + (", SEEDED noise" if cfg.seeded_noise else "")
+    return (
+        f"round {row['round']}/{cfg.num_server_rounds}  {quality}  {budget} "
+        f"(δ={cfg.delta:g}, {unit})  {row['round_s']:.1f}s"
+    )
+
+
+class RoundRecorder:
+    """Evaluates the model after each round, logs one line and appends a row to rounds.csv."""
+
+    def __init__(
+        self, cfg: RunConfig, files: RunFiles, strategy: Diagnostics, test: BatchTensorDataset
+    ) -> None:
+        """Keep what each round's row needs."""
+        self.cfg, self.files, self.strategy, self.test = cfg, files, strategy, test
+        self.t0 = self.t_last = time.monotonic()
+        self.initial: dict[str, float] = {}
+        self.last_row: dict[str, Any] = {}
+        self.diverged_at: int | None = None
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower's `evaluate_fn`: called with round 0 before training, then after each round."""
+        t_eval = time.monotonic()
+        model = build_model(self.cfg.model)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, self.test)
+        if server_round == 0:
+            self.initial = {"accuracy": accuracy, "loss": loss}
+            self.t0 = self.t_last = time.monotonic()
+            return MetricRecord(self.initial)
+        row = self._row(server_round, accuracy, loss)
+        now = time.monotonic()  # after the per-node evaluation, which is part of the round
+        row |= {
+            "eval_s": round(now - t_eval, 3),  # central + per-node evaluation
+            "round_s": round(now - self.t_last, 3),
+            "wall_s": round(now - self.t0, 3),
+        }
+        self.t_last = now
+        self.files.add_round(row)
+        self.last_row = row
+        self._check_divergence(server_round, loss)
+        log(INFO, "%s", round_line(self.cfg, row))
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def _row(self, server_round: int, accuracy: float, loss: float) -> dict[str, Any]:
+        """The round's rounds.csv columns but its timings (the strategy's diagnostics last)."""
+        return {
+            "round": server_round,
+            "strategy": self.cfg.strategy,
+            "eps_target": self.cfg.eps,
+            # The uncomposed per-round ε claimed (accounting=per-round); eps_spent is the truth.
+            "eps_per_round_claimed": self.cfg.eps if claims_per_round(self.cfg) else None,
+            "accuracy": accuracy,
+            "loss": loss,
+            # Where every node holds the evaluated model (FedAvg), node accuracy is its accuracy.
+            "node_acc_mean": accuracy,
+            "node_acc_min": accuracy,
+            "node_acc_max": accuracy,
+            **self.strategy.round_diagnostics(),
+        }
+
+    def _check_divergence(self, server_round: int, loss: float) -> None:
+        """Remember, and warn once about, the first round whose model has a non-finite loss."""
+        if math.isfinite(loss) or self.diverged_at is not None:
+            return
+        self.diverged_at = server_round
+        log(
+            WARNING,
+            "round %d: the evaluated model's loss is %s: it has diverged (non-finite "
+            "weights), and its accuracy from here on is that of a constant guess",
+            server_round,
+            loss,
+        )
