@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from flower_app.results import ROUNDS, SUMMARY, atomic_write_text, csv_text
+from flower_app.results import ROUNDS, RunSummary, atomic_write_text, csv_text
 
 TIDY = "sweep.csv"
 MANIFEST = "manifest.json"
@@ -155,21 +155,20 @@ def cell_table(out: Path, manifest: Mapping[str, Any]) -> pd.DataFrame:
     for cell in manifest["cells"]:
         row: dict[str, Any] = {"cell": cell["id"], **cell["coords"]}
         row |= {"status": cell["status"], "error": cell.get("error")}
-        try:
-            summary = json.loads((out / RUNS / cell["id"] / SUMMARY).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            summary = {}
-        for key in ("final_accuracy", "eps_spent", "wall_s"):
-            row[key] = summary.get(key)
-        if summary.get("final_node_accuracy") is not None:
-            row["final_accuracy"] = summary["final_node_accuracy"]
-        privacy = summary.get("privacy", {})
+        summary = RunSummary.read(out / RUNS / cell["id"]) or RunSummary(status="missing")
+        row["final_accuracy"] = summary.final_accuracy
+        # What a node holds (gossip: its own model) when the run says.
+        if summary.final_node_accuracy is not None:
+            row["final_accuracy"] = summary.final_node_accuracy
+        row["eps_spent"] = summary.eps_spent if summary.status != "missing" else None
+        row["wall_s"] = summary.wall_s
+        privacy = summary.privacy
         row["delta"] = privacy.get("delta")
         row["privacy_unit"] = privacy.get("unit")
         row["eps_per_round_claimed"] = privacy.get("eps_per_round_claimed")
         row["noise_seed"] = privacy.get("noise_seed")
         row["noise"] = privacy.get("noise")  # absent in runs from before noise was secret
-        for key, value in (summary.get("topology") or {}).items():
+        for key, value in (summary.topology or {}).items():
             row[f"topology_{key}"] = value
         rows.append(row)
     df = pd.DataFrame(rows)

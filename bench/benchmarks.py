@@ -28,19 +28,24 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from rich.console import Console
 from rich.markdown import Markdown
 
 from flower_app.config import RunConfig
-from flower_app.data import load_arrays, to_tensors
+from flower_app.data import to_tensors
 from flower_app.gossip import apply_pairs, mean_model, random_matching
 from flower_app.model import GRAD_SAMPLE_MODES, build_model
 from flower_app.node import local_round, shard_for
 from flower_app.privacy import plan_ledger
+from flower_app.records import ARRAYS, NUM_EXAMPLES, train_reply
 from flower_app.results import write_json
 from flower_app.topology import build_topology
-from flower_app.train import evaluate, train_dp, train_plain
+from flower_app.train import train_dp, train_plain
 from launch.simulation import SimulationLink
+from server_app.evaluation import central_test_sets, model_evaluator
+from strategies.gossip import Layout
 
 console = Console()
 
@@ -92,82 +97,56 @@ def raw_run(run_config: Mapping[str, Any], num_nodes: int) -> tuple[float, list[
     """Seconds for the whole run, and per round, as a plain loop (as the tutorial does it).
 
     Same data, model, DP, rounds, node count and seed as the Flower run; nodes train one
-    after another with torch's default threads; evaluation as the ServerApp does it.
+    after another with torch's default threads. Aggregation, gossip averaging and
+    evaluation are the app's own code (Flower's FedAvg sum, the Gossip strategy's layout
+    and pairing, the ServerApp's test sets and evaluator); only the transport is missing.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)  # torch's default: one thread per core
     try:
         t0 = time.perf_counter()
         cfg = RunConfig.from_run_config(run_config)
-        arrays = load_arrays(cfg.dataset, cfg.data_dir)
-        test = to_tensors(cfg.dataset, arrays.x_test, arrays.y_test)
-        if cfg.test_samples:
-            test = to_tensors(
-                cfg.dataset, arrays.x_test[: cfg.test_samples], arrays.y_test[: cfg.test_samples]
-            )
-        model = build_model(cfg.model, seed=cfg.seed)
-        start = {k: v.clone() for k, v in model.state_dict().items()}
-        models = {v: start for v in range(num_nodes)}
+        test, node_test = central_test_sets(cfg)
+        evaluate_central, evaluate_node = (
+            model_evaluator(cfg, test),
+            model_evaluator(cfg, node_test),
+        )
+        start = ArrayRecord(build_model(cfg.model, seed=cfg.seed).state_dict())
+        layout = Layout(start)
+        models = dict.fromkeys(range(num_nodes), start)
         ledgers: dict[int, Any] = dict.fromkeys(range(num_nodes))
         graph = build_topology(cfg.topology, num_nodes, seed=cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         round_s = []
         for server_round in range(1, cfg.num_server_rounds + 1):
             t_round = time.perf_counter()
-            outs = {}
+            replies = {}
             for v in range(num_nodes):
                 out = local_round(
                     cfg,
                     partition_id=v,
                     num_partitions=num_nodes,
-                    weights=models[v],
+                    weights=models[v].to_torch_state_dict(),
                     ledger=ledgers[v],
                     server_round=server_round,
                 )
                 ledgers[v] = out.ledger
-                outs[v] = out
-            keys = list(start)
+                replies[v] = train_reply(out, v)
             if cfg.strategy == "fedavg":
-                total = sum(o.num_examples for o in outs.values())
-                avg = {
-                    k: sum(o.state_dict[k] * (o.num_examples / total) for o in outs.values())
-                    for k in keys
-                }
+                avg = aggregate_arrayrecords(list(replies.values()), NUM_EXAMPLES)
                 models = dict.fromkeys(range(num_nodes), avg)
-                evaluate(_load(cfg, avg), test)
+                evaluate_central(avg.to_numpy_ndarrays())
             else:
-                flat = {
-                    v: torch.cat([o.state_dict[k].flatten().double() for k in keys]).numpy()
-                    for v, o in outs.items()
-                }
+                flat = {v: layout.flatten(r[ARRAYS]) for v, r in replies.items()}
                 flat = apply_pairs(flat, random_matching(graph, rng), sequential=False)
-                models = {v: _unflatten(x, start) for v, x in flat.items()}
-                evaluate(_load(cfg, _unflatten(mean_model(flat), start)), test)
-                node_test = to_tensors(
-                    cfg.dataset,
-                    arrays.x_test[: cfg.node_eval_samples or None],
-                    arrays.y_test[: cfg.node_eval_samples or None],
-                )
-                for m in models.values():
-                    evaluate(_load(cfg, m), node_test)
+                models = {v: layout.to_record(x) for v, x in flat.items()}
+                evaluate_central(layout.unflatten(mean_model(flat)))
+                for x in flat.values():
+                    evaluate_node(layout.unflatten(x))
             round_s.append(time.perf_counter() - t_round)
         return time.perf_counter() - t0, round_s
     finally:
         torch.set_num_threads(threads)
-
-
-def _load(cfg: RunConfig, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    model = build_model(cfg.model)
-    model.load_state_dict(state)
-    return model
-
-
-def _unflatten(x: np.ndarray, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out, i = {}, 0
-    for k, v in like.items():
-        out[k] = torch.from_numpy(x[i : i + v.numel()]).reshape(v.shape).to(v.dtype)
-        i += v.numel()
-    return out
 
 
 # --- Flower runs -----------------------------------------------------------------------
@@ -392,68 +371,91 @@ def run_bench(sizes: Sizes, log: Callable[[str], None] = console.log) -> dict[st
             f"default {cfg_default.opacus_mode} (flower_app/model.py FASTEST_GRAD_SAMPLE_MODE)"
         )
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp, SimulationLink() as link:
-        out = Path(tmp)
         for strategy, key in (("fedavg", "flower_vs_raw"), ("gossip", "gossip_flower_vs_raw")):
-            run_config = _cfg(sizes, strategy)
-            log(f"{strategy}: {sizes.nodes} nodes x {sizes.rounds} rounds through Flower")
-            flower = flower_run(link, run_config, sizes.nodes, out)
-            log(f"{strategy}: the same as a plain loop")
-            raw, raw_rounds = raw_run(run_config, sizes.nodes)
-            results[key] = flower.wall_s / raw
-            raw_steady = float(np.mean(raw_rounds[1:] or raw_rounds))
-            results["details"][strategy] = {
-                "flower_wall_s": flower.wall_s,
-                "raw_wall_s": raw,
-                "raw_round_s_steady": raw_steady,
-                "flower_vs_raw_per_round": steady(flower.rows) / raw_steady,
-                "flower_round_s_steady": steady(flower.rows),
-                "flower_first_round_s": float(flower.rows[0]["round_s"]),
-                "eval_s_steady": steady(flower.rows, "eval_s"),
-            }
+            details = flower_vs_raw(sizes, strategy, link, Path(tmp), log)
+            results[key] = details.pop("ratio")
+            share = details.pop("eval_share")
             if strategy == "gossip":
-                results["eval_share"] = sum(float(r["eval_s"]) for r in flower.rows[1:]) / sum(
-                    float(r["round_s"]) for r in flower.rows[1:]
-                )
-        scale = []
-        for n in sizes.scale_nodes:
-            log(f"scale: gossip with {n} nodes")
-            run_config = {
-                "strategy": "gossip",
-                "eps": sizes.eps,
-                "num-server-rounds": sizes.scale_rounds,
-                **sizes.scale_config,
-            }
-            timing = flower_run(link, run_config, n, out)
-            scale.append(
-                {
-                    "nodes": n,
-                    "s_per_round": steady(timing.rows),
-                    "peak_rss_mb": timing.peak_rss_mb,
-                    "first_round_s": float(timing.rows[0]["round_s"]),
-                }
-            )
-        results["scale"] = scale
-    results["machine"] = {
-        "cores": os.cpu_count(),
-        "torch_threads_default": torch.get_num_threads(),
-        "torch_threads_per_node": 1,
-        "platform": platform.platform(),
+                results["eval_share"] = share
+            results["details"][strategy] = details
+        results["scale"] = scale(sizes, link, Path(tmp), log)
+    return results | environment(sizes)
+
+
+def flower_vs_raw(
+    sizes: Sizes, strategy: str, link: SimulationLink, out: Path, log: Callable[[str], None]
+) -> dict[str, float]:
+    """One strategy's run through Flower and as a plain loop: the ratio and its parts."""
+    run_config = _cfg(sizes, strategy)
+    log(f"{strategy}: {sizes.nodes} nodes x {sizes.rounds} rounds through Flower")
+    flower = flower_run(link, run_config, sizes.nodes, out)
+    log(f"{strategy}: the same as a plain loop")
+    raw, raw_rounds = raw_run(run_config, sizes.nodes)
+    raw_steady = float(np.mean(raw_rounds[1:] or raw_rounds))
+    later = flower.rows[1:]
+    return {
+        "ratio": flower.wall_s / raw,
+        "flower_wall_s": flower.wall_s,
+        "raw_wall_s": raw,
+        "raw_round_s_steady": raw_steady,
+        "flower_vs_raw_per_round": steady(flower.rows) / raw_steady,
+        "flower_round_s_steady": steady(flower.rows),
+        "flower_first_round_s": float(flower.rows[0]["round_s"]),
+        "eval_s_steady": steady(flower.rows, "eval_s"),
+        "eval_share": sum(float(r["eval_s"]) for r in later)
+        / max(sum(float(r["round_s"]) for r in later), 1e-9),
     }
-    results["versions"] = {
-        "python": platform.python_version(),
-        **{
-            pkg: metadata.version(pkg)
-            for pkg in ("flwr", "torch", "opacus", "ray", "numpy", "flower-dp-gossip")
+
+
+def scale(
+    sizes: Sizes, link: SimulationLink, out: Path, log: Callable[[str], None]
+) -> list[dict[str, float]]:
+    """Gossip's steady seconds per round and peak memory at each node count."""
+    rows = []
+    for n in sizes.scale_nodes:
+        log(f"scale: gossip with {n} nodes")
+        run_config = {
+            "strategy": "gossip",
+            "eps": sizes.eps,
+            "num-server-rounds": sizes.scale_rounds,
+            **sizes.scale_config,
+        }
+        timing = flower_run(link, run_config, n, out)
+        rows.append(
+            {
+                "nodes": n,
+                "s_per_round": steady(timing.rows),
+                "peak_rss_mb": timing.peak_rss_mb,
+                "first_round_s": float(timing.rows[0]["round_s"]),
+            }
+        )
+    return rows
+
+
+def environment(sizes: Sizes) -> dict[str, Any]:
+    """The machine, the versions and the sizes, for the JSON document."""
+    return {
+        "machine": {
+            "cores": os.cpu_count(),
+            "torch_threads_default": torch.get_num_threads(),
+            "torch_threads_per_node": 1,
+            "platform": platform.platform(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            **{
+                pkg: metadata.version(pkg)
+                for pkg in ("flwr", "torch", "opacus", "ray", "numpy", "flower-dp-gossip")
+            },
+        },
+        "sizes": {
+            "nodes": sizes.nodes,
+            "rounds": sizes.rounds,
+            "eps": sizes.eps,
+            "run_config": dict(sizes.run_config),
+            "scale_config": dict(sizes.scale_config),
         },
     }
-    results["sizes"] = {
-        "nodes": sizes.nodes,
-        "rounds": sizes.rounds,
-        "eps": sizes.eps,
-        "run_config": dict(sizes.run_config),
-        "scale_config": dict(sizes.scale_config),
-    }
-    return results
 
 
 def markdown(results: Mapping[str, Any]) -> str:

@@ -34,6 +34,7 @@ from flower_app.results import (
     CONFIG,
     ROUNDS,
     SUMMARY,
+    RunSummary,
     atomic_write_text,
     is_completed,
     to_json,
@@ -125,12 +126,11 @@ def judge(outcome: RunOutcome, folder: Path) -> str | None:
     if not outcome.completed:
         details = outcome.details.strip()
         return f"{outcome.status}: {details}" if details else outcome.status
-    try:
-        summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    summary = RunSummary.read(folder)
+    if summary is None:
         return f"Flower reported {outcome.status} but {SUMMARY} is missing or unreadable"
-    if summary.get("status") != COMPLETED:
-        return f"Flower reported {outcome.status} but {SUMMARY} says {summary.get('status')!r}"
+    if not summary.completed:
+        return f"Flower reported {outcome.status} but {SUMMARY} says {summary.status!r}"
     if not (folder / ROUNDS).is_file():
         return f"Flower reported {outcome.status} but {ROUNDS} is missing"
     return None
