@@ -7,6 +7,7 @@ with `"status": "completed"` is written last, so a crashed run never looks compl
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import math
@@ -136,15 +137,77 @@ def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
+class FolderLocked(RuntimeError):
+    """Another live process writes this folder: the message names it."""
+
+
+class FolderLock:
+    """One writer per results folder: an exclusive `flock` on a lock file naming its holder.
+
+    The kernel drops the lock when its holder dies, however it dies, so a stale lock is
+    simply taken over; the file's text (PID and command line) only names a live holder.
+    """
+
+    def __init__(self, path: Path, what: str) -> None:
+        """`path`: the lock file; `what`: how the refusal names the folder."""
+        self.path, self.what = Path(path), what
+        self._fh: Any = None
+
+    def acquire(self) -> FolderLock:
+        """Take the lock or raise FolderLocked with the holder's PID and command."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise FolderLocked(
+                f"{self.what} is being written by {holder}; wait for it to end or stop it"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        command = Path(f"/proc/{os.getpid()}/cmdline").read_bytes().replace(b"\0", b" ")
+        fh.write(f"PID {os.getpid()} ({command.decode(errors='replace').strip()})\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        """Give the lock up (closing the file drops it)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> FolderLock:
+        """Acquire."""
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        """Release."""
+        self.release()
+
+
 class RunFiles:
     """The folder of one run; every write is atomic."""
 
-    def __init__(self, folder: Path, columns: Sequence[str] = ROUND_COLUMNS) -> None:
-        """Claim `folder`; a folder holding a completed run is never overwritten."""
+    def __init__(
+        self, folder: Path, columns: Sequence[str] = ROUND_COLUMNS, *, lock: bool = False
+    ) -> None:
+        """Claim `folder`; a folder holding a completed run is never overwritten.
+
+        With `lock` (the ServerApp), the folder has one writer until `finish`/`discard`: a
+        second run with the same run-name, say a leftover of a killed sweep, is refused.
+        """
         self.folder = folder
         self.columns = list(columns)
         self.rows: list[dict[str, Any]] = []
+        self.lock = FolderLock(folder.parent / f".{folder.name}.lock", f"run folder {folder}")
+        if lock:
+            self.lock.acquire()
         if is_completed(folder):
+            self.lock.release()
             raise FileExistsError(
                 f"{folder} already holds a completed run; choose another run-name"
             )
@@ -168,11 +231,13 @@ class RunFiles:
     def discard(self) -> None:
         """Remove the folder of a run that was refused before it trained anything."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.lock.release()
 
     def finish(self, summary: RunSummary | Mapping[str, Any]) -> None:
         """Write `summary.json` last: its presence with status completed marks the run done."""
         data = summary.to_dict() if isinstance(summary, RunSummary) else dict(summary)
         write_json(self.folder / SUMMARY, data)
+        self.lock.release()
 
 
 def _number(value: Any) -> Any:

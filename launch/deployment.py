@@ -43,6 +43,7 @@ from launch.processes import (
     processes_under,
     stop_processes,
 )
+from launch.watchdog import start_watchdog, stop_watchdog
 
 CONNECTION = "local-deployment"
 DEFAULT_DIR = PROJECT_DIR / ".flwr" / CONNECTION
@@ -170,11 +171,14 @@ class Deployment:
         data_dir: str = "",
         policy: Mapping[str, Any] | None = None,
         startup_timeout: float = 120.0,
+        watchdog: bool = True,
     ) -> None:
         """Prepare (not start) the deployment under `root`.
 
         `policy`: node-config privacy keys for every SuperNode; with a policy each node also
         keeps its durable ledger in `node-<i>/ledger` (unless `policy` names a ledger-dir).
+        `watchdog`: everything stops when this process dies, however it dies (off for a
+        deployment meant to outlive its launcher: `start --detach`).
         """
         self.root = Path(root).resolve()
         self.home = self.root / "flwr-home"
@@ -188,6 +192,8 @@ class Deployment:
         self.process: subprocess.Popen[bytes] | None = None  # the SuperLink
         self.nodes: dict[int, subprocess.Popen[bytes]] = {}
         self.node_ids: dict[int, int] = {}  # partition id -> Flower node id (registration)
+        self.use_watchdog = watchdog
+        self.watchdog: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -241,6 +247,9 @@ class Deployment:
     def __enter__(self) -> Deployment:
         """Start the SuperLink and the SuperNodes; wait until every node is online."""
         try:
+            if self.use_watchdog:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self.watchdog = start_watchdog(self.root)
             self.start_superlink()
             for i in range(self.num_nodes):
                 self.add_node(i)
@@ -250,6 +259,10 @@ class Deployment:
             raise
         self.write_pids()
         return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop everything this deployment started."""
+        self.stop()
 
     def _script(self, name: str, *args: str) -> None:
         proc = subprocess.run(
@@ -448,6 +461,7 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 console.log(f"process {proc.pid} did not exit")
         _stop_stragglers(self.root)
+        stop_watchdog(self.watchdog)
         (self.root / PIDS).unlink(missing_ok=True)
 
 

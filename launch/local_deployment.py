@@ -113,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=args.port,
         data_dir=args.data_dir,
         policy=LAUNCHER_POLICY,
+        # In the foreground, the deployment dies with the launcher, however it dies.
+        watchdog=not args.detach,
     )
     try:
         deployment.__enter__()

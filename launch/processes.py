@@ -48,6 +48,15 @@ def _ppid_and_state(pid: int) -> tuple[int, str] | None:
     return int(fields[1]), fields[0]
 
 
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (tells a reused PID apart)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
 def alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie has finished: only its parent has not reaped it yet)."""
     info = _ppid_and_state(pid)

@@ -19,7 +19,15 @@ from typing import Any
 from flwr.cli.build import build_fab_from_disk  # pinned flwr: builds the FAB as `flwr run` does
 
 from launch.flwr_cli import PROJECT_DIR, FlowerRunError, FlwrCli, RunOutcome, flower_env
-from launch.processes import console_script, free_port, port_answers, stop_process_group
+from launch.processes import (
+    console_script,
+    free_port,
+    port_answers,
+    processes_under,
+    stop_process_group,
+    stop_processes,
+)
+from launch.watchdog import start_watchdog, stop_watchdog
 
 CONNECTION = "owned"
 
@@ -38,11 +46,12 @@ class SimulationLink:
     ) -> None:
         """Prepare (not start) a SuperLink with its own FLWR_HOME and port."""
         self._tmp = None if flwr_home else tempfile.TemporaryDirectory(prefix="flwr-home-")
-        self.home = Path(flwr_home or self._tmp.name)  # type: ignore[union-attr]
+        self.home = Path(flwr_home or self._tmp.name).resolve()  # type: ignore[union-attr]
         self.ray_address = ray_address
         self.startup_timeout = startup_timeout
         self.port = free_port()  # one HTTP port serves the Control, Runtime and Fleet APIs
         self.process: subprocess.Popen[bytes] | None = None
+        self.watchdog: subprocess.Popen[bytes] | None = None
         self._staged: Path | None = None
         # ray.init() in the simulation joins RAY_ADDRESS when it is set.
         extra = {"RAY_ADDRESS": ray_address} if ray_address else {}
@@ -61,6 +70,8 @@ class SimulationLink:
     def __enter__(self) -> SimulationLink:
         """Start the SuperLink and wait until it answers."""
         self.cli.write_connection(f"127.0.0.1:{self.port}")
+        # Whatever kills this process, nothing the SuperLink starts outlives it.
+        self.watchdog = start_watchdog(self.home)
         log = open(self.home / "superlink.out", "wb")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
             [
@@ -103,6 +114,8 @@ class SimulationLink:
         """Terminate the SuperLink's process group by PID (then kill it if it lingers)."""
         if self.process is not None:
             stop_process_group(self.process)
+            stop_processes(processes_under(self.home), grace=5.0)  # any that left the group
+        stop_watchdog(self.watchdog)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -15,7 +15,13 @@ from flwr.serverapp import Grid, ServerApp
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import BatchTensorDataset, DatasetMissing
 from flower_app.model import build_model
-from flower_app.results import RunFiles, RunSummary, default_run_name, resolve_results_dir
+from flower_app.results import (
+    FolderLocked,
+    RunFiles,
+    RunSummary,
+    default_run_name,
+    resolve_results_dir,
+)
 from flower_app.train import quiet_opacus_logging
 from server_app.evaluation import RoundRecorder, central_test_sets, model_evaluator
 from server_app.polling import PromptGrid
@@ -63,8 +69,8 @@ def run_folder(cfg: RunConfig) -> tuple[str, RunFiles]:
     """The run's name and its results folder (never one holding a completed run)."""
     run_name = cfg.run_name or default_run_name(cfg.strategy, cfg.eps, cfg.seed)
     try:
-        return run_name, RunFiles(resolve_results_dir(cfg.results_dir) / run_name)
-    except FileExistsError as err:
+        return run_name, RunFiles(resolve_results_dir(cfg.results_dir) / run_name, lock=True)
+    except (FileExistsError, FolderLocked) as err:
         fail(str(err))
 
 

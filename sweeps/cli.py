@@ -9,10 +9,11 @@ cells and re-runs failed or interrupted ones, so killing the sweep loses no comp
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,18 @@ from analysis.plots import TARGET_FRACTION, SweepData, plot_all
 from analysis.report import final_summary, summary_rows, write_report
 from analysis.tidy import MANIFEST, TIDY
 from flower_app.results import (
+    FolderLock,
+    FolderLocked,
+    atomic_write_text,
     resolve_results_dir,
 )
 from launch.flwr_cli import RunOutcome
-from launch.processes import sigterm_as_interrupt
+from launch.processes import (
+    command_line,
+    processes_under,
+    sigterm_as_interrupt,
+    stop_processes,
+)
 from launch.simulation import SimulationLink
 from sweeps.presets import PRESETS
 from sweeps.runner import COMPLETED, FlowerRunner, Runner, SuperLinkDown, Sweep
@@ -45,6 +54,10 @@ from sweeps.spec import (
 )
 
 log = logging.getLogger(__name__)
+
+# In the sweep folder: the lock of its one writer, and where its SuperLink lived.
+SWEEP_LOCK = ".lock"
+LAUNCH_RECORD = ".launch.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,14 +230,33 @@ def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | 
     out = (args.out.expanduser().resolve()) if args.out else default_out(name)
     command = shlex.join(["fl-sweep", *argv] + ([] if args.out else ["--out", str(out)]))
     description = PRESETS[args.preset].description if args.preset else ""
-    sweep = Sweep(out, spec, cells, name=name, command=command, description=description)
-    console.log(f"{len(cells)} cells on {spec.nodes} nodes → {out}", markup=False)
+    lock = FolderLock(out / SWEEP_LOCK, f"sweep folder {out}")
+    try:
+        lock.acquire()
+    except FolderLocked as err:
+        raise SweepError(str(err)) from None
+    try:
+        stop_leftovers(out, console.log)
+        sweep = Sweep(out, spec, cells, name=name, command=command, description=description)
+        return _run_sweep(sweep, args, runner, console)
+    finally:
+        lock.release()
+
+
+def _run_sweep(
+    sweep: Sweep, args: argparse.Namespace, runner: Runner | None, console: Console
+) -> int:
+    """Run the sweep's pending cells, then its figures and report; the exit code."""
+    out, cells, command = sweep.out, sweep.cells, sweep.command
+    console.log(f"{len(cells)} cells on {sweep.spec.nodes} nodes → {out}", markup=False)
     try:
         with sigterm_as_interrupt():
             if runner is not None or not sweep.todo:  # nothing to run: no SuperLink needed
                 sweep.run(runner or _no_runner, console)
             else:
-                with SimulationLink(ray_address=args.ray_address) as link:
+                link = SimulationLink(ray_address=args.ray_address)
+                record_link(out, link.home)
+                with link:
                     sweep.run(FlowerRunner(link, args.timeout), console)
     except KeyboardInterrupt:
         done = sum(sweep.status(c.id) == COMPLETED for c in cells)
@@ -241,6 +273,28 @@ def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | 
         )
         return 1
     return 0
+
+
+def record_link(out: Path, flwr_home: Path) -> None:
+    """Note the sweep's SuperLink home: what a later run must stop if this one is killed."""
+    atomic_write_text(out / LAUNCH_RECORD, json.dumps({"flwr_home": str(flwr_home)}) + "\n")
+
+
+def stop_leftovers(out: Path, log: Callable[[str], None]) -> list[int]:
+    """Stop what an earlier, killed run of this sweep left running; the PIDs stopped.
+
+    Its processes are the ones whose environment carries the FLWR_HOME it recorded (every
+    process its SuperLink, the simulation and Ray start inherits it), and that still run.
+    """
+    try:
+        home = Path(json.loads((out / LAUNCH_RECORD).read_text(encoding="utf-8"))["flwr_home"])
+    except (OSError, ValueError, KeyError):
+        return []
+    leftovers = [pid for pid in processes_under(home) if command_line(pid)]
+    if leftovers:
+        log(f"stopping {len(leftovers)} process(es) an earlier run of this sweep left: {leftovers}")
+        stop_processes(leftovers, grace=5.0)
+    return leftovers
 
 
 def _no_runner(run_config: dict[str, Any], **_: Any) -> RunOutcome:

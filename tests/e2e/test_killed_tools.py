@@ -1,0 +1,109 @@
+"""SIGKILL a project command mid-run: nothing it started keeps running; a re-run finishes."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from launch.deployment import read_pids
+from launch.processes import alive, descendants, processes_under
+from tests.e2e.test_deployment import LAUNCHER
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def cell_status(out):
+    try:
+        return {
+            c["id"]: c["status"] for c in json.loads((out / "manifest.json").read_text())["cells"]
+        }
+    except (OSError, ValueError):
+        return {}
+
+
+def test_a_sigkilled_sweep_leaves_nothing_running_and_its_rerun_writes_each_row_once(tmp_path):
+    out = tmp_path / "sweep"
+    argv = [str(BIN / "fl-sweep"), "run", "--strategies", "fedavg", "--eps", "2"]
+    argv += ["--seeds", "7,8", "--rounds", "2", "--nodes", "2", "--out", str(out)]
+    argv += ["--set", "samples-per-node=200", "--set", "test-samples=300"]
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        second_cell = out / "runs" / "fedavg-eps2-seed8" / "config.json"
+        wait_until(
+            lambda: (
+                cell_status(out).get("fedavg-eps2-seed7") == "completed" and second_cell.exists()
+            ),
+            600,
+            "the second cell to start",
+        )
+        # A second writer on the same folder is refused at once, naming the first.
+        rival = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert rival.returncode == 2
+        assert f"is being written by PID {first.pid}" in rival.stderr, rival.stderr
+        home = Path(json.loads((out / ".launch.json").read_text())["flwr_home"])
+        running = processes_under(home)
+        assert running, "the cell's SuperLink, simulation and Ray should be running"
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        killed_at = time.monotonic()
+        wait_until(lambda: not processes_under(home), 30, "the killed sweep's processes to end")
+        print(  # noqa: T201
+            f"{len(running)} processes under the sweep's FLWR_HOME before SIGKILL; none "
+            f"{time.monotonic() - killed_at:.1f}s after"
+        )
+        assert not [p for p in running if alive(p)]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    counts = Counter((r["cell"], r["round"]) for r in rows)
+    assert set(counts.values()) == {1} and len(counts) == 2 * 2, counts
+    assert set(cell_status(out).values()) == {"completed"}
+    print(f"re-run: {len(rows)} rows in sweep.csv, each (cell, round) once")  # noqa: T201
+
+
+def test_after_a_sigkilled_launcher_stop_leaves_nothing_running(tmp_path):
+    root = tmp_path / "dep"
+    launcher = subprocess.Popen(
+        [LAUNCHER, "start", "1", "--insecure", "--dir", root],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: (root / "pids.json").exists(), 240, "the deployment to start")
+        pids = read_pids(root)
+        started = [pids["superlink"], *pids["supernodes"].values()]
+        started += [c for p in started for c in descendants(p)]
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        stop = subprocess.run(
+            [LAUNCHER, "stop", "--dir", root], capture_output=True, text=True, timeout=120
+        )
+        assert stop.returncode == 0, stop.stderr
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    wait_until(lambda: not processes_under(root), 30, "the deployment's processes to end")
+    assert not [p for p in started if alive(p)]
