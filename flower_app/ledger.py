@@ -62,7 +62,7 @@ class FileLedger:
         """Every run's ledger."""
         with self._locked():
             data = self._read()
-        return {run: _ledger(entry) for run, entry in data["runs"].items()}
+        return {run: PrivacyLedger.from_dict(entry) for run, entry in data["runs"].items()}
 
     def get(self, run_id: str) -> PrivacyLedger | None:
         """The run's ledger, or None before the node first trained in it."""
@@ -80,15 +80,3 @@ class FileLedger:
                 )
             data["runs"][run_id] = ledger.to_dict() | {"updated": datetime.now(UTC).isoformat()}
             atomic_write_text(self.path, json.dumps(data, indent=2) + "\n")
-
-
-def _ledger(entry: dict[str, Any]) -> PrivacyLedger:
-    return PrivacyLedger(
-        noise_multiplier=float(entry["noise_multiplier"]),
-        sample_rate=float(entry["sample_rate"]),
-        steps=int(entry["steps"]),
-        delta=float(entry["delta"]),
-        accountant=str(entry["accountant"]),
-        planned_steps=int(entry["planned_steps"]),
-        dp_mode=str(entry["dp_mode"]),
-    )

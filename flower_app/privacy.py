@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,6 +117,19 @@ class PrivacyLedger:
     def to_dict(self) -> dict[str, float | int | str]:
         """Plain dict, for records and JSON."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrivacyLedger:
+        """Back from `to_dict` (a JSON object or a Flower ConfigRecord); other keys ignored."""
+        return cls(
+            noise_multiplier=float(data["noise_multiplier"]),
+            sample_rate=float(data["sample_rate"]),
+            steps=int(data["steps"]),
+            delta=float(data["delta"]),
+            accountant=str(data["accountant"]),
+            planned_steps=int(data["planned_steps"]),
+            dp_mode=str(data["dp_mode"]),
+        )
 
 
 def epsilon(

@@ -30,18 +30,7 @@ class StateLedger:
         """This run's ledger, if the node trained in it before."""
         if LEDGER not in self.state:
             return {}
-        rec = self.state[LEDGER]
-        return {
-            self.run_id: PrivacyLedger(
-                noise_multiplier=float(rec["noise_multiplier"]),
-                sample_rate=float(rec["sample_rate"]),
-                steps=int(rec["steps"]),
-                delta=float(rec["delta"]),
-                accountant=str(rec["accountant"]),
-                planned_steps=int(rec["planned_steps"]),
-                dp_mode=str(rec["dp_mode"]),
-            )
-        }
+        return {self.run_id: PrivacyLedger.from_dict(self.state[LEDGER])}
 
     def put(self, run_id: str, ledger: PrivacyLedger) -> None:
         """Keep the run's ledger for its next round."""

@@ -215,3 +215,14 @@ def test_a_private_reply_carries_no_train_loss():
     assert {"eps", "noise-multiplier", "sample-rate", "steps", "planned-steps"} <= set(metrics)
     plain = serve(RunConfig(**{**SMALL, "eps": math.inf}), NodePolicy(), MemoryStore(), 1)
     assert "train-loss" in train_reply(plain, 0)["metrics"]
+
+
+def test_the_context_state_ledger_round_trips_through_a_flower_record():
+    from flwr.app import RecordDict
+
+    from flower_app.records import StateLedger
+
+    led = PrivacyLedger(1.5, 0.1, 20, 1e-5, "rdp", 40, "sample")
+    state = RecordDict()
+    StateLedger(state, "r").put("r", led)
+    assert StateLedger(state, "r").runs() == {"r": led}
