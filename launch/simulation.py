@@ -96,6 +96,7 @@ class SimulationLink:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 tail = (self.home / "superlink.out").read_text(errors="replace").strip()
+                self.stop()  # and its watchdog
                 raise FlowerRunError(
                     f"flower-superlink exited with code {self.process.returncode}: "
                     f"{tail.splitlines()[-1] if tail else 'no output'}"
