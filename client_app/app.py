@@ -14,7 +14,7 @@ from flower_app.ledger import FileLedger, LedgerError
 from flower_app.node import Refused, serve_train
 from flower_app.policy import NodePolicy, PolicyError
 from flower_app.records import ARRAYS, CONFIG, StateLedger, refusal_reply, train_reply
-from flower_app.train import quiet_opacus_logging
+from flower_app.train import GradientCheckError, quiet_opacus_logging
 
 app = ClientApp()
 
@@ -61,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
             weights=msg.content[ARRAYS].to_torch_state_dict(),
             server_round=int(msg.content[CONFIG]["server-round"]),
         )
-    except (PolicyError, ConfigError, LedgerError) as err:
+    except (PolicyError, ConfigError, LedgerError, GradientCheckError) as err:
         out = Refused(str(err))
     if isinstance(out, Refused):
         return Message(content=refusal_reply(out, pid), reply_to=msg)

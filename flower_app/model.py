@@ -58,13 +58,13 @@ class MLP(nn.Module):
 
 MODELS: dict[str, type[nn.Module]] = {"cnn": CNN, "mlp": MLP}
 
-# Opacus's per-sample-gradient modes; each computes the same clipped update (fl-bench checks).
-GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
-# grad-sample-mode=auto: the fastest mode for each model in fl-bench's one-epoch timings
-# (2026-12-01, one thread, batch 64, x plain SGD): CNN ew 2.9, hooks 3.4, ghost 3.8,
-# functorch 5.5; MLP ghost 4.2, ew 46, hooks 55 (hooks and ew materialise batch x 235k
-# per-sample gradients; ghost clipping never does).
-FASTEST_GRAD_SAMPLE_MODE = {"cnn": "ew", "mlp": "ghost"}
+# Per-sample-gradient modes: `fast` (flower_app/grad_samples.py, checked against `hooks` on
+# the first step of every local training) and Opacus's own; each gives the same clipped
+# update (fl-bench checks). Opacus's DPOptimizer clips, noises and counts the steps in all.
+GRAD_SAMPLE_MODES = ("fast", "hooks", "ghost", "functorch", "ew")
+# grad-sample-mode=auto: the fastest correct mode for each model in fl-bench's one-epoch
+# timings (docs/performance.md has them).
+FASTEST_GRAD_SAMPLE_MODE = {"cnn": "fast", "mlp": "fast"}
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Module:

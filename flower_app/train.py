@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import dataclass
@@ -14,10 +15,18 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from flower_app import clipped_grads
 from flower_app.data import keep_batch
 from flower_app.privacy import PrivacyLedger, steps_per_epoch
 
 EVAL_BATCH = 500
+# The fast path's clipped sum must equal Opacus's (hooks + DPOptimizer clipping) to this,
+# relative to the largest entry (float32 sums in another order differ by about 1e-7).
+FAST_PATH_TOLERANCE = 1e-5
+
+
+class GradientCheckError(RuntimeError):
+    """The fast path's clipped gradients differ from Opacus's: the node must not train."""
 
 
 def quiet_opacus_logging() -> None:
@@ -94,6 +103,13 @@ def train_dp(
     for some n). The accountant starts from the node's ledger, so Opacus itself tracks the
     cumulative spend; the steps it counts this round are returned for the ledger.
     """
+    fast = grad_sample_mode == "fast" and clipped_grads.supports(model)
+    if grad_sample_mode == "fast" and not fast:
+        logging.getLogger(__name__).warning(
+            "grad-sample-mode=fast does not cover every layer of %s: using Opacus hooks",
+            type(model).__name__,
+        )
+        grad_sample_mode = "hooks"
     per_epoch = steps_per_epoch(len(data), batch_size)
     sampler = UniformWithReplacementSampler(
         num_samples=len(data), sample_rate=1 / per_epoch, generator=generator, steps=per_epoch
@@ -105,7 +121,9 @@ def train_dp(
         loader,
         ledger,
         max_grad_norm=max_grad_norm,
-        grad_sample_mode=grad_sample_mode,
+        # fast: Opacus wraps as for ghost clipping, whose optimizer takes the clipped sum
+        # in p.grad and adds the noise; its accountant counts the steps.
+        grad_sample_mode="ghost" if fast else grad_sample_mode,
         noise_generator=noise_generator,
     )
     if abs(1 / len(dp.loader) - ledger.sample_rate) > 1e-12:
@@ -113,14 +131,17 @@ def train_dp(
             f"sample rate {1 / len(dp.loader)} differs from the calibrated {ledger.sample_rate}: "
             "the node's data changed between rounds"
         )
-    loss = _dp_epochs(dp, epochs, empty_batches_by_hand=grad_sample_mode == "ew")
+    if fast:
+        loss = _fast_epochs(dp, model, epochs, max_grad_norm)
+    else:
+        loss = _dp_epochs(dp, epochs, empty_batches_by_hand=grad_sample_mode == "ew")
     steps = sum(n for _, _, n in dp.engine.accountant.history) - ledger.steps
     if steps != epochs * len(dp.loader):
         raise RuntimeError(
             f"the accountant counted {steps} steps, expected "
             f"{epochs * len(dp.loader)}: privacy accounting would be wrong"
         )
-    dp.model._close()  # remove Opacus hooks; the caller keeps using `model`
+    dp.model._close()  # remove Opacus hooks and attributes; the caller keeps using `model`
     return LocalResult(loss=loss, steps=steps)
 
 
@@ -194,6 +215,77 @@ def _dp_epochs(dp: _Private, epochs: int, *, empty_batches_by_hand: bool) -> flo
                     total += loss.item()
                     batches += 1
     return total / max(batches, 1)
+
+
+def _fast_epochs(dp: _Private, model: nn.Module, epochs: int, max_grad_norm: float) -> float:
+    """`_dp_epochs` with the clipped sum from `clipped_grads`, noised by Opacus's optimizer.
+
+    Opacus's own hooks are removed; on the first non-empty batch the clipped sum is
+    compared with Opacus's (`_opacus_clipped_sum`), and a difference beyond
+    `FAST_PATH_TOLERANCE` raises `GradientCheckError` before any step is taken.
+    """
+    dp.model.remove_hooks()
+    model.train()
+    total, batches, checked = 0.0, 0, False
+    for _ in range(epochs):
+        for x, y in dp.loader:
+            dp.optimizer.zero_grad(set_to_none=True)
+            step = clipped_grads.clipped_sum(model, x, y, max_grad_norm)
+            if not checked and len(y):
+                _check_against_opacus(model, x, y, max_grad_norm, step)
+                checked = True
+            for p, summed in step.sums.items():
+                p.grad = summed
+            dp.optimizer.step()
+            if len(y):
+                total += float(step.loss)
+                batches += 1
+    return total / max(batches, 1)
+
+
+def _opacus_clipped_sum(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
+) -> list[torch.Tensor]:
+    """Σ clip(per-example gradient) as Opacus computes it: `hooks`, then `DPOptimizer` clipping.
+
+    On a copy of `model`, one per trainable parameter in `model.parameters()` order.
+    """
+    from opacus import GradSampleModule
+
+    ref = copy.deepcopy(model)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    wrapped = GradSampleModule(ref, loss_reduction="mean")
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=len(y),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        nn.functional.cross_entropy(wrapped(x), y).backward()
+    optimizer.clip_and_accumulate()
+    sums = [p.summed_grad.detach().clone() for p in params]
+    wrapped._close()
+    return sums
+
+
+def _check_against_opacus(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    max_grad_norm: float,
+    step: clipped_grads.ClippedStep,
+) -> None:
+    reference = _opacus_clipped_sum(model, x, y, max_grad_norm)
+    fast = [step.sums[p] for p in model.parameters() if p.requires_grad]
+    scale = max(float(r.abs().max()) for r in reference)
+    diff = max(float((f - r).abs().max()) for f, r in zip(fast, reference, strict=True))
+    if not diff <= FAST_PATH_TOLERANCE * max(scale, 1.0):
+        raise GradientCheckError(
+            f"grad-sample-mode=fast: the clipped gradient sum differs from Opacus's by "
+            f"{diff:.3g} (largest entry {scale:.3g}); not training (use grad-sample-mode=hooks)"
+        )
 
 
 def _empty_step(optimizer: DPOptimizer) -> None:

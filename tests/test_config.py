@@ -67,6 +67,6 @@ def test_to_dict_round_trips():
 
 def test_auto_grad_sample_mode_is_the_models_fastest_and_explicit_modes_stay():
     assert RunConfig().grad_sample_mode == "auto"
-    assert RunConfig().opacus_mode == "ew"
-    assert RunConfig(model="mlp").opacus_mode == "ghost"
+    assert RunConfig().opacus_mode == "fast"
+    assert RunConfig(model="mlp").opacus_mode == "fast"
     assert RunConfig(grad_sample_mode="hooks", model="mlp").opacus_mode == "hooks"

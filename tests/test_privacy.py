@@ -59,7 +59,7 @@ def _tiny_data(n=256, seed=0):
     return to_tensors("fashion-mnist", x, y)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost", "ew"])
+@pytest.mark.parametrize("mode", ["fast", "hooks", "ghost", "ew"])
 def test_ledger_across_rounds_matches_an_independent_recount(mode):
     """Three rounds of real Opacus training, the ledger carried between them like context.state."""
     data = _tiny_data()
@@ -115,7 +115,7 @@ def test_ledger_serialises_what_an_auditor_needs():
     assert PrivacyLedger(**d).epsilon() == ledger.epsilon()
 
 
-@pytest.mark.parametrize("mode", ["ew", "ghost"])
+@pytest.mark.parametrize("mode", ["fast", "ew", "ghost"])
 def test_fast_modes_take_empty_poisson_batches_as_noise_only_steps_like_hooks(mode):
     """Expected batch 1 on 100 examples: about a third of Poisson batches are empty.
 
