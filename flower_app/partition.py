@@ -16,16 +16,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flower_app.config import ConfigError
+from flower_app.disk_cache import CACHE_ROOT
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
 # Partitions are cached on disk: computing them (and importing Hugging Face datasets to do
 # so) cost every simulation worker several seconds at the start of every run.
-CACHE_DIR = (
-    Path(os.environ.get("FLOWER_DP_GOSSIP_CACHE", Path.home() / ".cache" / "flower-dp-gossip"))
-    / "partitions"
-)
+CACHE_DIR = CACHE_ROOT / "partitions"
 
 PARTITIONERS = ("dirichlet", "iid", "shards")
 # A node needs at least this many samples for DP-SGD's sampling rate to mean anything.
