@@ -36,8 +36,9 @@ def load(kind: str, key: dict[str, Any]) -> Any | None:
 
 
 def store(kind: str, key: dict[str, Any], value: Any) -> None:
-    """Write atomically, so concurrent workers never read half a file; a read-only home only
-    costs the recomputation.
+    """Write atomically, so concurrent workers never read half a file; best effort.
+
+    A read-only home only costs the recomputation.
     """
     path = _path(kind, key)
     try:
