@@ -27,6 +27,7 @@ from launch.processes import (
     stop_process_group,
     stop_processes,
 )
+from launch.ray_head import RayHead
 from launch.watchdog import start_watchdog, stop_watchdog
 
 CONNECTION = "owned"
@@ -42,17 +43,27 @@ class SimulationLink:
         flwr_home: Path | None = None,
         *,
         ray_address: str | None = None,
+        shared_ray: bool = True,
         startup_timeout: float = 60.0,
     ) -> None:
-        """Prepare (not start) a SuperLink with its own FLWR_HOME and port."""
+        """Prepare (not start) a SuperLink with its own FLWR_HOME and port.
+
+        Runs join the Ray cluster at `ray_address`; without one, a Ray head this link
+        starts and stops (`shared_ray`, paid once for all its runs), or else a local Ray
+        that each run's simulation starts and stops, as Flower does by default.
+        """
         self._tmp = None if flwr_home else tempfile.TemporaryDirectory(prefix="flwr-home-")
         self.home = Path(flwr_home or self._tmp.name).resolve()  # type: ignore[union-attr]
-        self.ray_address = ray_address
         self.startup_timeout = startup_timeout
         self.port = free_port()  # one HTTP port serves the Control, Runtime and Fleet APIs
         self.process: subprocess.Popen[bytes] | None = None
         self.watchdog: subprocess.Popen[bytes] | None = None
         self._staged: Path | None = None
+        self.ray_head: RayHead | None = None
+        if ray_address is None and shared_ray:
+            self.ray_head = RayHead(flower_env(self.home))
+            ray_address = self.ray_head.address
+        self.ray_address = ray_address
         # ray.init() in the simulation joins RAY_ADDRESS when it is set.
         extra = {"RAY_ADDRESS": ray_address} if ray_address else {}
         self.cli = FlwrCli(self.home, CONNECTION, extra)
@@ -72,6 +83,12 @@ class SimulationLink:
         self.cli.write_connection(f"127.0.0.1:{self.port}")
         # Whatever kills this process, nothing the SuperLink starts outlives it.
         self.watchdog = start_watchdog(self.home)
+        if self.ray_head is not None:
+            try:
+                self.ray_head.start()
+            except FlowerRunError:
+                self.stop()
+                raise
         log = open(self.home / "superlink.out", "wb")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
             [
@@ -116,6 +133,9 @@ class SimulationLink:
         if self.process is not None:
             stop_process_group(self.process)
             stop_processes(processes_under(self.home), grace=5.0)  # any that left the group
+        if self.ray_head is not None:
+            self.ray_head.stop()
+            stop_processes(processes_under(self.home), grace=5.0)
         stop_watchdog(self.watchdog)
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -1,0 +1,97 @@
+"""A Ray head this process owns (`ray start --head --block`), stopped by its process group.
+
+Flower's RayBackend calls `ray.init` in every run's simulation process; without an address
+that starts a fresh local Ray (GCS, raylet, agents) and `ray.shutdown()` stops it when the
+run ends, so every run of a sweep paid for a Ray start. With RAY_ADDRESS pointing at a head
+that lives as long as the SimulationLink, `ray.init` only connects. The head never runs
+`ray stop` (that stops every Ray on the machine): it is stopped by PID, like everything
+else in `launch`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from launch.flwr_cli import FlowerRunError
+from launch.processes import console_script, free_port, stop_process_group
+
+READY = "Ray runtime started"
+
+
+class RayHead:
+    """`ray start --head` on 127.0.0.1 with free ports and its own temporary folder."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        num_cpus: int | None = None,
+        startup_timeout: float = 90.0,
+    ) -> None:
+        """Prepare (not start); `env` is the environment its processes inherit."""
+        self.env = env
+        self.root: Path | None = None
+        self.num_cpus = num_cpus or os.cpu_count() or 1
+        self.startup_timeout = startup_timeout
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        """What `ray.init(address=...)` and RAY_ADDRESS take."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> RayHead:
+        """Start the head and wait until it says it runs."""
+        # Short, under /tmp: Ray's socket paths must stay under 107 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        log_path = self.root / "ray-head.out"
+        log = open(log_path, "wb")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            [
+                console_script("ray"),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={self.port}",
+                f"--num-cpus={self.num_cpus}",
+                "--num-gpus=0",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--ray-client-server-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--temp-dir={self.root / 'ray'}",
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() reaches raylet and workers
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            text = log_path.read_text(errors="replace")
+            if READY in text:
+                return self
+            if self.process.poll() is not None:
+                self.stop()
+                tail = text.strip().splitlines()
+                raise FlowerRunError(
+                    f"ray start --head exited with code {self.process.returncode}: "
+                    f"{tail[-1] if tail else 'no output'}"
+                )
+            time.sleep(0.25)
+        self.stop()
+        raise FlowerRunError(f"the Ray head did not start within {self.startup_timeout}s")
+
+    def stop(self) -> None:
+        """Stop the head's process group by PID (then kill it if it lingers)."""
+        if self.process is not None:
+            stop_process_group(self.process, grace=10.0)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
