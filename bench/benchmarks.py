@@ -59,7 +59,7 @@ class Sizes:
     eps: float = 8.0
     run_config: Mapping[str, Any] = field(default_factory=dict)
     epoch_repeats: int = 3
-    scale_nodes: tuple[int, ...] = (20, 100, 500)
+    scale_nodes: tuple[int, ...] = (20, 100, 1000)
     scale_rounds: int = 3
     scale_config: Mapping[str, Any] = field(
         default_factory=lambda: {
@@ -378,7 +378,17 @@ def run_bench(sizes: Sizes, log: Callable[[str], None] = console.log) -> dict[st
             if strategy == "gossip":
                 results["eval_share"] = share
             results["details"][strategy] = details
+        log(f"fedavg: {sizes.nodes} nodes x {sizes.rounds} rounds through Flower without DP")
+        no_dp = {**_cfg(sizes, "fedavg"), "eps": float("inf")}
+        plain = flower_run(link, no_dp, sizes.nodes, Path(tmp))
+        dp_round = results["details"]["fedavg"]["flower_round_s_steady"]
+        results["dp_round_vs_plain_round"] = dp_round / steady(plain.rows)
+        results["details"]["fedavg_plain_round_s_steady"] = steady(plain.rows)
         results["scale"] = scale(sizes, link, Path(tmp), log)
+        small, large = results["scale"][1], results["scale"][-1]
+        results["scale_per_node_growth"] = (large["s_per_round"] / large["nodes"]) / (
+            small["s_per_round"] / small["nodes"]
+        ) - 1
     return results | environment(sizes)
 
 
@@ -469,6 +479,13 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"| gossip_flower_vs_raw (whole run) | {results['gossip_flower_vs_raw']:.2f} "
         f"({d['gossip']['flower_wall_s']:.1f} s / {d['gossip']['raw_wall_s']:.1f} s) | <= 0.8 |",
         f"| dp_vs_plain (one epoch, default mode) | {results['dp_vs_plain']:.2f} | <= 1.5 |",
+        f"| dp_round_vs_plain_round (FedAvg steady round, eps={results['sizes']['eps']:g} vs inf) "
+        f"| {results['dp_round_vs_plain_round']:.2f} "
+        f"({d['fedavg']['flower_round_s_steady']:.2f} s / "
+        f"{d['fedavg_plain_round_s_steady']:.2f} s) | <= 1.5 |",
+        f"| gossip per-node round cost, {results['scale'][-1]['nodes']} vs "
+        f"{results['scale'][1]['nodes']} nodes | {results['scale_per_node_growth']:+.0%} "
+        "| <= +20% |",
         f"| eval_share (gossip, rounds 2+) | {results['eval_share']:.1%} | small |",
     ]
     for mode, r in d["epoch"].items():

@@ -1,5 +1,6 @@
 import pytest
 
+from launch.processes import processes_under
 from launch.simulation import SimulationLink
 
 
@@ -9,3 +10,6 @@ def superlink(tmp_path_factory):
     with SimulationLink(tmp_path_factory.mktemp("flwr-home")) as link:
         yield link
     assert link.process.poll() is not None, "the SuperLink is still running"
+    assert link.ray_head is not None, "the link should share one Ray head across its runs"
+    assert link.ray_head.process.poll() is not None, "the Ray head is still running"
+    assert not processes_under(link.home), "processes of the link outlived it"

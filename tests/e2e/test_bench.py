@@ -5,6 +5,7 @@ import json
 import pytest
 
 from bench.benchmarks import Sizes, main, markdown
+from flower_app.model import GRAD_SAMPLE_MODES
 
 pytestmark = pytest.mark.e2e
 
@@ -13,7 +14,7 @@ TINY = Sizes(
     rounds=2,
     run_config={"samples-per-node": 100, "test-samples": 300, "node-eval-samples": 100},
     epoch_repeats=1,
-    scale_nodes=(3, 6),
+    scale_nodes=(3, 4, 6),
     scale_rounds=2,
     scale_config={"samples-per-node": 20, "test-samples": 200, "node-eval-samples": 50},
 )
@@ -26,17 +27,25 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     assert main(["--quick", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    for key in ("flower_vs_raw", "gossip_flower_vs_raw", "dp_vs_plain", "eval_share"):
+    for key in (
+        "flower_vs_raw",
+        "gossip_flower_vs_raw",
+        "dp_vs_plain",
+        "dp_round_vs_plain_round",
+        "eval_share",
+    ):
         assert results[key] > 0, key
     assert results["eval_share"] < 1
-    assert [s["nodes"] for s in results["scale"]] == [3, 6]
+    assert [s["nodes"] for s in results["scale"]] == [3, 4, 6]
+    assert results["scale_per_node_growth"] > -1
     for s in results["scale"]:
         assert s["s_per_round"] > 0 and s["peak_rss_mb"] > 0
     assert results["machine"]["cores"] >= 1 and results["versions"]["flwr"] == "1.42.0"
-    for mode in ("hooks", "functorch", "ew", "ghost"):
+    for mode in GRAD_SAMPLE_MODES:
         epoch = results["details"]["epoch"][mode]
         assert epoch["ratio"] > 0
         assert epoch["diff"] < 1e-4, f"{mode} computes another update than hooks"
     assert results["details"]["epoch"]["hooks"]["empty_batches_ok"]
-    assert results["details"]["fastest_correct_mode"] in ("hooks", "functorch", "ew", "ghost")
+    assert results["details"]["epoch"]["fast"]["empty_batches_ok"]
+    assert results["details"]["fastest_correct_mode"] in GRAD_SAMPLE_MODES
     assert "flower_vs_raw" in markdown(results)
