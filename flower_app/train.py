@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
 from opacus.grad_sample import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -20,8 +20,8 @@ from flower_app.data import keep_batch
 from flower_app.privacy import PrivacyLedger, steps_per_epoch
 
 EVAL_BATCH = 500
-# The fast path's clipped sum must equal Opacus's (hooks + DPOptimizer clipping) to this,
-# relative to the largest entry (float32 sums in another order differ by about 1e-7).
+# The fast path's clipped sum must equal Opacus's (hooks + DPOptimizer clipping) to this
+# times max(1, its largest entry) (float32 sums in another order differ by about 1e-7).
 FAST_PATH_TOLERANCE = 1e-5
 
 
@@ -250,8 +250,6 @@ def _opacus_clipped_sum(
 
     On a copy of `model`, one per trainable parameter in `model.parameters()` order.
     """
-    from opacus import GradSampleModule
-
     ref = copy.deepcopy(model)
     params = [p for p in ref.parameters() if p.requires_grad]
     wrapped = GradSampleModule(ref, loss_reduction="mean")

@@ -43,14 +43,12 @@ class SimulationLink:
         flwr_home: Path | None = None,
         *,
         ray_address: str | None = None,
-        shared_ray: bool = True,
         startup_timeout: float = 60.0,
     ) -> None:
         """Prepare (not start) a SuperLink with its own FLWR_HOME and port.
 
         Runs join the Ray cluster at `ray_address`; without one, a Ray head this link
-        starts and stops (`shared_ray`, paid once for all its runs), or else a local Ray
-        that each run's simulation starts and stops, as Flower does by default.
+        starts and stops, paid once for all its runs.
         """
         self._tmp = None if flwr_home else tempfile.TemporaryDirectory(prefix="flwr-home-")
         self.home = Path(flwr_home or self._tmp.name).resolve()  # type: ignore[union-attr]
@@ -60,7 +58,7 @@ class SimulationLink:
         self.watchdog: subprocess.Popen[bytes] | None = None
         self._staged: Path | None = None
         self.ray_head: RayHead | None = None
-        if ray_address is None and shared_ray:
+        if ray_address is None:
             self.ray_head = RayHead(flower_env(self.home))
             ray_address = self.ray_head.address
         self.ray_address = ray_address
@@ -132,10 +130,10 @@ class SimulationLink:
         """Terminate the SuperLink's process group by PID (then kill it if it lingers)."""
         if self.process is not None:
             stop_process_group(self.process)
-            stop_processes(processes_under(self.home), grace=5.0)  # any that left the group
         if self.ray_head is not None:
             self.ray_head.stop()
-            stop_processes(processes_under(self.home), grace=5.0)
+        if self.process is not None or self.ray_head is not None:
+            stop_processes(processes_under(self.home), grace=5.0)  # any that left the groups
         stop_watchdog(self.watchdog)
         if self._tmp is not None:
             self._tmp.cleanup()

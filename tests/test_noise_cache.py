@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flower_app import disk_cache
+from flower_app import disk_cache, privacy
 from flower_app.privacy import calibrate_noise, epsilon
 
 ARGS = {"target_eps": 4.0, "delta": 1e-5, "sample_rate": 1 / 40, "steps": 400, "accountant": "rdp"}
@@ -24,8 +24,6 @@ def _stored(root):
 def test_the_second_calibration_reads_the_first_and_agrees(_cache, monkeypatch):
     first = calibrate_noise(**ARGS)
     assert json.loads(_stored(_cache).read_text())["value"] == first
-    import flower_app.privacy as privacy
-
     monkeypatch.setattr(privacy, "_search_noise", lambda key: pytest.fail("searched again"))
     assert calibrate_noise(**ARGS) == first
 
