@@ -11,7 +11,9 @@ else in `launch`.
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +23,29 @@ from launch.flwr_cli import FlowerRunError
 from launch.processes import console_script, free_port, stop_process_group
 
 READY = "Ray runtime started"
+# Ray gives every worker and driver a port from --min/--max-worker-port, by default 10002 up,
+# whichever cluster it belongs to: two clusters on one machine hand out the same ports and a
+# worker of one dies binding a port the other holds. Each head here gets its own block.
+WORKER_PORT_BLOCK = 500
+WORKER_PORT_RANGE = (20000, 60000)
+_taken_blocks: set[int] = set()
+
+
+def worker_port_block(rng: random.Random | None = None) -> tuple[int, int]:
+    """A block of ports no other head of this process uses, its first port free now."""
+    rng = rng or random.Random()
+    low, high = WORKER_PORT_RANGE
+    blocks = [b for b in range(low, high, WORKER_PORT_BLOCK) if b not in _taken_blocks]
+    rng.shuffle(blocks)
+    for start in blocks:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", start))
+            except OSError:
+                continue
+        _taken_blocks.add(start)
+        return start, start + WORKER_PORT_BLOCK - 1
+    raise FlowerRunError(f"no free block of {WORKER_PORT_BLOCK} ports in {low}-{high}")
 
 
 class RayHead:
@@ -39,6 +64,7 @@ class RayHead:
         self.num_cpus = num_cpus or os.cpu_count() or 1
         self.startup_timeout = startup_timeout
         self.port = free_port()
+        self.worker_ports = worker_port_block()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,6 +92,8 @@ class RayHead:
                 "--disable-usage-stats",
                 f"--ray-client-server-port={free_port()}",
                 f"--dashboard-agent-listen-port={free_port()}",
+                f"--min-worker-port={self.worker_ports[0]}",
+                f"--max-worker-port={self.worker_ports[1]}",
                 f"--temp-dir={self.root / 'ray'}",
             ],
             env=self.env,
@@ -95,3 +123,4 @@ class RayHead:
             stop_process_group(self.process, grace=10.0)
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
+        _taken_blocks.discard(self.worker_ports[0])

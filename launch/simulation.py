@@ -43,12 +43,13 @@ class SimulationLink:
         flwr_home: Path | None = None,
         *,
         ray_address: str | None = None,
+        ray_cpus: int | None = None,
         startup_timeout: float = 60.0,
     ) -> None:
         """Prepare (not start) a SuperLink with its own FLWR_HOME and port.
 
         Runs join the Ray cluster at `ray_address`; without one, a Ray head this link
-        starts and stops, paid once for all its runs.
+        starts and stops, paid once for all its runs, with `ray_cpus` CPUs (default: all).
         """
         self._tmp = None if flwr_home else tempfile.TemporaryDirectory(prefix="flwr-home-")
         self.home = Path(flwr_home or self._tmp.name).resolve()  # type: ignore[union-attr]
@@ -59,7 +60,7 @@ class SimulationLink:
         self._staged: Path | None = None
         self.ray_head: RayHead | None = None
         if ray_address is None:
-            self.ray_head = RayHead(flower_env(self.home))
+            self.ray_head = RayHead(flower_env(self.home), num_cpus=ray_cpus)
             ray_address = self.ray_head.address
         self.ray_address = ray_address
         # ray.init() in the simulation joins RAY_ADDRESS when it is set.

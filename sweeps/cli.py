@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -124,7 +126,17 @@ def _add_run(sub: Any) -> argparse.ArgumentParser:
         "project); give the same folder again to resume",
     )
     run.add_argument(
-        "--ray-address", help="join a running Ray cluster (see `ray start --head`) at ADDR"
+        "--ray-address",
+        metavar="ADDR[,ADDR...]",
+        help="run the cells on running Ray clusters (see `ray start --head`) instead of a "
+        "local one: one address per cell run at once",
+    )
+    run.add_argument(
+        "--parallel-cells",
+        type=int,
+        metavar="K",
+        help="run K cells at once, each on its own SuperLink and Ray cluster (default: 1, or "
+        "one per --ray-address); locally each cluster gets CPUs/K CPUs",
     )
     run.add_argument(
         "--timeout", type=float, default=3600, help="stop a cell after S seconds (default 3600)"
@@ -221,6 +233,7 @@ def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | 
     console = Console(stderr=True, log_path=False)
     spec = spec_from_args(args)
     cells = expand(spec)
+    slots = cell_slots(args)
     name = args.preset or "sweep"
     if args.dry_run:
         for cell in cells:
@@ -238,13 +251,17 @@ def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | 
     try:
         stop_leftovers(out, console.log)
         sweep = Sweep(out, spec, cells, name=name, command=command, description=description)
-        return _run_sweep(sweep, args, runner, console)
+        return _run_sweep(sweep, args, runner, console, slots)
     finally:
         lock.release()
 
 
 def _run_sweep(
-    sweep: Sweep, args: argparse.Namespace, runner: Runner | None, console: Console
+    sweep: Sweep,
+    args: argparse.Namespace,
+    runner: Runner | None,
+    console: Console,
+    slots: tuple[int, list[str | None]],
 ) -> int:
     """Run the sweep's pending cells, then its figures and report; the exit code."""
     out, cells, command = sweep.out, sweep.cells, sweep.command
@@ -254,10 +271,12 @@ def _run_sweep(
             if runner is not None or not sweep.todo:  # nothing to run: no SuperLink needed
                 sweep.run(runner or _no_runner, console)
             else:
-                link = SimulationLink(ray_address=args.ray_address)
-                record_link(out, link.home)
-                with link:
-                    sweep.run(FlowerRunner(link, args.timeout), console)
+                links = make_links(*slots)
+                record_links(out, [link.home for link in links])
+                with ExitStack() as stack:
+                    for link in links:
+                        stack.enter_context(link)
+                    sweep.run([FlowerRunner(link, args.timeout) for link in links], console)
     except KeyboardInterrupt:
         done = sum(sweep.status(c.id) == COMPLETED for c in cells)
         _stderr(f"interrupted: {done} of {len(cells)} cells completed; resume with: {command}")
@@ -275,9 +294,43 @@ def _run_sweep(
     return 0
 
 
-def record_link(out: Path, flwr_home: Path) -> None:
-    """Note the sweep's SuperLink home: what a later run must stop if this one is killed."""
-    atomic_write_text(out / LAUNCH_RECORD, json.dumps({"flwr_home": str(flwr_home)}) + "\n")
+def cell_slots(args: argparse.Namespace) -> tuple[int, list[str | None]]:
+    """How many cells run at once and the Ray address of each (None: a local head).
+
+    Flower 1.42 sizes every run's actor pool to its whole Ray cluster
+    (`pool_size_from_resources`), so two runs sharing one cluster compete for the same CPUs
+    and can each hold part of their pool while waiting for the rest: every concurrent cell
+    needs its own cluster.
+    """
+    addresses = [a.strip() for a in (args.ray_address or "").split(",") if a.strip()]
+    k = args.parallel_cells if args.parallel_cells is not None else max(1, len(addresses))
+    cpus = os.cpu_count() or 1
+    if addresses:
+        if k != len(addresses):
+            raise SweepError(
+                f"--parallel-cells {k} needs {k} Ray clusters in --ray-address, got "
+                f"{len(addresses)}: Flower sizes each run's actor pool to its whole cluster, so "
+                "cells run at once cannot share one"
+            )
+        return k, list(addresses)
+    if not 1 <= k <= cpus:
+        raise SweepError(
+            f"--parallel-cells {k} is not valid on this machine: 1 to {cpus} "
+            "(each cell's local Ray cluster needs at least one CPU)"
+        )
+    return k, [None] * k
+
+
+def make_links(k: int, addresses: Sequence[str | None]) -> list[SimulationLink]:
+    """One SimulationLink per concurrent cell; local heads split the CPUs evenly."""
+    cpus = max(1, (os.cpu_count() or 1) // k)
+    return [SimulationLink(ray_address=a, ray_cpus=None if k == 1 else cpus) for a in addresses]
+
+
+def record_links(out: Path, homes: Sequence[Path]) -> None:
+    """Note the sweep's SuperLink homes: what a later run must stop if this one is killed."""
+    record = {"flwr_homes": [str(h) for h in homes]}
+    atomic_write_text(out / LAUNCH_RECORD, json.dumps(record) + "\n")
 
 
 def stop_leftovers(out: Path, log: Callable[[str], None]) -> list[int]:
@@ -287,10 +340,11 @@ def stop_leftovers(out: Path, log: Callable[[str], None]) -> list[int]:
     process its SuperLink, the simulation and Ray start inherits it), and that still run.
     """
     try:
-        home = Path(json.loads((out / LAUNCH_RECORD).read_text(encoding="utf-8"))["flwr_home"])
-    except (OSError, ValueError, KeyError):
+        record = json.loads((out / LAUNCH_RECORD).read_text(encoding="utf-8"))
+        homes = record["flwr_homes"] if "flwr_homes" in record else [record["flwr_home"]]
+    except (OSError, ValueError, KeyError, TypeError):
         return []
-    leftovers = [pid for pid in processes_under(home) if command_line(pid)]
+    leftovers = [pid for home in homes for pid in processes_under(Path(home)) if command_line(pid)]
     if leftovers:
         log(f"stopping {len(leftovers)} process(es) an earlier run of this sweep left: {leftovers}")
         stop_processes(leftovers, grace=5.0)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -168,6 +170,8 @@ class Sweep:
             }
             for c in self.cells
         }
+        self._lock = threading.RLock()  # entries and the files written from them
+        self._stopping = threading.Event()
         self._resume()
 
     def folder(self, cell_id: str) -> Path:
@@ -251,8 +255,14 @@ class Sweep:
             return 0
         return max(0, len(text.strip().splitlines()) - 1)
 
-    def run(self, runner: Runner, console: Console | None = None) -> list[str]:
-        """Run every cell not completed yet; return the ids of failed cells."""
+    def run(self, runner: Runner | Sequence[Runner], console: Console | None = None) -> list[str]:
+        """Run every cell not completed yet; return the ids of failed cells.
+
+        With several runners (one per SuperLink and Ray cluster), that many cells run at
+        once, each on a free runner. An interrupt (or a runner that raises) stops the
+        others at their next poll; their cells stay pending, so a resume re-runs them.
+        """
+        runners = list(runner) if isinstance(runner, Sequence) else [runner]
         console = console or Console(stderr=True, log_path=False)
         self.save()
         todo = self.todo
@@ -267,38 +277,68 @@ class Sweep:
             TextColumn("ETA"),
             TimeRemainingColumn(),
         )
+        self._stopping.clear()
         with Progress(*columns, console=console) as progress:
             cells_bar = progress.add_task("cells", total=len(self.cells), completed=skipped)
             rounds_bar = progress.add_task("rounds", total=sum(c.rounds for c in todo))
-            before = 0
-            for i, cell in enumerate(todo, 1):
-                progress.update(cells_bar, description=f"cell {cell.id}")
-                poll = partial(self._poll, progress, rounds_bar, cell, before)
-                self._run_cell(cell, runner, poll)
-                before += cell.rounds
-                progress.update(rounds_bar, completed=before)
-                progress.advance(cells_bar)
-                entry = self.entries[cell.id]
-                outcome = entry["status"]
-                if entry["error"]:
-                    outcome += f": {entry['error'].splitlines()[0]}"
-                console.log(
-                    f"[{i}/{len(todo)}] {cell.id} {outcome} ({entry['wall_s']:.0f}s)",
-                    markup=False,
-                    highlight=False,
-                )
-        return self.failed
+            running: dict[str, Cell] = {}
+            finished = 0
 
-    def _poll(self, progress: Progress, task: Any, cell: Cell, before: int) -> None:
-        progress.update(task, completed=before + min(self.rounds_done(cell), cell.rounds))
+            def poll() -> None:
+                if self._stopping.is_set():
+                    raise _Cancelled
+                with self._lock:
+                    now = sum(min(self.rounds_done(c), c.rounds) for c in running.values())
+                    progress.update(rounds_bar, completed=finished + now)
+
+            def one(cell: Cell) -> Cell:
+                slot = free.get()
+                try:
+                    with self._lock:
+                        running[cell.id] = cell
+                        progress.update(cells_bar, description=f"cell {', '.join(running)}")
+                    self._run_cell(cell, slot, poll)
+                    return cell
+                finally:
+                    with self._lock:
+                        running.pop(cell.id, None)
+                    free.put(slot)
+
+            free: queue.Queue[Runner] = queue.Queue()
+            for r in runners:
+                free.put(r)
+            pool = ThreadPoolExecutor(len(runners), thread_name_prefix="cell")
+            try:
+                futures = [pool.submit(one, cell) for cell in todo]
+                for i, future in enumerate(as_completed(futures), 1):
+                    cell = future.result()
+                    finished += cell.rounds
+                    progress.update(rounds_bar, completed=finished)
+                    progress.advance(cells_bar)
+                    entry = self.entries[cell.id]
+                    outcome = entry["status"]
+                    if entry["error"]:
+                        outcome += f": {entry['error'].splitlines()[0]}"
+                    console.log(
+                        f"[{i}/{len(todo)}] {cell.id} {outcome} ({entry['wall_s']:.0f}s)",
+                        markup=False,
+                        highlight=False,
+                    )
+            except BaseException:
+                self._stopping.set()  # the other cells stop at their next poll, pending
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return self.failed
 
     def _run_cell(self, cell: Cell, runner: Runner, on_poll: Callable[[], None]) -> None:
         entry = self.entries[cell.id]
         folder = self.folder(cell.id)
         if folder.exists():  # a failed or interrupted attempt
             shutil.rmtree(folder)
-        entry |= {"status": PENDING, "error": None, "run_id": None, "wall_s": None}
-        self.save()
+        with self._lock:
+            entry |= {"status": PENDING, "error": None, "run_id": None, "wall_s": None}
+            self.save()
         run_config = {**cell.params, "results-dir": str(self.out / RUNS), "run-name": cell.id}
         t0 = time.monotonic()
         try:
@@ -306,20 +346,28 @@ class Sweep:
         except SuperLinkDown:
             raise
         except Exception as err:  # noqa: BLE001 - one cell's failure must not stop the sweep
+            if self._stopping.is_set():  # stopped from outside: stays pending
+                raise _Cancelled from err
             outcome = RunOutcome("", "finished:failed", f"{type(err).__name__}: {err}", 0.0)
         error = judge(outcome, folder)
-        entry |= {
-            "status": FAILED if error else COMPLETED,
-            "error": error,
-            "run_id": outcome.run_id or None,
-            "wall_s": round(time.monotonic() - t0, 3),
-        }
+        with self._lock:
+            entry |= {
+                "status": FAILED if error else COMPLETED,
+                "error": error,
+                "run_id": outcome.run_id or None,
+                "wall_s": round(time.monotonic() - t0, 3),
+            }
         if error and outcome.run_id and hasattr(runner, "logs"):
             try:
                 atomic_write_text(self.out / LOGS / f"{cell.id}.log", runner.logs(outcome.run_id))
             except Exception as err:  # noqa: BLE001 - a missing log must not fail the sweep
                 log.warning("could not save the log of %s: %s", cell.id, err)
-        self.save()
+        with self._lock:
+            self.save()
+
+
+class _Cancelled(BaseException):
+    """Raised in a cell's poll once the sweep stops: the cell is left pending."""
 
 
 def _completed_run(folder: Path) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from flower_app.results import FolderLock, FolderLocked, RunFiles
 from launch.processes import alive, processes_under
-from sweeps.cli import LAUNCH_RECORD, SWEEP_LOCK, main, record_link, stop_leftovers
+from sweeps.cli import LAUNCH_RECORD, SWEEP_LOCK, main, record_links, stop_leftovers
 from tests.sweep_fakes import FakeRunner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,8 +96,9 @@ def test_a_rerun_stops_what_a_killed_sweep_left_running(tmp_path):
     home = tmp_path / "home"
     leftover = subprocess.Popen(["sleep", "120"], env={**os.environ, "FLWR_HOME": str(home)})
     try:
-        record_link(tmp_path, home)
-        assert json.loads((tmp_path / LAUNCH_RECORD).read_text())["flwr_home"] == str(home)
+        record_links(tmp_path, [tmp_path / "other-home", home])
+        record = json.loads((tmp_path / LAUNCH_RECORD).read_text())
+        assert record["flwr_homes"][1] == str(home)
         logged = []
         assert stop_leftovers(tmp_path, logged.append) == [leftover.pid]
         leftover.wait(timeout=10)

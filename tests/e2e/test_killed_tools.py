@@ -57,7 +57,7 @@ def test_a_sigkilled_sweep_leaves_nothing_running_and_its_rerun_writes_each_row_
         rival = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert rival.returncode == 2
         assert f"is being written by PID {first.pid}" in rival.stderr, rival.stderr
-        home = Path(json.loads((out / ".launch.json").read_text())["flwr_home"])
+        (home,) = map(Path, json.loads((out / ".launch.json").read_text())["flwr_homes"])
         running = processes_under(home)
         assert running, "the cell's SuperLink, simulation and Ray should be running"
         os.kill(first.pid, signal.SIGKILL)
