@@ -106,6 +106,12 @@ class RunConfig:
     )
     min_available_nodes: int = field(default=2, metadata=_POSITIVE_INT)
     round_timeout: float = field(default=3600.0, metadata=_POSITIVE_FLOAT)
+    # One-run privacy audit (flower_app/audit.py): canaries per node, 0 = no audit, and the
+    # auditor's seed for choosing them and flipping their coins (never the DP noise's).
+    audit_canaries: int = field(
+        default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0 (0 = no audit)")
+    )
+    audit_seed: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
     results_dir: str = ""
     run_name: str = ""
 
@@ -147,6 +153,11 @@ class RunConfig:
         if self.grad_sample_mode == "auto":
             return FASTEST_GRAD_SAMPLE_MODE[self.model]
         return self.grad_sample_mode
+
+    @property
+    def audited(self) -> bool:
+        """Whether this is an audit run (canaries in the nodes' training data)."""
+        return self.audit_canaries > 0
 
     @property
     def private(self) -> bool:

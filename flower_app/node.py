@@ -6,8 +6,10 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
+from flower_app.audit import Canaries, make_canaries
 from flower_app.config import RunConfig
 from flower_app.data import BatchTensorDataset, cap, load_arrays, to_tensors
 from flower_app.model import build_model
@@ -68,8 +70,14 @@ def node_data(
     shards_per_node: int,
     samples_per_node: int,
     normalize: str = "mean-std",
+    audit_canaries: int = 0,
+    audit_seed: int = 0,
 ) -> BatchTensorDataset:
-    """The node's training shard as tensors (cached: loaded once per worker process)."""
+    """The node's training shard as tensors (cached: loaded once per worker process).
+
+    In an audit run the node's included canaries are appended: extra examples, so they
+    count in its n and its privacy plan like any other.
+    """
     arrays = load_arrays(dataset, data_dir)
     parts = partition_indices(
         arrays.y_train,
@@ -80,7 +88,13 @@ def node_data(
         shards_per_node=shards_per_node,
     )
     idx = cap(parts[partition_id], samples_per_node, seed + partition_id)
-    return to_tensors(dataset, arrays.x_train[idx], arrays.y_train[idx], normalize)
+    x, y = arrays.x_train[idx], arrays.y_train[idx]
+    if audit_canaries:
+        canaries = make_canaries(num_partitions, audit_canaries, audit_seed)
+        mine = canaries.of(partition_id)
+        x = np.concatenate([x, canaries.images[mine]])
+        y = np.concatenate([y, canaries.label[mine]])
+    return to_tensors(dataset, x, y, normalize)
 
 
 def shard_for(cfg: RunConfig, partition_id: int, num_partitions: int) -> BatchTensorDataset:
@@ -100,7 +114,15 @@ def shard_for(cfg: RunConfig, partition_id: int, num_partitions: int) -> BatchTe
         cfg.shards_per_node,
         cfg.samples_per_node,
         cfg.normalize,
+        cfg.audit_canaries,
+        cfg.audit_seed,
     )
+
+
+def canary_set(cfg: RunConfig, num_partitions: int) -> tuple[Canaries, BatchTensorDataset]:
+    """Every node's canaries (in or out) and their images as tensors, for scoring them."""
+    canaries = make_canaries(num_partitions, cfg.audit_canaries, cfg.audit_seed)
+    return canaries, to_tensors(cfg.dataset, canaries.images, canaries.label, cfg.normalize)
 
 
 def plan(cfg: RunConfig, num_samples: int) -> PrivacyLedger | None:

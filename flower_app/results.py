@@ -286,6 +286,8 @@ class RunSummary:
     # From the strategy's `run_summary()`: how models were combined; gossip's graph.
     aggregation: str | None = None
     topology: dict[str, Any] | None = None
+    # An audit run (canaries in the nodes' data): its settings and where audit.json is.
+    audit: dict[str, Any] | None = None
     error: str | None = None  # failed runs only: "<ExceptionType>: <message>"
 
     @classmethod
@@ -304,8 +306,9 @@ class RunSummary:
             return {"status": self.status, "error": self.error}
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         del out["error"]
-        if self.topology is None:
-            del out["topology"]
+        for optional in ("topology", "audit"):
+            if out[optional] is None:
+                del out[optional]
         return out
 
     @classmethod

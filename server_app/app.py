@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from logging import INFO
-from typing import cast
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -20,9 +21,11 @@ from flower_app.results import (
     RunFiles,
     RunSummary,
     default_run_name,
+    format_eps,
     resolve_results_dir,
 )
 from flower_app.train import quiet_opacus_logging
+from server_app.audit import AUDIT, run_audit, write_audit
 from server_app.evaluation import RoundRecorder, central_test_sets, model_evaluator
 from server_app.polling import PromptGrid
 from server_app.privacy_report import privacy_line, privacy_summary
@@ -128,6 +131,44 @@ def summarize(
     )
 
 
+def audit_and_write(
+    cfg: RunConfig,
+    strategy: RunStrategy,
+    recorder: RoundRecorder,
+    files: RunFiles,
+    num_nodes: int,
+) -> dict[str, Any]:
+    """Score the canaries from every observer's view; audit.json; summary.json's `audit`."""
+    t0 = time.monotonic()
+    pids = range(num_nodes)
+    audit = run_audit(
+        cfg,
+        num_nodes=num_nodes,
+        own_models=strategy.own_models(),
+        shared=recorder.last_arrays,
+        graph=getattr(strategy, "graph", None),
+        node_eps={p: strategy.node_eps(p) for p in pids if p in strategy.node_reports},
+    )
+    write_audit(files.folder, audit)
+    for o in audit["observers"]:
+        log(
+            INFO,
+            "Audit %s: %d of %d guesses correct, ε >= %.3f (accountant: ε <= %s)",
+            o["observer"],
+            o["correct"],
+            o["guesses"],
+            o["eps_lower"],
+            format_eps(o["eps_accountant"]),
+        )
+    log(INFO, "Audit: %s (%.1fs)", files.folder / AUDIT, time.monotonic() - t0)
+    return {
+        "canaries_per_node": cfg.audit_canaries,
+        "audit_seed": cfg.audit_seed,
+        "file": AUDIT,
+        "eps_lower_max": max((o["eps_lower"] for o in audit["observers"]), default=0.0),
+    }
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run `strategy` for `num-server-rounds` rounds and write the run's results folder."""
@@ -144,9 +185,12 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.monotonic()
     run_rounds(grid, cfg, strategy, recorder)
     wall_s = time.monotonic() - t0
-    files.finish(
-        summarize(cfg, strategy, recorder, run_name=run_name, num_nodes=num_nodes, wall_s=wall_s)
+    summary = summarize(
+        cfg, strategy, recorder, run_name=run_name, num_nodes=num_nodes, wall_s=wall_s
     )
+    if cfg.audited and summary.completed:
+        summary = replace(summary, audit=audit_and_write(cfg, strategy, recorder, files, num_nodes))
+    files.finish(summary)
     log(
         INFO,
         "Done: %d rounds, final accuracy %.4f; results in %s",

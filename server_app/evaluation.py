@@ -87,10 +87,12 @@ class RoundRecorder:
         self.initial: dict[str, float] = {}
         self.last_row: dict[str, Any] = {}
         self.diverged_at: int | None = None
+        self.last_arrays: ArrayRecord | None = None  # the model evaluated last
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower's `evaluate_fn`: called with round 0 before training, then after each round."""
         t_eval = time.monotonic()
+        self.last_arrays = arrays
         model = build_model(self.cfg.model)
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, self.test)

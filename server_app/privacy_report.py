@@ -40,7 +40,17 @@ def noise_source(cfg: RunConfig) -> str:
 
 
 def privacy_line(cfg: RunConfig) -> str:
-    """The run's privacy in one log line."""
+    """The run's privacy in one log line (an audit run says so first)."""
+    audit = (
+        f"AUDIT RUN ({cfg.audit_canaries} canaries per node, audit-seed={cfg.audit_seed}, "
+        "each in its owner's data with probability 1/2). "
+        if cfg.audited
+        else ""
+    )
+    return audit + _privacy_line(cfg)
+
+
+def _privacy_line(cfg: RunConfig) -> str:
     if not cfg.private:
         return "Privacy: none (eps=inf): plain SGD, no clipping, no noise."
     unit = PRIVACY_UNITS[cfg.dp_mode]

@@ -38,6 +38,7 @@ def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
         min_available_nodes=cfg.min_available_nodes,
         seed=cfg.seed,
         bounds=privacy_bounds(cfg),
+        keep_uploads=cfg.audited,
     )
 
 

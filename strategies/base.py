@@ -9,6 +9,7 @@ from datetime import datetime
 from logging import WARNING
 from typing import Any, Protocol
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -47,6 +48,10 @@ class Diagnostics(Protocol):
 
     def eps_spent(self, *, strict: bool = False) -> float:
         """Largest cumulative ε over all nodes asked to train so far."""
+        ...
+
+    def own_models(self) -> dict[int, list[np.ndarray]]:
+        """The model the server saw or holds for each node, by partition id (for audits)."""
         ...
 
 

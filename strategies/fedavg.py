@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from logging import INFO
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -54,8 +55,13 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
         min_available_nodes: int = 2,
         seed: int = 0,
         bounds: PrivacyBounds | None = None,
+        keep_uploads: bool = False,
     ) -> None:
-        """Store the knobs; weights come from each reply's `num-examples`."""
+        """Store the knobs; weights come from each reply's `num-examples`.
+
+        `keep_uploads`: remember each node's latest upload as the server received it (what
+        a privacy audit scores from the server's view).
+        """
         super().__init__(
             fraction_train=fraction_train,
             min_train_nodes=min(min_available_nodes, num_nodes),
@@ -67,6 +73,8 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
         self.seed = seed
         self.init_reports(bounds or PrivacyBounds())
         self.last_round: dict[str, Any] = {}
+        self.keep_uploads = keep_uploads
+        self.uploads: dict[int, list[np.ndarray]] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -97,6 +105,10 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
         # one config ending 6 points apart. A fixed order makes a seed reproduce bit for bit.
         replies = sorted(replies, key=reply_order)
         ok = self.remember(server_round, replies)
+        if self.keep_uploads:
+            for r in ok:
+                pid = int(r.content[METRICS]["partition-id"])
+                self.uploads[pid] = r.content[self.arrayrecord_key].to_numpy_ndarrays()
         arrays, metrics = super().aggregate_train(server_round, ok)
         self.last_round = {
             "nodes_trained": len(ok),
@@ -119,6 +131,10 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
     def round_diagnostics(self) -> dict[str, Any]:
         """Per-round columns beyond accuracy and loss."""
         return {**self.last_round, "eps_spent": self.eps_spent()}
+
+    def own_models(self) -> dict[int, list[np.ndarray]]:
+        """Each node's latest upload, by partition id (empty unless `keep_uploads`)."""
+        return dict(self.uploads)
 
     def run_summary(self) -> dict[str, Any]:
         """Strategy facts for `summary.json` (a global average has no topology)."""

@@ -241,6 +241,12 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
             }
         return out
 
+    def own_models(self) -> dict[int, list[np.ndarray]]:
+        """The model each vertex holds now, by partition id."""
+        if self.layout is None:
+            return {}
+        return {v: self.layout.unflatten(m) for v, m in self.models.items()}
+
     def run_summary(self) -> dict[str, Any]:
         """Topology facts for `summary.json`."""
         return {

@@ -185,10 +185,10 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     return spec
 
 
-def default_out(name: str, now: datetime | None = None) -> Path:
-    """`<project>/results/sweeps/<name>-<UTC timestamp>`."""
+def default_out(name: str, now: datetime | None = None, root: str = "results/sweeps") -> Path:
+    """`<project>/<root>/<name>-<UTC timestamp>`."""
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
-    return resolve_results_dir(f"results/sweeps/{name}-{stamp}")
+    return resolve_results_dir(f"{root}/{name}-{stamp}")
 
 
 def summary_table(data: SweepData) -> Table:
@@ -228,7 +228,14 @@ def _print_summary(out: Path) -> None:
         Console().print(summary_table(data))
 
 
-def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | None = None) -> int:
+def command_run(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    runner: Runner | None = None,
+    *,
+    prog: str = "fl-sweep",
+    out_root: str = "results/sweeps",
+) -> int:
     """`fl-sweep run`: validate everything, then run; 0 all completed, 1 some failed."""
     console = Console(stderr=True, log_path=False)
     spec = spec_from_args(args)
@@ -240,8 +247,8 @@ def command_run(args: argparse.Namespace, argv: Sequence[str], runner: Runner | 
             console.print(f"{cell.id}  {cell.params}", soft_wrap=True, markup=False)
         console.print(f"{len(cells)} cells on {spec.nodes} nodes: all valid")
         return 0
-    out = (args.out.expanduser().resolve()) if args.out else default_out(name)
-    command = shlex.join(["fl-sweep", *argv] + ([] if args.out else ["--out", str(out)]))
+    out = (args.out.expanduser().resolve()) if args.out else default_out(name, root=out_root)
+    command = shlex.join([prog, *argv] + ([] if args.out else ["--out", str(out)]))
     description = PRESETS[args.preset].description if args.preset else ""
     lock = FolderLock(out / SWEEP_LOCK, f"sweep folder {out}")
     try:

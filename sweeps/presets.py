@@ -114,6 +114,20 @@ PRESETS: dict[str, Preset] = {
             nodes=6,
         ),
     ),
+    "audit": Preset(
+        "the reference shape for fl-audit: 20 nodes, Dirichlet α=0.5, 20 rounds, FedAvg vs "
+        "gossip (ring), ε ∈ {∞,8,2}, seed 7",
+        SweepSpec(
+            fixed={
+                "num-server-rounds": 20,
+                "partitioner": "dirichlet",
+                "alpha": 0.5,
+                "gossip:topology": "ring",
+            },
+            grid={"strategy": ["fedavg", "gossip"], "eps": [math.inf, 8, 2], "seed": [7]},
+            nodes=20,
+        ),
+    ),
     "tutorial": Preset(
         "the MarkTechPost tutorial as published: 20 nodes, shards, MLP, update-level DP with "
         "the uncomposed per-round σ (ε is a per-round label), ε ∈ {∞,8,4,2,1}, seed 7; on "

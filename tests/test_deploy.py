@@ -145,6 +145,31 @@ def test_make_certs_signs_a_server_certificate_for_the_host(tmp_path):
     assert oct((out / "server.key").stat().st_mode & 0o777) == "0o600"
 
 
+def test_make_certs_never_replaces_an_existing_ca_unless_forced(tmp_path):
+    out = tmp_path / "certs"
+    subprocess.run(["bash", SCRIPTS / "make-certs", "10.0.0.1", out], check=True)
+    ca = (out / "ca.crt").read_bytes()
+    again = subprocess.run(
+        ["bash", SCRIPTS / "make-certs", "10.0.0.2", out], capture_output=True, text=True
+    )
+    assert again.returncode == 1 and "refusing to replace the CA" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and (out / "ca.crt").read_bytes() == ca
+    forced = ["bash", SCRIPTS / "make-certs", "--force", "10.0.0.2", out]
+    subprocess.run(forced, check=True, capture_output=True)
+    assert (out / "ca.crt").read_bytes() != ca
+
+
+def test_certificates_and_keys_are_never_committed():
+    ignored = subprocess.run(
+        ["git", "check-ignore", "certificates/ca.key", "keys/node-1", "sub/certificates/x.pem"],
+        cwd=SCRIPTS.parent,
+        capture_output=True,
+        text=True,
+    )
+    expected = ["certificates/ca.key", "keys/node-1", "sub/certificates/x.pem"]
+    assert ignored.stdout.split() == expected
+
+
 def test_make_certs_takes_a_dns_name(tmp_path):
     subprocess.run(["bash", SCRIPTS / "make-certs", "link.example.org", tmp_path], check=True)
     cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())

@@ -1,0 +1,154 @@
+"""The run's privacy audit: score every canary from each observer's view, write audit.json.
+
+The ServerApp already holds what each observer sees: FedAvg's server receives every node's
+upload and sends the global model every node then holds; gossip's relay holds every node's
+own model. Observers (`distance`: 0 the owner itself, d >= 1 a gossip node d hops away, None a
+model every node holds or the network's average):
+
+- FedAvg: `owner` (the owner's latest upload as the server saw it), `global`.
+- Gossip: `owner` (its own model), `distance-d` for d = 1 .. diameter (for each canary one
+  node at exactly d hops from its owner, drawn from `audit-seed`, so guesses stay
+  independent), `average` (the mean of all node models, which no node holds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from flower_app.audit import CONFIDENCE, audit_scores
+from flower_app.config import RunConfig
+from flower_app.model import build_model
+from flower_app.node import canary_set
+from flower_app.results import write_json
+
+AUDIT = "audit.json"
+_OBSERVER_STREAM = 0xD157
+BATCH = 1024
+
+
+def canary_scores(
+    cfg: RunConfig, arrays: Sequence[np.ndarray], images: torch.Tensor, labels: torch.Tensor
+) -> np.ndarray:
+    """Minus each canary's cross-entropy at its label under the model: high = "in"."""
+    model = build_model(cfg.model)
+    keys = list(model.state_dict())
+    model.load_state_dict(
+        {k: torch.tensor(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)}
+    )
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(labels), BATCH):
+            logits = model(images[start : start + BATCH])
+            loss = torch.nn.functional.cross_entropy(
+                logits, labels[start : start + BATCH], reduction="none"
+            )
+            out.append(-loss.double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def observer_assignments(
+    owners: np.ndarray, graph: nx.Graph | None, audit_seed: int
+) -> list[tuple[str, int | None, np.ndarray]]:
+    """(observer, distance, the node scoring each canary or -1 to leave it out) per view.
+
+    The last view (the shared model) is marked by node -2 for every canary.
+    """
+    views: list[tuple[str, int | None, np.ndarray]] = [("owner", 0, owners.copy())]
+    if graph is not None:
+        rng = np.random.default_rng([audit_seed, _OBSERVER_STREAM])
+        rings = {
+            v: _by_distance(nx.single_source_shortest_path_length(graph, v))
+            for v in np.unique(owners)
+        }
+        diameter = max((max(r) for r in rings.values() if r), default=0)
+        for d in range(1, diameter + 1):
+            chosen = np.full(len(owners), -1)
+            for i, owner in enumerate(owners):
+                candidates = rings[owner].get(d)
+                if candidates:
+                    chosen[i] = candidates[int(rng.integers(len(candidates)))]
+            views.append((f"distance-{d}", d, chosen))
+    views.append(("average" if graph is not None else "global", None, np.full(len(owners), -2)))
+    return views
+
+
+def _by_distance(lengths: Mapping[Any, int]) -> dict[int, list[int]]:
+    rings: dict[int, list[int]] = {}
+    for node, d in sorted(lengths.items()):
+        if d > 0:
+            rings.setdefault(d, []).append(int(node))
+    return rings
+
+
+def run_audit(
+    cfg: RunConfig,
+    *,
+    num_nodes: int,
+    own_models: Mapping[int, Sequence[np.ndarray]],
+    shared: ArrayRecord | None,
+    graph: nx.Graph | None,
+    node_eps: Mapping[int, float],
+) -> dict[str, Any]:
+    """audit.json's content: one entry per observer with the bound beside the accountant's ε."""
+    canaries, data = canary_set(cfg, num_nodes)
+    images, labels = data.tensors
+    shared_arrays = shared.to_numpy_ndarrays() if shared is not None else None
+    observers = []
+    for name, distance, scorer in observer_assignments(canaries.owner, graph, cfg.audit_seed):
+        scores = np.full(len(labels), np.nan)
+        for node in np.unique(scorer):
+            if node == -1:
+                continue
+            arrays = shared_arrays if node == -2 else own_models.get(int(node))
+            if arrays is None:
+                continue  # a node that never trained holds nothing to score with
+            idx = np.flatnonzero(scorer == node)
+            scores[idx] = canary_scores(cfg, arrays, images[idx], labels[idx])
+        keep = np.flatnonzero(~np.isnan(scores))
+        if len(keep) == 0:
+            continue
+        owners = sorted({int(o) for o in canaries.owner[keep]})
+        eps_accountant = max(node_eps.get(o, 0.0) for o in owners) if cfg.private else math.inf
+        result = audit_scores(scores[keep], canaries.included[keep], cfg.delta)
+        observers.append(
+            {
+                "observer": name,
+                "distance": distance,
+                "guesses": result["guesses"],
+                "correct": result["correct"],
+                "eps_lower": result["eps_lower"],
+                "eps_accountant": eps_accountant,
+                "canaries": result["canaries"],
+                "included": result["included"],
+                "k_plus": result["k_plus"],
+                "k_minus": result["k_minus"],
+                "mean_score_in": float(np.mean(scores[keep][canaries.included[keep]])),
+                "mean_score_out": float(np.mean(scores[keep][~canaries.included[keep]])),
+            }
+        )
+    return {
+        "audit": True,
+        "method": "Steinke, Nasr & Jagielski 2023, one run, Theorem 3.1 with delta",
+        "strategy": cfg.strategy,
+        "eps_target": cfg.eps,
+        "delta": cfg.delta,
+        "confidence": CONFIDENCE,
+        "canaries_per_node": cfg.audit_canaries,
+        "audit_seed": cfg.audit_seed,
+        "canary": "an image of random sparse pixels with a random label",
+        "score": "minus the cross-entropy at the canary's label",
+        "observers": observers,
+    }
+
+
+def write_audit(folder: Any, audit: Mapping[str, Any]) -> None:
+    """audit.json beside summary.json, atomically."""
+    write_json(folder / AUDIT, dict(audit))
