@@ -125,7 +125,7 @@ def bound_vs_distance(df: pd.DataFrame, out: Path) -> tuple[Path, ...]:
     levels = sorted(df["eps"].unique(), key=lambda e: (math.isinf(e), e), reverse=True)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(
-            1, len(levels), figsize=(5.2 * len(levels), 4.8), sharey=True, squeeze=False
+            1, len(levels), figsize=(5.2 * len(levels), 4.8), squeeze=False
         )
         for ax, eps in zip(axes[0], levels, strict=True):
             part = df[df["eps"] == eps]
@@ -165,9 +165,10 @@ def bound_vs_distance(df: pd.DataFrame, out: Path) -> tuple[Path, ...]:
             if math.isfinite(eps):
                 ax.axhline(eps, color="grey", linewidth=1, label="target ε")
             ax.set_title("ε = ∞ (no DP)" if math.isinf(eps) else f"ε = {format_eps(eps)}")
-            ax.set_xlabel("observer's distance from the canary's owner (hops)")
+            ax.set_ylim(bottom=-0.05 * max(ax.get_ylim()[1], 1.0))
+        fig.supxlabel("observer's distance from the canary's owner (hops)")
         axes[0][0].set_ylabel("audit's ε (95% lower bound)")
-        axes[0][-1].legend(loc="upper right", fontsize=10)
+        axes[0][0].legend(loc="upper right", fontsize=10)
         return _save(fig, out, AUDIT_FIGURES[1])
 
 
