@@ -124,9 +124,7 @@ def bound_vs_distance(df: pd.DataFrame, out: Path) -> tuple[Path, ...]:
     """Gossip's ε lower bound against the observer's graph distance, FedAvg's lines beside it."""
     levels = sorted(df["eps"].unique(), key=lambda e: (math.isinf(e), e), reverse=True)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(
-            1, len(levels), figsize=(5.2 * len(levels), 4.8), squeeze=False
-        )
+        fig, axes = plt.subplots(1, len(levels), figsize=(5.2 * len(levels), 4.8), squeeze=False)
         for ax, eps in zip(axes[0], levels, strict=True):
             part = df[df["eps"] == eps]
             gossip = part[(part["strategy"] == "gossip") & part["distance"].notna()]

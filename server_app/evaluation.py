@@ -69,6 +69,7 @@ def round_line(cfg: RunConfig, row: Mapping[str, Any]) -> str:
     else:
         budget = f"ε spent {row['eps_spent']:.3f} of {format_eps(cfg.eps)}"
     unit = UNIT_SHORT[cfg.dp_mode] + (", SEEDED noise" if cfg.seeded_noise else "")
+    unit += f", AUDIT: {cfg.audit_canaries} canaries per node" if cfg.audited else ""
     return (
         f"round {row['round']}/{cfg.num_server_rounds}  {quality}  {budget} "
         f"(δ={cfg.delta:g}, {unit})  {row['round_s']:.1f}s"

@@ -63,6 +63,8 @@ def test_the_round_line_leads_with_node_accuracy_under_gossip():
     )
     gossip = round_line(RunConfig(strategy="gossip", eps=2.0, num_server_rounds=5), row)
     assert gossip.startswith("round 2/5  node accuracy 0.4000 (0.300..0.500)  consensus 0.01")
+    audited = round_line(RunConfig(eps=2.0, num_server_rounds=5, audit_canaries=50), row)
+    assert "(δ=1e-05, sample-level, AUDIT: 50 canaries per node)" in audited
 
 
 def test_the_summary_has_the_fields_summary_json_always_had(tmp_path):
