@@ -25,17 +25,25 @@ from launch.processes import console_script, free_port, stop_process_group
 READY = "Ray runtime started"
 # Ray gives every worker and driver a port from --min/--max-worker-port, by default 10002 up,
 # whichever cluster it belongs to: two clusters on one machine hand out the same ports and a
-# worker of one dies binding a port the other holds. Each head here gets its own block.
+# worker of one dies binding a port the other holds. Each head here gets its own block, below
+# the kernel's ephemeral range (where free_port() and every outgoing connection take theirs).
 WORKER_PORT_BLOCK = 500
-WORKER_PORT_RANGE = (20000, 60000)
+WORKER_PORT_LOW = 10002
 _taken_blocks: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def worker_port_block(rng: random.Random | None = None) -> tuple[int, int]:
     """A block of ports no other head of this process uses, its first port free now."""
     rng = rng or random.Random()
-    low, high = WORKER_PORT_RANGE
-    blocks = [b for b in range(low, high, WORKER_PORT_BLOCK) if b not in _taken_blocks]
+    low, high = WORKER_PORT_LOW, _ephemeral_low() - WORKER_PORT_BLOCK
+    blocks = [b for b in range(low, high + 1, WORKER_PORT_BLOCK) if b not in _taken_blocks]
     rng.shuffle(blocks)
     for start in blocks:
         with socket.socket() as s:

@@ -63,7 +63,13 @@ def test_a_sigkilled_sweep_leaves_nothing_running_and_its_rerun_writes_each_row_
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
         killed_at = time.monotonic()
-        wait_until(lambda: not processes_under(home), 30, "the killed sweep's processes to end")
+        # A process that is exiting has already lost its environment (so it is no longer
+        # "under" the home) but is not gone yet: wait for both.
+        wait_until(
+            lambda: not processes_under(home) and not [p for p in running if alive(p)],
+            30,
+            "the killed sweep's processes to end",
+        )
         print(  # noqa: T201
             f"{len(running)} processes under the sweep's FLWR_HOME before SIGKILL; none "
             f"{time.monotonic() - killed_at:.1f}s after"
@@ -105,5 +111,8 @@ def test_after_a_sigkilled_launcher_stop_leaves_nothing_running(tmp_path):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-    wait_until(lambda: not processes_under(root), 30, "the deployment's processes to end")
-    assert not [p for p in started if alive(p)]
+    wait_until(
+        lambda: not processes_under(root) and not [p for p in started if alive(p)],
+        30,
+        "the deployment's processes to end",
+    )
