@@ -61,6 +61,10 @@ class RunConfig:
     delta: float = field(default=1e-5, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
     max_grad_norm: float = field(default=1.0, metadata=_POSITIVE_FLOAT)
     local_epochs: int = field(default=1, metadata=_POSITIVE_INT)
+    # DP-SGD (or SGD) steps per round instead of `local-epochs` whole epochs; 0 = epochs.
+    local_steps: int = field(
+        default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0 (0 = local-epochs epochs)")
+    )
     batch_size: int = field(default=64, metadata=_POSITIVE_INT)
     lr: float = field(default=0.1, metadata=_POSITIVE_FLOAT)
     momentum: float = field(
@@ -84,6 +88,14 @@ class RunConfig:
         ),
     )
     samples_per_node: int = field(default=0, metadata=_NON_NEGATIVE_INT)
+    # Training examples carved off before partitioning (fixed, not seeded by `seed`), never
+    # seen by any node: the only data hyperparameters may be chosen on.
+    validation_samples: int = field(
+        default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0 (0 = no validation set)")
+    )
+    # What the central evaluation scores: the test set (final numbers) or the validation set
+    # (tuning; such a run never touches the test set).
+    evaluate_on: str = field(default="test", metadata=_choice("test", "validation"))
     test_samples: int = field(default=0, metadata=_NON_NEGATIVE_INT)
     accountant: str = field(default="rdp", metadata=_choice("rdp", "prv"))
     dp_mode: str = field(default="sample", metadata=_choice(*DP_MODES))
@@ -95,6 +107,8 @@ class RunConfig:
     topology: str = field(default="ring", metadata=_choice(*TOPOLOGIES))
     gossip_mode: str = field(default="matching", metadata=_choice(*GOSSIP_MODES))
     gossip_edges: int = field(default=10, metadata=_POSITIVE_INT)
+    # Gossip iterations per round, each a fresh matching / set of edges / Metropolis step.
+    gossip_steps: int = field(default=1, metadata=_POSITIVE_INT)
     degree: int = field(default=4, metadata=_POSITIVE_INT)
     edge_prob: float = field(
         default=0.3, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
@@ -140,6 +154,11 @@ class RunConfig:
                 f"Gaussian σ for that label costs ε={true:.3g} per round at δ={self.delta:g} "
                 "(the formula only holds for small ε); use a smaller eps or "
                 "accounting='composed'"
+            )
+        if self.evaluate_on == "validation" and self.validation_samples == 0:
+            raise ConfigError(
+                "evaluate-on='validation' is not valid with validation-samples=0; carve a "
+                "validation set first (e.g. validation-samples=5000)"
             )
         if self.fraction_train < 1 and self.strategy != "fedavg":
             raise ConfigError(

@@ -27,6 +27,9 @@ IDX_STEMS = {
 # Per-dataset pixel mean and std, for normalisation.
 NORMALISATION = {"fashion-mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
 NUM_CLASSES = 10
+# The validation split's own seed: the split is the same for every run seed, so tuning runs
+# and final runs (of any seed) train on the same examples and never on the validation set.
+VALIDATION_SEED = 0x5A11D
 
 
 class DatasetMissing(FileNotFoundError):
@@ -172,3 +175,19 @@ def cap(indices: np.ndarray, limit: int, seed: int) -> np.ndarray:
         return indices
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(indices, size=limit, replace=False))
+
+
+def validation_split(num_train: int, validation_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, validation indices) of a training set of `num_train` examples.
+
+    `validation_samples` examples chosen at random with the fixed `VALIDATION_SEED` are
+    held out; the rest (sorted) is what partitioning sees. 0 holds out nothing.
+    """
+    if not 0 <= validation_samples < num_train:
+        raise ValueError(
+            f"validation-samples={validation_samples} is not valid for a training set of "
+            f"{num_train}; expected 0 to {num_train - 1}"
+        )
+    order = np.random.default_rng(VALIDATION_SEED).permutation(num_train)
+    held = np.sort(order[:validation_samples])
+    return np.sort(order[validation_samples:]), held

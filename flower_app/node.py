@@ -11,7 +11,7 @@ import torch
 
 from flower_app.audit import Canaries, make_canaries
 from flower_app.config import RunConfig
-from flower_app.data import BatchTensorDataset, cap, load_arrays, to_tensors
+from flower_app.data import BatchTensorDataset, cap, load_arrays, to_tensors, validation_split
 from flower_app.model import build_model
 from flower_app.partition import partition_indices
 from flower_app.policy import NodePolicy, refusal, round_steps
@@ -58,6 +58,35 @@ class LedgerStore(Protocol):
         ...
 
 
+def shard_indices(
+    labels: np.ndarray,
+    partitioner: str,
+    num_partitions: int,
+    partition_id: int,
+    *,
+    seed: int,
+    alpha: float,
+    shards_per_node: int,
+    samples_per_node: int,
+    validation_samples: int = 0,
+) -> np.ndarray:
+    """Indices into the training set of the node's shard.
+
+    The validation split is carved off first and the partitioner sees only the rest, so no
+    shard holds a validation example.
+    """
+    train, _ = validation_split(len(labels), validation_samples)
+    parts = partition_indices(
+        labels[train],
+        partitioner,
+        num_partitions,
+        seed=seed,
+        alpha=alpha,
+        shards_per_node=shards_per_node,
+    )
+    return train[cap(parts[partition_id], samples_per_node, seed + partition_id)]
+
+
 @lru_cache(maxsize=32)
 def node_data(
     dataset: str,
@@ -72,6 +101,7 @@ def node_data(
     normalize: str = "mean-std",
     audit_canaries: int = 0,
     audit_seed: int = 0,
+    validation_samples: int = 0,
 ) -> BatchTensorDataset:
     """The node's training shard as tensors (cached: loaded once per worker process).
 
@@ -79,15 +109,17 @@ def node_data(
     count in its n and its privacy plan like any other.
     """
     arrays = load_arrays(dataset, data_dir)
-    parts = partition_indices(
+    idx = shard_indices(
         arrays.y_train,
         partitioner,
         num_partitions,
+        partition_id,
         seed=seed,
         alpha=alpha,
         shards_per_node=shards_per_node,
+        samples_per_node=samples_per_node,
+        validation_samples=validation_samples,
     )
-    idx = cap(parts[partition_id], samples_per_node, seed + partition_id)
     x, y = arrays.x_train[idx], arrays.y_train[idx]
     if audit_canaries:
         canaries = make_canaries(num_partitions, audit_canaries, audit_seed)
@@ -116,6 +148,7 @@ def shard_for(cfg: RunConfig, partition_id: int, num_partitions: int) -> BatchTe
         cfg.normalize,
         cfg.audit_canaries,
         cfg.audit_seed,
+        cfg.validation_samples,
     )
 
 
@@ -141,6 +174,7 @@ def plan(cfg: RunConfig, num_samples: int) -> PrivacyLedger | None:
         num_samples=num_samples,
         batch_size=cfg.batch_size,
         total_epochs=cfg.num_server_rounds * cfg.local_epochs,
+        total_steps=cfg.num_server_rounds * cfg.local_steps,
         target_eps=cfg.eps,
         delta=cfg.delta,
         accountant=cfg.accountant,
@@ -156,7 +190,7 @@ def local_round(
     ledger: PrivacyLedger | None,
     server_round: int,
 ) -> NodeRound:
-    """Train the received weights on the node's shard for `local-epochs` epochs.
+    """Train the received weights on the node's shard (`local-steps` steps or `local-epochs`).
 
     With DP and no ledger yet, plans one (`plan`). With dp-mode=update the node trains
     without DP, then clips and noises the round's update once (one ledger step); with
@@ -183,7 +217,11 @@ def local_round(
 def _sgd(cfg: RunConfig) -> dict[str, Any]:
     """The SGD knobs every mode trains with."""
     return dict(
-        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum
+        epochs=cfg.local_epochs,
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
     )
 
 

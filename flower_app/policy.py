@@ -90,10 +90,10 @@ def _boolean(key: str, value: Any) -> bool:
 
 
 def round_steps(cfg: RunConfig, ledger: PrivacyLedger) -> int:
-    """DP steps one round takes: every local epoch's Poisson steps, or one update release."""
+    """DP steps one round takes: `local-steps`, each local epoch's steps, or one release."""
     if ledger.dp_mode == "update":
         return 1
-    return cfg.local_epochs * round(1 / ledger.sample_rate)
+    return cfg.local_steps or cfg.local_epochs * round(1 / ledger.sample_rate)
 
 
 def refusal(

@@ -219,24 +219,30 @@ def plan_ledger(
     *,
     num_samples: int,
     batch_size: int,
-    total_epochs: int,
+    total_epochs: int = 0,
+    total_steps: int = 0,
     target_eps: float,
     delta: float,
     accountant: str,
 ) -> PrivacyLedger:
-    """A node's empty ledger, with noise calibrated for all the epochs of the run."""
+    """A node's empty ledger, with noise calibrated for every step of the run.
+
+    The run takes `total_steps` Poisson steps when given (run-config `local-steps`), else
+    `total_epochs` epochs of ⌈n / batch⌉ steps; the sample rate is 1/⌈n / batch⌉ either way.
+    """
     per_epoch = steps_per_epoch(num_samples, batch_size)
+    planned = total_steps or per_epoch * total_epochs
+    if planned < 1:
+        raise ValueError("plan_ledger needs total_steps or total_epochs >= 1")
     sample_rate = 1 / per_epoch
     sigma = calibrate_noise(
         target_eps=target_eps,
         delta=delta,
         sample_rate=sample_rate,
-        steps=per_epoch * total_epochs,
+        steps=planned,
         accountant=accountant,
     )
-    return PrivacyLedger(
-        sigma, sample_rate, 0, delta, accountant, per_epoch * total_epochs, "sample"
-    )
+    return PrivacyLedger(sigma, sample_rate, 0, delta, accountant, planned, "sample")
 
 
 def lifetime_epsilon(ledgers: Sequence[PrivacyLedger]) -> float:

@@ -37,6 +37,7 @@ ROUND_COLUMNS = (
     "node_acc_max",
     "consensus_distance",
     "bytes_sent_per_node",
+    "bytes_sent_cum_per_node",
     "nodes_trained",
     "nodes_failed",
     "eval_s",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,13 @@ def _optimizer(model: nn.Module, lr: float, momentum: float) -> torch.optim.Opti
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
 
+def _batches(loader: Iterable, *, epochs: int, steps: int) -> Iterator:
+    """`epochs` passes over `loader`, or its first `steps` batches (repeating it) if `steps`."""
+    if steps:
+        return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
+    return itertools.chain.from_iterable(itertools.repeat(loader, epochs))
+
+
 def train_plain(
     model: nn.Module,
     data: TensorDataset,
@@ -59,25 +68,28 @@ def train_plain(
     batch_size: int,
     lr: float,
     momentum: float,
+    steps: int = 0,
     generator: torch.Generator | None = None,
 ) -> LocalResult:
-    """Non-private SGD (eps=inf): shuffled mini-batches, no clipping, no noise."""
+    """Non-private SGD (eps=inf): shuffled mini-batches, no clipping, no noise.
+
+    `epochs` passes over the data, or exactly `steps` mini-batches when `steps` > 0.
+    """
     loader = DataLoader(
         data, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=keep_batch
     )
     optimizer = _optimizer(model, lr, momentum)
     criterion = nn.CrossEntropyLoss()
     model.train()
-    total, steps = 0.0, 0
-    for _ in range(epochs):
-        for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            steps += 1
-    return LocalResult(loss=total / max(steps, 1), steps=steps)
+    total, taken = 0.0, 0
+    for x, y in _batches(loader, epochs=epochs, steps=steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+        taken += 1
+    return LocalResult(loss=total / max(taken, 1), steps=taken)
 
 
 def train_dp(
@@ -91,10 +103,14 @@ def train_dp(
     momentum: float,
     max_grad_norm: float,
     grad_sample_mode: str,
+    steps: int = 0,
     generator: torch.Generator | None = None,
     noise_generator: torch.Generator | None = None,
 ) -> LocalResult:
     """DP-SGD with Opacus: Poisson batches, per-sample clipping, Gaussian noise.
+
+    Trains `epochs` epochs, or exactly `steps` Poisson steps when `steps` > 0 (run-config
+    `local-steps`); the sample rate is 1/⌈n / batch⌉ either way.
 
     `generator` draws the Poisson batches and `noise_generator` the Gaussian noise; both
     protect privacy, so the node seeds them from OS entropy (see `flower_app.rng`). Each
@@ -131,18 +147,27 @@ def train_dp(
             f"sample rate {1 / len(dp.loader)} differs from the calibrated {ledger.sample_rate}: "
             "the node's data changed between rounds"
         )
-    if fast:
-        loss = _fast_epochs(dp, model, epochs, max_grad_norm)
+    if steps:
+        # Opacus took the sample rate from the one-epoch loader; the steps come from a
+        # sampler of the same rate that stops after `steps` batches.
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(data), sample_rate=1 / per_epoch, generator=generator, steps=steps
+        )
+        batches: Iterable = DataLoader(data, batch_sampler=sampler, collate_fn=keep_batch)
     else:
-        loss = _dp_epochs(dp, epochs, empty_batches_by_hand=grad_sample_mode == "ew")
-    steps = sum(n for _, _, n in dp.engine.accountant.history) - ledger.steps
-    if steps != epochs * len(dp.loader):
+        batches = _batches(dp.loader, epochs=epochs, steps=0)
+    if fast:
+        loss = _fast_epochs(dp, model, batches, max_grad_norm)
+    else:
+        loss = _dp_epochs(dp, batches, empty_batches_by_hand=grad_sample_mode == "ew")
+    taken = sum(n for _, _, n in dp.engine.accountant.history) - ledger.steps
+    if taken != (expected := steps or epochs * len(dp.loader)):
         raise RuntimeError(
-            f"the accountant counted {steps} steps, expected "
-            f"{epochs * len(dp.loader)}: privacy accounting would be wrong"
+            f"the accountant counted {taken} steps, expected {expected}: privacy accounting "
+            "would be wrong"
         )
     dp.model._close()  # remove Opacus hooks and attributes; the caller keeps using `model`
-    return LocalResult(loss=loss, steps=steps)
+    return LocalResult(loss=loss, steps=taken)
 
 
 @dataclass(frozen=True)
@@ -195,29 +220,28 @@ def _make_private(
     return _Private(engine, private_model, dp_optimizer, criterion, dp_loader)
 
 
-def _dp_epochs(dp: _Private, epochs: int, *, empty_batches_by_hand: bool) -> float:
-    """Train `epochs` epochs; the mean loss over the non-empty batches."""
+def _dp_epochs(dp: _Private, batches: Iterable, *, empty_batches_by_hand: bool) -> float:
+    """One DP step per batch; the mean loss over the non-empty batches."""
     dp.model.train()
-    total, batches = 0.0, 0
+    total, counted = 0.0, 0
     with warnings.catch_warnings():
         # Opacus's hooks trip a PyTorch warning about inputs without grad on every batch.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for _ in range(epochs):
-            for x, y in dp.loader:
-                dp.optimizer.zero_grad(set_to_none=True)
-                if len(y) == 0 and empty_batches_by_hand:
-                    _empty_step(dp.optimizer)
-                    continue
-                loss = dp.criterion(dp.model(x), y)
-                loss.backward()
-                dp.optimizer.step()
-                if len(y):  # Poisson sampling can draw an empty batch: a step, but no loss
-                    total += loss.item()
-                    batches += 1
-    return total / max(batches, 1)
+        for x, y in batches:
+            dp.optimizer.zero_grad(set_to_none=True)
+            if len(y) == 0 and empty_batches_by_hand:
+                _empty_step(dp.optimizer)
+                continue
+            loss = dp.criterion(dp.model(x), y)
+            loss.backward()
+            dp.optimizer.step()
+            if len(y):  # Poisson sampling can draw an empty batch: a step, but no loss
+                total += loss.item()
+                counted += 1
+    return total / max(counted, 1)
 
 
-def _fast_epochs(dp: _Private, model: nn.Module, epochs: int, max_grad_norm: float) -> float:
+def _fast_epochs(dp: _Private, model: nn.Module, batches: Iterable, max_grad_norm: float) -> float:
     """`_dp_epochs` with the clipped sum from `clipped_grads`, noised by Opacus's optimizer.
 
     Opacus's own hooks are removed; on the first non-empty batch the clipped sum is
@@ -226,21 +250,20 @@ def _fast_epochs(dp: _Private, model: nn.Module, epochs: int, max_grad_norm: flo
     """
     dp.model.remove_hooks()
     model.train()
-    total, batches, checked = 0.0, 0, False
-    for _ in range(epochs):
-        for x, y in dp.loader:
-            dp.optimizer.zero_grad(set_to_none=True)
-            step = clipped_grads.clipped_sum(model, x, y, max_grad_norm)
-            if not checked and len(y):
-                _check_against_opacus(model, x, y, max_grad_norm, step)
-                checked = True
-            for p, summed in step.sums.items():
-                p.grad = summed
-            dp.optimizer.step()
-            if len(y):
-                total += float(step.loss)
-                batches += 1
-    return total / max(batches, 1)
+    total, counted, checked = 0.0, 0, False
+    for x, y in batches:
+        dp.optimizer.zero_grad(set_to_none=True)
+        step = clipped_grads.clipped_sum(model, x, y, max_grad_norm)
+        if not checked and len(y):
+            _check_against_opacus(model, x, y, max_grad_norm, step)
+            checked = True
+        for p, summed in step.sums.items():
+            p.grad = summed
+        dp.optimizer.step()
+        if len(y):
+            total += float(step.loss)
+            counted += 1
+    return total / max(counted, 1)
 
 
 def _opacus_clipped_sum(

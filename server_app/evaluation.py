@@ -13,8 +13,8 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common import log
 
-from flower_app.config import RunConfig, claims_per_round
-from flower_app.data import BatchTensorDataset, cap, load_arrays, to_tensors
+from flower_app.config import ConfigError, RunConfig, claims_per_round
+from flower_app.data import BatchTensorDataset, cap, load_arrays, to_tensors, validation_split
 from flower_app.model import build_model
 from flower_app.results import RunFiles, format_eps
 from flower_app.train import evaluate
@@ -25,13 +25,25 @@ UNIT_SHORT = {"sample": "sample-level", "update": "client-level"}
 
 
 def central_test_sets(cfg: RunConfig) -> tuple[BatchTensorDataset, BatchTensorDataset]:
-    """The central test set (`test-samples`) and its fixed subset for per-node models."""
+    """The central evaluation set and its fixed subset for per-node models.
+
+    `evaluate-on=test`: the test set (capped at `test-samples`). `evaluate-on=validation`:
+    the validation split carved off the training set, and nothing of the test set.
+    """
     arrays = load_arrays(cfg.dataset, cfg.data_dir)
-    idx = cap(np.arange(len(arrays.y_test)), cfg.test_samples, cfg.seed)
+    try:  # checked in every run: the nodes carve the same split
+        _, held = validation_split(len(arrays.y_train), cfg.validation_samples)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.evaluate_on == "validation":
+        x, y, idx = arrays.x_train, arrays.y_train, held
+    else:
+        x, y = arrays.x_test, arrays.y_test
+        idx = cap(np.arange(len(y)), cfg.test_samples, cfg.seed)
     node_idx = cap(idx, cfg.node_eval_samples, cfg.seed + 1)
     return (
-        to_tensors(cfg.dataset, arrays.x_test[idx], arrays.y_test[idx], cfg.normalize),
-        to_tensors(cfg.dataset, arrays.x_test[node_idx], arrays.y_test[node_idx], cfg.normalize),
+        to_tensors(cfg.dataset, x[idx], y[idx], cfg.normalize),
+        to_tensors(cfg.dataset, x[node_idx], y[node_idx], cfg.normalize),
     )
 
 
@@ -88,6 +100,7 @@ class RoundRecorder:
         self.initial: dict[str, float] = {}
         self.last_row: dict[str, Any] = {}
         self.diverged_at: int | None = None
+        self.bytes_sent = 0.0  # per node, over the rounds so far
         self.last_arrays: ArrayRecord | None = None  # the model evaluated last
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -117,7 +130,7 @@ class RoundRecorder:
 
     def _row(self, server_round: int, accuracy: float, loss: float) -> dict[str, Any]:
         """The round's rounds.csv columns but its timings (the strategy's diagnostics last)."""
-        return {
+        row = {
             "round": server_round,
             "strategy": self.cfg.strategy,
             "eps_target": self.cfg.eps,
@@ -131,6 +144,10 @@ class RoundRecorder:
             "node_acc_max": accuracy,
             **self.strategy.round_diagnostics(),
         }
+        if (sent := row.get("bytes_sent_per_node")) is not None:
+            self.bytes_sent += float(sent)
+            row["bytes_sent_cum_per_node"] = self.bytes_sent
+        return row
 
     def _check_divergence(self, server_round: int, loss: float) -> None:
         """Remember, and warn once about, the first round whose model has a non-finite loss."""

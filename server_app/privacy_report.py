@@ -64,10 +64,17 @@ def _privacy_line(cfg: RunConfig) -> str:
     else:
         budget = (
             f"target ε={format_eps(cfg.eps)}, δ={cfg.delta:g} per node over the whole run "
-            f"({cfg.num_server_rounds} rounds × {cfg.local_epochs} local epochs), "
+            f"({cfg.num_server_rounds} rounds × {local_work(cfg)}), "
             "RDP-calibrated noise"
         )
     return f"Privacy: {budget}; {unit}; {TRUST_MODEL}; noise {noise_source(cfg)}."
+
+
+def local_work(cfg: RunConfig) -> str:
+    """What one round trains: `local-steps` steps or `local-epochs` epochs."""
+    if cfg.local_steps:
+        return f"{cfg.local_steps} local steps"
+    return f"{cfg.local_epochs} local epoch" + ("s" if cfg.local_epochs != 1 else "")
 
 
 def privacy_summary(cfg: RunConfig, strategy: Diagnostics, eps_spent: float) -> dict[str, Any]:

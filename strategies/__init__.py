@@ -57,6 +57,7 @@ def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
         graph,
         mode=cfg.gossip_mode,
         edges_per_round=cfg.gossip_edges,
+        steps_per_round=cfg.gossip_steps,
         seed=cfg.seed,
         min_available_nodes=cfg.min_available_nodes,
         evaluate_arrays=evaluate_arrays,

@@ -92,7 +92,8 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
 
     Modes: `matching` (a random maximal matching, pairs average at once), `edges` (k random
     edges averaged one after another, Boyd et al.), `metropolis` (every node takes the
-    Metropolis-Hastings weighted mean of its neighbourhood, D-PSGD style). Averages are
+    Metropolis-Hastings weighted mean of its neighbourhood, D-PSGD style). A round runs
+    `steps_per_round` such gossip steps, each with a fresh draw, after training. Averages are
     plain (unweighted), so the network mean is conserved. Nodes that did not answer keep
     their last model and skip pairing.
     """
@@ -103,6 +104,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         *,
         mode: str = "matching",
         edges_per_round: int = 10,
+        steps_per_round: int = 1,
         seed: int = 0,
         min_available_nodes: int = 2,
         evaluate_arrays: ArraysEvaluator | None = None,
@@ -112,6 +114,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         self.graph = graph
         self.mode = mode
         self.edges_per_round = edges_per_round
+        self.steps_per_round = steps_per_round
         self.rng = np.random.default_rng([seed, 0x6055])
         self.min_available_nodes = min_available_nodes
         self.evaluate_arrays = evaluate_arrays
@@ -127,13 +130,15 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         facts = self.topology_facts()
         log(
             INFO,
-            "\t├──> Topology %s: %d nodes, %d edges, diameter %d, spectral gap %.4f (%s)",
+            "\t├──> Topology %s: %d nodes, %d edges, diameter %d, spectral gap %.4f (%s, %d "
+            "gossip step(s) per round)",
             self.graph.graph.get("name", "graph"),
             facts["nodes"],
             facts["edges"],
             facts["diameter"],
             facts["spectral_gap"],
             self.mode,
+            self.steps_per_round,
         )
 
     def topology_facts(self) -> dict[str, Any]:
@@ -143,6 +148,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
             "name": self.graph.graph.get("name", "graph"),
             "mode": self.mode,
             **({"edges_per_round": self.edges_per_round} if self.mode == "edges" else {}),
+            "steps_per_round": self.steps_per_round,
             **graph_facts(self.graph, w),
         }
 
@@ -202,7 +208,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
             start = self.layout.flatten(self.initial)
             self.models = {v: start for v in self.graph.nodes}
         self.models.update(trained)
-        messages_sent = self._gossip(set(trained))
+        messages_sent = sum(self._gossip(set(trained)) for _ in range(self.steps_per_round))
         self.last_round = {
             "nodes_trained": len(trained),
             "nodes_failed": self.nodes_failed,
