@@ -52,7 +52,9 @@ FIGURE_NAMES = (
     "consensus_distance",
     "eps_spent_vs_round",
     "topologies",
+    "accuracy_vs_bytes",
 )
+BYTES = "bytes_sent_cum_per_node"
 TARGET_FRACTION = 0.9
 # Okabe & Ito (2008); yellow last, it is faint on white paper.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
@@ -569,6 +571,45 @@ def topologies(data: SweepData) -> Figure | Skipped:
     )
 
 
+def accuracy_vs_bytes(data: SweepData) -> Figure | Skipped:
+    """Accuracy against the bytes each node has sent so far, one panel per ε."""
+    if not _has(data, BYTES):
+        return Skipped("accuracy_vs_bytes", f"no {BYTES} column (results from before it)")
+    metric = HEADLINE if HEADLINE in data.tidy else "accuracy"
+    keys = [*data.by, "eps"]
+    acc, sent = curve(data.tidy, keys, metric), curve(data.tidy, keys, BYTES)
+    merged = acc.merge(sent[[*keys, "round", "mean"]], on=[*keys, "round"], suffixes=("", "_x"))
+    eps_values = eps_order(merged["eps"])
+    fig, axes = panels(len(eps_values))
+    for ax, eps in zip(axes, eps_values, strict=True):
+        for series in data.series:
+            rows = data.rows_of(merged[merged["eps"] == eps], series).sort_values("round")
+            if rows.empty:
+                continue
+            x, mean = rows["mean_x"].to_numpy() / 1e6, rows["mean"].to_numpy() * 100
+            style = data.style(series)
+            ax.plot(x, mean, markevery=max(1, len(x) // 10), label=data.label(series), **style)
+            half = rows["half"].to_numpy() * 100
+            if np.isfinite(half).any():
+                ax.fill_between(x, mean - half, mean + half, color=style["color"], alpha=0.18, lw=0)
+        ax.set_title(f"ε = {eps_label(eps)}")
+        ax.set_xlabel("MB sent per node, cumulative")
+    for ax in axes[:: min(len(axes), 3)]:
+        ax.set_ylabel("accuracy of what a node holds (%)")
+    axes[0].legend(loc="best")
+    fig.tight_layout()
+    return Figure(
+        "accuracy_vs_bytes",
+        "Accuracy vs communication",
+        "The accuracy of the model each node holds (FedAvg: the global model; gossip: the "
+        "mean over nodes of each node's own model) against the model bytes a node has sent "
+        "so far (FedAvg: its uploads; gossip: the models it sent to neighbours; downloads "
+        f"are not counted), one panel per ε (per node, δ = {data.delta_text()}). "
+        f"{data.seed_note()}",
+        _save(fig, data.out, "accuracy_vs_bytes"),
+    )
+
+
 def plot_all(
     out: Path, *, target: float | None = None, fraction: float = TARGET_FRACTION
 ) -> tuple[list[Figure], list[Skipped]]:
@@ -586,6 +627,7 @@ def plot_all(
             results.append(consensus_vs_round(data))
             results.append(eps_spent_vs_round(data))
             results.append(topologies(data))
+            results.append(accuracy_vs_bytes(data))
     skipped = [r for r in results if isinstance(r, Skipped)]
     for s in skipped:
         log.info("figure %s skipped: %s", s.name, s.reason)

@@ -1,4 +1,4 @@
-"""`fl-sweep` (run, report, compare): flags -> a sweep spec -> the runner -> figures and report.
+"""`fl-sweep` (run, tune, report, compare): flags -> a sweep spec -> the runner -> figures, report.
 
 `<out>/manifest.json` lists every cell with its status and is rewritten atomically after each
 cell, `<out>/sweep.csv` is rebuilt from the completed cells, and each cell's results live in
@@ -28,6 +28,7 @@ from analysis.compare import compare, compare_figure
 from analysis.plots import TARGET_FRACTION, SweepData, plot_all
 from analysis.report import final_summary, summary_rows, write_report
 from analysis.tidy import MANIFEST, TIDY
+from analysis.tuned import write_tune_report
 from flower_app.results import (
     FolderLock,
     FolderLocked,
@@ -54,6 +55,18 @@ from sweeps.spec import (
     parse_values,
     parse_variant,
 )
+from sweeps.tune import (
+    CHOICES,
+    FINAL,
+    SEARCH,
+    TuneSpec,
+    choose,
+    describe,
+    final_cells,
+    groups,
+    search_cells,
+    write_choices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = _add_run(sub)
+    tune = _add_tune(sub)
     for name, text in (("plot", "draw the figures"), ("report", "write report.md (and figures)")):
         p = sub.add_parser(name, help=f"{text} from a sweep folder's stored results")
         p.add_argument("results_dir", type=Path, metavar="RESULTS_DIR")
     _add_compare(sub)
-    for p in (run, sub.choices["plot"], sub.choices["report"]):
+    for p in (run, tune, sub.choices["plot"], sub.choices["report"]):
         p.add_argument(
             "--target-accuracy",
             type=float,
@@ -96,11 +110,44 @@ def _add_run(sub: Any) -> argparse.ArgumentParser:
         "< --sweep. Values parse like TOML (inf, 2, 0.5, true); bare words are strings. A key "
         "may be scoped to one strategy: --set gossip:topology=ring.",
     )
+    _grid_options(run, [n for n, p in PRESETS.items() if not p.search])
+    return run
+
+
+def _add_tune(sub: Any) -> argparse.ArgumentParser:
+    tune = sub.add_parser(
+        "tune",
+        help="choose each (strategy, ε) cell's hyperparameters on validation data, then run "
+        "the choice with the grid's seeds on the test set (resumable with the same --out)",
+        description="Stage 1 (<out>/search): every candidate of the --search space for every "
+        "(strategy, ε) cell of the grid, with evaluate-on=validation (the validation split "
+        "carved off the training set; the test set is never read). Each cell's candidate "
+        "with the best final validation accuracy of what a node holds is chosen "
+        "(<out>/tune.json). Stage 2 (<out>/final): each choice with every --seeds seed on the "
+        "test set. The grid options are those of `fl-sweep run`.",
+    )
+    _grid_options(tune, [n for n, p in PRESETS.items() if p.search])
+    tune.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a hyperparameter and its candidates (repeatable; the space is their product; "
+        "scope with gossip:KEY); max-grad-norm is not searched at eps=inf",
+    )
+    tune.add_argument(
+        "--tune-seeds", help="seeds of the search runs (default: the first of --seeds)"
+    )
+    return tune
+
+
+def _grid_options(run: argparse.ArgumentParser, presets: Sequence[str]) -> None:
+    """The options `run` and `tune` share: the grid, where it runs, and the output folder."""
     run.add_argument("spec", nargs="?", type=Path, help="SPEC.toml: nodes, [fixed], [grid]")
     run.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
-        help="; ".join(f"{k}: {p.description}" for k, p in PRESETS.items()),
+        choices=sorted(presets),
+        help="; ".join(f"{k}: {PRESETS[k].description}" for k in presets),
     )
     run.add_argument("--eps", help="ε values, e.g. inf,8,4,2,1 (inf = no DP)")
     run.add_argument("--strategies", help="strategies, e.g. fedavg,gossip")
@@ -144,7 +191,6 @@ def _add_run(sub: Any) -> argparse.ArgumentParser:
     run.add_argument(
         "--dry-run", action="store_true", help="validate and list the cells; write nothing"
     )
-    return run
 
 
 def _add_compare(sub: Any) -> None:
@@ -269,8 +315,10 @@ def _run_sweep(
     runner: Runner | None,
     console: Console,
     slots: tuple[int, list[str | None]],
+    *,
+    finish: bool = True,
 ) -> int:
-    """Run the sweep's pending cells, then its figures and report; the exit code."""
+    """Run the sweep's pending cells, then (with `finish`) its figures and report."""
     out, cells, command = sweep.out, sweep.cells, sweep.command
     console.log(f"{len(cells)} cells on {sweep.spec.nodes} nodes → {out}", markup=False)
     try:
@@ -291,7 +339,8 @@ def _run_sweep(
     except SuperLinkDown as err:
         _stderr(f"{err}; resume with: {command}")
         return 1
-    _finish(out, args.target_accuracy, console)
+    if finish:
+        _finish(out, args.target_accuracy, console)
     if failed := sweep.failed:
         _stderr(
             f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)} "
@@ -299,6 +348,80 @@ def _run_sweep(
         )
         return 1
     return 0
+
+
+def tune_spec_from_args(args: argparse.Namespace) -> TuneSpec:
+    """The grid as `fl-sweep run` reads it, the preset's search space, then --search flags."""
+    preset = PRESETS[args.preset] if args.preset else None
+    search = dict(preset.search) if preset else {}
+    for text in args.search:
+        key, values = parse_assignment(text, "--search")
+        search[key] = parse_values(values)
+    seeds = [int(s) for s in parse_values(args.tune_seeds)] if args.tune_seeds else []
+    seeds = seeds or (list(preset.tune_seeds) if preset else [])
+    return TuneSpec(spec_from_args(args), search, seeds)
+
+
+def command_tune(
+    args: argparse.Namespace, argv: Sequence[str], runner: Runner | None = None
+) -> int:
+    """`fl-sweep tune`: the search stage, the choice, the final stage; 0 when all completed."""
+    console = Console(stderr=True, log_path=False)
+    tune = tune_spec_from_args(args)
+    search_spec, cells = search_cells(tune)
+    slots = cell_slots(args)
+    name = args.preset or "tune"
+    finals = len(groups(tune)) * len(tune.final_seeds())
+    if args.dry_run:
+        for cell in cells:
+            console.print(f"{cell.id}  {cell.params}", soft_wrap=True, markup=False)
+        console.print(
+            f"{len(cells)} search runs on {tune.base.nodes} nodes, then {finals} final runs "
+            f"({len(groups(tune))} choices × {len(tune.final_seeds())} seeds): all valid"
+        )
+        return 0
+    out = (args.out.expanduser().resolve()) if args.out else default_out(name, root="results/tune")
+    command = shlex.join(["fl-sweep", *argv] + ([] if args.out else ["--out", str(out)]))
+    description = PRESETS[args.preset].description if args.preset else ""
+    lock = FolderLock(out / SWEEP_LOCK, f"tune folder {out}")
+    try:
+        lock.acquire()
+    except FolderLocked as err:
+        raise SweepError(str(err)) from None
+    try:
+        for stage in (SEARCH, FINAL):
+            stop_leftovers(out / stage, console.log)
+        search = Sweep(
+            out / SEARCH,
+            search_spec,
+            cells,
+            name=f"{name} search",
+            command=command,
+            description=f"search runs on the validation split; {description}",
+        )
+        console.log(f"stage 1 of 2: {len(cells)} search runs on the validation split", markup=False)
+        if code := _run_sweep(search, args, runner, console, slots, finish=False):
+            return code
+        choices = choose(search, tune)
+        write_choices(out, tune, choices)
+        for choice in choices:
+            console.log(f"chosen: {describe(choice)}", markup=False, highlight=False)
+        final = Sweep(
+            out / FINAL,
+            tune.base,
+            final_cells(tune, choices),
+            name=f"{name} final",
+            command=command,
+            description=f"each cell's chosen hyperparameters (../{CHOICES}) on the test set; "
+            f"{description}",
+        )
+        console.log(f"stage 2 of 2: {finals} final runs on the test set", markup=False)
+        code = _run_sweep(final, args, runner, console, slots)
+        report = write_tune_report(out)
+        console.log(f"tune report: {report}", markup=False)
+        return code
+    finally:
+        lock.release()
 
 
 def cell_slots(args: argparse.Namespace) -> tuple[int, list[str | None]]:
@@ -390,6 +513,8 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
     try:
         if args.command == "run":
             return command_run(args, argv, runner)
+        if args.command == "tune":
+            return command_tune(args, argv, runner)
         if args.command == "compare":
             outs = [_sweep_folder(p) for p in args.results_dirs]
             names = args.names.split(",") if args.names else None

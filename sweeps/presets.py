@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sweeps.spec import SweepSpec
@@ -11,10 +11,36 @@ from sweeps.spec import SweepSpec
 
 @dataclass(frozen=True)
 class Preset:
-    """A named spec; flags given with it override it."""
+    """A named spec; flags given with it override it.
+
+    A tuning preset (`fl-sweep tune`) also has a search space and the seeds to search with;
+    its grid's seeds are those of the final runs.
+    """
 
     description: str
     spec: SweepSpec
+    search: dict[str, list[Any]] = field(default_factory=dict)
+    tune_seeds: list[int] = field(default_factory=list)
+
+
+# The reference comparison's shape: 20 nodes, Dirichlet label skew, gossip on a ring.
+REFERENCE_FIXED: dict[str, Any] = {
+    "num-server-rounds": 20,
+    "partitioner": "dirichlet",
+    "alpha": 0.5,
+    "gossip:topology": "ring",
+}
+REFERENCE_NODES = 20
+# A twelfth of the training set, carved off before partitioning (docs/tuning.md).
+VALIDATION_SAMPLES = 5000
+# lr × max-grad-norm spans effective steps lr·C from 0.02 to 2; gossip may also train a
+# quarter epoch (12 steps of ~47) between averagings and gossip four times a round.
+REFERENCE_SEARCH: dict[str, list[Any]] = {
+    "lr": [0.1, 0.5, 2.0],
+    "max-grad-norm": [0.2, 1.0],
+    "gossip:local-steps": [0, 12],
+    "gossip:gossip-steps": [1, 4],
+}
 
 
 # The MarkTechPost gossip-vs-FedAvg tutorial (Feb 2026), on Fashion-MNIST (MNIST is not
@@ -85,19 +111,31 @@ PRESETS: dict[str, Preset] = {
     "reference": Preset(
         "20 nodes, Dirichlet α=0.5, ε ∈ {∞,8,4,2,1}, 20 rounds, FedAvg vs gossip (ring), 3 seeds",
         SweepSpec(
-            fixed={
-                "num-server-rounds": 20,
-                "partitioner": "dirichlet",
-                "alpha": 0.5,
-                "gossip:topology": "ring",
-            },
+            fixed=dict(REFERENCE_FIXED),
             grid={
                 "strategy": ["fedavg", "gossip"],
                 "eps": [math.inf, 8, 4, 2, 1],
                 "seed": [7, 8, 9],
             },
-            nodes=20,
+            nodes=REFERENCE_NODES,
         ),
+    ),
+    "reference-tuned": Preset(
+        "fl-sweep tune: the reference shape with a 5,000-example validation split, ε ∈ "
+        "{∞,8,2,1}; lr × max-grad-norm searched for both strategies, local-steps × "
+        "gossip-steps also for gossip, on validation with seed 7; the choices run with "
+        "seeds 7, 8, 9 on the test set",
+        SweepSpec(
+            fixed=REFERENCE_FIXED | {"validation-samples": VALIDATION_SAMPLES},
+            grid={
+                "strategy": ["fedavg", "gossip"],
+                "eps": [math.inf, 8, 2, 1],
+                "seed": [7, 8, 9],
+            },
+            nodes=REFERENCE_NODES,
+        ),
+        search=REFERENCE_SEARCH,
+        tune_seeds=[7],
     ),
     "quick": Preset(
         "the reference shape shrunk to minutes on 2 CPU cores: 6 nodes, 5 rounds, ε ∈ {∞,2}",
@@ -118,14 +156,9 @@ PRESETS: dict[str, Preset] = {
         "the reference shape for fl-audit: 20 nodes, Dirichlet α=0.5, 20 rounds, FedAvg vs "
         "gossip (ring), ε ∈ {∞,8,2}, seed 7",
         SweepSpec(
-            fixed={
-                "num-server-rounds": 20,
-                "partitioner": "dirichlet",
-                "alpha": 0.5,
-                "gossip:topology": "ring",
-            },
+            fixed=dict(REFERENCE_FIXED),
             grid={"strategy": ["fedavg", "gossip"], "eps": [math.inf, 8, 2], "seed": [7]},
-            nodes=20,
+            nodes=REFERENCE_NODES,
         ),
     ),
     "tutorial": Preset(

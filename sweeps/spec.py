@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -269,7 +269,7 @@ def expand(spec: SweepSpec) -> list[Cell]:
                 split_scope(k)[1]: v for k, v in spec.fixed.items() if split_scope(k)[0] == strategy
             }
             params |= chosen | extra
-            cells.append(_cell(params, list(chosen) + list(extra)))
+            cells.append(make_cell(params, list(chosen) + list(extra)))
     seen: set[str] = set()
     for cell in cells:
         if cell.id in seen:
@@ -278,7 +278,8 @@ def expand(spec: SweepSpec) -> list[Cell]:
     return cells
 
 
-def _cell(params: Mapping[str, Any], swept: list[str]) -> Cell:
+def make_cell(params: Mapping[str, Any], swept: Sequence[str]) -> Cell:
+    """The validated cell of these run-config overrides; `swept` keys join its coordinates."""
     # A cell repeats bit for bit only with seeded DP noise: the sweep seeds it with the
     # cell's seed unless the spec sets noise-seed itself (-1: secret noise). The report says
     # that such noise is not private against anyone who knows noise-seed.

@@ -16,6 +16,8 @@ BASE = [
     "loss",
     "train_loss",
     "nodes_trained",
+    "bytes_sent_per_node",
+    "bytes_sent_cum_per_node",
     "round_s",
     "wall_s",
 ]
@@ -24,7 +26,6 @@ GOSSIP = [
     "node_acc_min",
     "node_acc_max",
     "consensus_distance",
-    "bytes_sent_per_node",
 ]
 GAPS = {"ring": 0.049, "torus": 0.2, "complete": 1.0}
 MODE_GAP = {"matching": 1.0, "edges": 0.5, "metropolis": 1.5}  # a mode changes the gap
@@ -51,9 +52,12 @@ class FakeRunner:
         kill_mid=False,
         kill_after_done=False,
         no_summary=(),
+        score=None,
     ):
         self.fail, self.crash, self.no_summary = set(fail), set(crash), set(no_summary)
         self.kill_at, self.kill_mid, self.kill_after_done = kill_at, kill_mid, kill_after_done
+        self.score = score or accuracy  # (cfg, round) -> accuracy
+        self.configs: list[RunConfig] = []
         self.calls: list[str] = []
         self.polls = 0
 
@@ -66,11 +70,12 @@ class FakeRunner:
         if cid in self.crash:
             raise RuntimeError(f"flwr run failed: cannot reach SuperLink for {cid}")
         cfg = RunConfig.from_run_config(run_config)
+        self.configs.append(cfg)
         gossip = cfg.strategy == "gossip"
         files = RunFiles(Path(run_config["results-dir"]) / cid, BASE + (GOSSIP if gossip else []))
         files.start(cfg.to_dict() | {"num-nodes": num_nodes})
         for r in range(1, cfg.num_server_rounds + 1):
-            acc = accuracy(cfg, r)
+            acc = self.score(cfg, r)
             row = {
                 "round": r,
                 "strategy": cfg.strategy,
@@ -80,6 +85,9 @@ class FakeRunner:
                 "loss": 2 - acc,
                 "train_loss": 2.1 - acc,
                 "nodes_trained": num_nodes,
+                # FedAvg uploads one model a round; gossip here sends half as much.
+                "bytes_sent_per_node": 1000 if not gossip else 500,
+                "bytes_sent_cum_per_node": (1000 if not gossip else 500) * r,
                 "round_s": 1.0,
                 "wall_s": float(r),
             }
@@ -89,7 +97,6 @@ class FakeRunner:
                     "node_acc_min": acc - 0.05,
                     "node_acc_max": acc,
                     "consensus_distance": 2.0 / r,
-                    "bytes_sent_per_node": 1000 * r,
                 }
             files.add_round(row)
             on_poll()

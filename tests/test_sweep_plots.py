@@ -100,7 +100,11 @@ def test_skipped_figures_are_logged_with_a_reason(tmp_path, caplog):
             figures, skipped = plot_all(out)
     finally:
         logger.removeHandler(caplog.handler)
-    assert [f.name for f in figures] == ["accuracy_vs_round", "eps_spent_vs_round"]
+    assert [f.name for f in figures] == [
+        "accuracy_vs_round",
+        "eps_spent_vs_round",
+        "accuracy_vs_bytes",
+    ]
     reasons = {s.name: s.reason for s in skipped}
     assert "two values of ε" in reasons["final_accuracy_vs_eps"]
     assert "--target-accuracy" in reasons["rounds_to_target"]
