@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from flower_app.config import ConfigError, RunConfig
+from flower_app.data import DeviceDataError
 from flower_app.ledger import FileLedger, LedgerError
 from flower_app.node import Refused, serve_train
 from flower_app.policy import NodePolicy, PolicyError
@@ -43,8 +43,7 @@ def train(msg: Message, context: Context) -> Message:
         policy = NodePolicy.from_node_config(context.node_config)
         pid, num_partitions = shard_of(dict(context.node_config))
         cfg = RunConfig.from_run_config(context.run_config)
-        if data_dir := context.node_config.get("data-dir"):  # a device's own copy of the data
-            cfg = replace(cfg, data_dir=str(data_dir))
+        own_data = str(context.node_config.get("data-dir", ""))  # the device's own files
         run_id = str(context.run_id)
         store = (
             FileLedger(policy.ledger_dir)
@@ -60,7 +59,10 @@ def train(msg: Message, context: Context) -> Message:
             num_partitions=num_partitions,
             weights=msg.content[ARRAYS].to_torch_state_dict(),
             server_round=int(msg.content[CONFIG]["server-round"]),
+            own_data=own_data,
         )
+    except DeviceDataError as err:
+        out = Refused(f"node config data-dir: {err}")
     except (PolicyError, ConfigError, LedgerError, GradientCheckError) as err:
         out = Refused(str(err))
     if isinstance(out, Refused):

@@ -191,3 +191,72 @@ def validation_split(num_train: int, validation_samples: int) -> tuple[np.ndarra
     order = np.random.default_rng(VALIDATION_SEED).permutation(num_train)
     held = np.sort(order[:validation_samples])
     return np.sort(order[validation_samples:]), held
+
+
+class DeviceDataError(ValueError):
+    """A device's own training files are missing or malformed: one line naming the path."""
+
+
+def load_device_data(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A device's own training set: images (N, 28, 28) uint8 and labels (N,) int64.
+
+    `path` is a `.npz` file with arrays `x` (N×28×28 or N×784, uint8 pixels) and `y` (N
+    labels in 0..9), or a folder with the two training idx files (optionally .gz; the test
+    files are not needed). All of it is the node's data: nothing is cut from it.
+    """
+    where = Path(path).expanduser()
+    if where.suffix == ".npz" or where.is_file():
+        x, y = _read_npz(where)
+    elif where.is_dir():
+        found = [_find_idx(where, stem) for stem in IDX_STEMS["train"]]
+        if any(f is None for f in found):
+            raise DeviceDataError(
+                f"{where}: no {' and '.join(IDX_STEMS['train'])} (optionally .gz) in it; "
+                "expected those two idx files or a .npz file with arrays x and y"
+            )
+        try:
+            x, y = (read_idx(f) for f in found)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise DeviceDataError(f"{where}: {err}") from None
+    else:
+        raise DeviceDataError(
+            f"{where} does not exist; expected a .npz file with arrays x and y, or a folder "
+            "with the training idx files"
+        )
+    return _checked(where, x, y)
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if "x" not in stored or "y" not in stored:
+                raise DeviceDataError(
+                    f"{path}: holds arrays {sorted(stored.files)}; expected x and y"
+                )
+            return stored["x"], stored["y"]
+    except FileNotFoundError:
+        raise DeviceDataError(f"{path} does not exist") from None
+    except (OSError, ValueError) as err:
+        raise DeviceDataError(f"{path} is not a readable .npz file ({err})") from None
+
+
+def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(x) == 0:
+        raise DeviceDataError(f"{path}: holds no examples")
+    if x.ndim == 2 and x.shape[1] == 28 * 28:
+        x = x.reshape(-1, 28, 28)
+    if x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise DeviceDataError(f"{path}: x has shape {x.shape}; expected (N, 28, 28) or (N, 784)")
+    if x.dtype != np.uint8:
+        raise DeviceDataError(f"{path}: x has dtype {x.dtype}; expected uint8 pixels 0..255")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DeviceDataError(
+            f"{path}: y has shape {y.shape}; expected ({len(x)},), one label per image"
+        )
+    if (
+        not np.issubdtype(y.dtype, np.integer)
+        or len(y)
+        and not 0 <= y.min() <= y.max() < NUM_CLASSES
+    ):
+        raise DeviceDataError(f"{path}: labels must be integers in 0..{NUM_CLASSES - 1}")
+    return x, y.astype(np.int64)

@@ -11,7 +11,14 @@ import torch
 
 from flower_app.audit import Canaries, make_canaries
 from flower_app.config import RunConfig
-from flower_app.data import BatchTensorDataset, cap, load_arrays, to_tensors, validation_split
+from flower_app.data import (
+    BatchTensorDataset,
+    cap,
+    load_arrays,
+    load_device_data,
+    to_tensors,
+    validation_split,
+)
 from flower_app.model import build_model
 from flower_app.partition import partition_indices
 from flower_app.policy import NodePolicy, refusal, round_steps
@@ -129,11 +136,47 @@ def node_data(
     return to_tensors(dataset, x, y, normalize)
 
 
-def shard_for(cfg: RunConfig, partition_id: int, num_partitions: int) -> BatchTensorDataset:
-    """`node_data` for the run config."""
+@lru_cache(maxsize=4)
+def device_data(
+    path: str,
+    dataset: str,
+    normalize: str,
+    partition_id: int,
+    num_partitions: int,
+    audit_canaries: int = 0,
+    audit_seed: int = 0,
+) -> BatchTensorDataset:
+    """A device's own training files, whole (node config `data-dir`), plus its canaries."""
+    x, y = load_device_data(path)
+    if audit_canaries:
+        canaries = make_canaries(num_partitions, audit_canaries, audit_seed)
+        mine = canaries.of(partition_id)
+        x = np.concatenate([x, canaries.images[mine]])
+        y = np.concatenate([y, canaries.label[mine]])
+    return to_tensors(dataset, x, y, normalize)
+
+
+def shard_for(
+    cfg: RunConfig, partition_id: int, num_partitions: int, own_data: str = ""
+) -> BatchTensorDataset:
+    """The node's training data: its own files (`own_data`), else its cut of the dataset.
+
+    `own_data` is the device's node config `data-dir`; the run's partitioner, caps and
+    validation split then do not apply, and `partition_id` is only the node's identity.
+    """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(
             f"partition-id={partition_id} is not valid for num-partitions={num_partitions}"
+        )
+    if own_data:
+        return device_data(
+            own_data,
+            cfg.dataset,
+            cfg.normalize,
+            partition_id,
+            num_partitions,
+            cfg.audit_canaries,
+            cfg.audit_seed,
         )
     return node_data(
         cfg.dataset,
@@ -189,6 +232,7 @@ def local_round(
     weights: dict[str, torch.Tensor],
     ledger: PrivacyLedger | None,
     server_round: int,
+    own_data: str = "",
 ) -> NodeRound:
     """Train the received weights on the node's shard (`local-steps` steps or `local-epochs`).
 
@@ -197,7 +241,7 @@ def local_round(
     accounting=per-round that σ is the tutorial's uncomposed one and the ledger shows what
     it really costs. The DP noise and Poisson batches come from `privacy_randomness`.
     """
-    data = shard_for(cfg, partition_id, num_partitions)
+    data = shard_for(cfg, partition_id, num_partitions, own_data)
     if ledger is None:
         ledger = plan(cfg, len(data))
     model = build_model(cfg.model)
@@ -289,6 +333,7 @@ def serve_train(
     num_partitions: int,
     weights: dict[str, torch.Tensor],
     server_round: int,
+    own_data: str = "",
 ) -> NodeRound | Refused:
     """One train message, as a node that guards its own privacy answers it.
 
@@ -296,7 +341,7 @@ def serve_train(
     plan and δ (`policy.refusal`), writes the round's steps to the ledger BEFORE training,
     then trains. A refused round trains nothing and spends nothing.
     """
-    data = shard_for(cfg, partition_id, num_partitions)
+    data = shard_for(cfg, partition_id, num_partitions, own_data)
     runs = store.runs()
     ledger = runs.get(run_id) or plan(cfg, len(data))
     steps = round_steps(cfg, ledger) if ledger is not None else 0
@@ -315,6 +360,7 @@ def serve_train(
         weights=weights,
         ledger=ledger,
         server_round=server_round,
+        own_data=own_data,
     )
     if ledger is None:
         return out

@@ -104,10 +104,14 @@ def node_config(
     data_dir: str = "",
     policy: Mapping[str, Any] | None = None,
 ) -> str:
-    """The `--node-config` string: the device's shard, its data files and its privacy policy."""
+    """The `--node-config` string: the device's identity, its own data and its privacy policy.
+
+    `data_dir` names the device's own training files; `{partition_id}` in it is replaced by
+    the node's partition id, so each local SuperNode can have files of its own.
+    """
     config: dict[str, Any] = {"partition-id": partition_id, "num-partitions": num_partitions}
     if data_dir:
-        config["data-dir"] = data_dir
+        config["data-dir"] = data_dir.replace("{partition_id}", str(partition_id))
     return inline_run_config(config | dict(policy or {}))
 
 

@@ -39,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"default {DEFAULT_DIR}")
     start.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
     start.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth")
-    start.add_argument("--data-dir", default="", help="node-config data-dir of every SuperNode")
+    start.add_argument(
+        "--data-dir",
+        default="",
+        help="node-config data-dir: each SuperNode's own training files (a .npz with x and y, "
+        "or a folder with the training idx files); {partition_id} in it is replaced by the "
+        "node's partition id",
+    )
     start.add_argument(
         "--detach", action="store_true", help="return once all nodes are online (stop later)"
     )

@@ -112,7 +112,7 @@ class PrivacyBounds:
 
 
 def _stop_on_refusal(server_round: int, replies: list[Message]) -> None:
-    """A refusal by any node's policy stops the run with every refusing node's reason."""
+    """A refusal by any node (its policy, its data) stops the run with every node's reason."""
     refusals = [r for r in replies if not r.has_error() and REFUSAL in r.content]
     if not refusals:
         return
@@ -120,7 +120,7 @@ def _stop_on_refusal(server_round: int, replies: list[Message]) -> None:
         f"partition-id={r.content[REFUSAL]['partition-id']}: {r.content[REFUSAL]['reason']}"
         for r in sorted(refusals, key=lambda r: int(r.content[REFUSAL]["partition-id"]))
     )
-    raise NodeRefused(f"round {server_round}: refused by the node's policy: {reasons}")
+    raise NodeRefused(f"round {server_round}: refused by its node(s): {reasons}")
 
 
 def _log_error_replies(server_round: int, replies: list[Message]) -> None:
@@ -184,8 +184,8 @@ class NodeReportsMixin:
     def remember(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Store the metrics of replies without error; return those replies.
 
-        A refusal by any node's policy stops the run with that node's reason. A node that
-        failed or timed out is left out of the round (and logged, and counted in
+        A refusal by any node (its policy, its data) stops the run with that node's reason. A
+        node that failed or timed out is left out of the round (and logged, and counted in
         `nodes_failed`); the run stops only when fewer than `min_available_nodes` answered.
         """
         _stop_on_refusal(server_round, replies)

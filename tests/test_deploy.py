@@ -252,3 +252,9 @@ def test_cli_parser():
     start = parser.parse_args(["start", "3", "--dir", "/x", "--detach", "--data-dir", "/d"])
     assert (start.num_nodes, start.dir, start.detach, start.data_dir) == (3, Path("/x"), True, "/d")
     assert parser.parse_args(["stop"]).dir == deploy.DEFAULT_DIR
+
+
+def test_a_data_dir_template_gives_each_node_its_own_files():
+    assert parse_config_args([node_config(2, 3, "/d/node-{partition_id}.npz")])["data-dir"] == (
+        "/d/node-2.npz"
+    )

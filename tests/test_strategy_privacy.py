@@ -83,7 +83,7 @@ def test_one_refusing_node_stops_the_run_with_its_reason():
             1, [reply(10, 0), refusal(11, 1, "eps=8 exceeds this node's max-eps=4")]
         )
     assert str(err.value) == (
-        "round 1: refused by the node's policy: partition-id=1: eps=8 exceeds this node's max-eps=4"
+        "round 1: refused by its node(s): partition-id=1: eps=8 exceeds this node's max-eps=4"
     )
 
 

@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tomli_w
 
-from flower_app.data import FASHION_MNIST_DIR
+from flower_app.data import load_arrays
 from launch.deployment import Deployment, stop_from_pids
 from launch.flwr_cli import PROJECT_DIR, inline_run_config
 from launch.processes import alive, descendants, processes_under
@@ -50,11 +51,33 @@ def all_pids(deployment):
     return pids + [c for p in pids for c in descendants(p)]
 
 
+def own_data(folder, per_node=200, nodes=3):
+    """Each device's own files: nodes 0 and 1 a .npz (named without suffix), node 2 idx files."""
+    arrays = load_arrays("fashion-mnist")
+    folder.mkdir()
+    for pid in range(nodes):
+        x = arrays.x_train[pid * per_node : (pid + 1) * per_node]
+        y = arrays.y_train[pid * per_node : (pid + 1) * per_node]
+        if pid < nodes - 1:
+            with (folder / f"node-{pid}").open("wb") as fh:
+                np.savez(fh, x=x, y=y)
+            continue
+        (folder / f"node-{pid}").mkdir()
+        for stem, arr in (
+            ("train-images-idx3-ubyte", x),
+            ("train-labels-idx1-ubyte", y.astype(np.uint8)),
+        ):
+            head = bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+            (folder / f"node-{pid}" / stem).write_bytes(head + arr.tobytes())
+    return str(folder / "node-{partition_id}")
+
+
 @pytest.fixture(scope="module")
 def deployment3(tmp_path_factory):
-    """SuperLink + 3 SuperNodes (TLS, node auth), each reading the idx files of its data-dir."""
+    """SuperLink + 3 SuperNodes (TLS, node auth), each training on its own 200 examples."""
     root = tmp_path_factory.mktemp("deploy3")
-    with Deployment(root, 3, data_dir=str(FASHION_MNIST_DIR), startup_timeout=180) as d:
+    data = own_data(root / "device-data")
+    with Deployment(root, 3, data_dir=data, startup_timeout=180) as d:
         yield d
         started = all_pids(d)
     assert not [p for p in started if alive(p)], "a process of the deployment is still running"
@@ -73,10 +96,11 @@ def test_gossip_run_on_three_supernodes_with_tls_and_node_auth(deployment3, tmp_
     assert all(int(r["nodes_trained"]) == 3 and int(r["nodes_failed"]) == 0 for r in rows)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 3
     assert summary["num_nodes"] == 3 and summary["topology"]["nodes"] == 3
-    # Each SuperNode trained the partition its node config named, within its budget.
+    # Each SuperNode trained its own files, whole, within its budget.
     nodes = summary["privacy"]["nodes"]
     assert set(nodes) == {"0", "1", "2"}
     assert all(0 < float(n["eps"]) <= 2 for n in nodes.values())
+    assert all(int(n["num-examples"]) == 200 for n in nodes.values()), nodes
     assert float(rows[-1]["node_acc_mean"]) > 0.15, "node models no better than chance (0.1)"
 
 

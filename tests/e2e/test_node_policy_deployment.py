@@ -63,7 +63,7 @@ def test_a_node_refuses_a_run_above_its_max_eps_and_one_without_dp(guarded, tmp_
     d = guarded
     details, logs, run_id = refused(d, {"eps": 8}, tmp_path, "eps8")
     assert "eps=8 exceeds this node's max-eps=4" in details
-    assert "refused by the node's policy" in logs and "max-eps=4" in logs
+    assert "refused by its node(s)" in logs and "max-eps=4" in logs
     print(f"refused run as `flwr log` shows it:\n{logs}")  # noqa: T201
     details, _, _ = refused(d, {"eps": float("inf")}, tmp_path, "noDP")
     assert "eps=inf (no DP) exceeds this node's max-eps=4" in details
