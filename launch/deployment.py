@@ -176,8 +176,15 @@ class Deployment:
         policy: Mapping[str, Any] | None = None,
         startup_timeout: float = 120.0,
         watchdog: bool = True,
+        host: str = HOST,
+        netns: Mapping[str, str] | None = None,
     ) -> None:
         """Prepare (not start) the deployment under `root`.
+
+        `host`: the address the SuperLink binds and everyone reaches it at (its TLS
+        certificate is issued for it). `netns`: a Linux network namespace per process role
+        (`superlink`, `node-<i>`), for hosts emulated on one machine; each process is started
+        with `ip netns exec`, which keeps its PID.
 
         `policy`: node-config privacy keys for every SuperNode; with a policy each node also
         keeps its durable ledger in `node-<i>/ledger` (unless `policy` names a ledger-dir).
@@ -191,6 +198,8 @@ class Deployment:
         self.num_nodes = num_nodes
         self.secure = secure
         self.port = port or free_port()
+        self.host = host
+        self.netns = dict(netns or {})
         self.data_dir = data_dir
         self.policy = dict(policy) if policy is not None else None
         self.process: subprocess.Popen[bytes] | None = None  # the SuperLink
@@ -218,7 +227,7 @@ class Deployment:
     @property
     def address(self) -> str:
         """The SuperLink's one address: Control, Runtime and Fleet APIs."""
-        return f"{HOST}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def key(self, name: str) -> Path:
         """A SuperNode's private key (its `.pub` sits next to it)."""
@@ -285,28 +294,30 @@ class Deployment:
             raise FlowerRunError(f"a deployment already runs in {self.root}; stop it first")
         self.root.mkdir(parents=True, exist_ok=True)
         if self.certs and not (self.certs / "server.pem").exists():
-            self._script("make-certs", HOST, str(self.certs))
+            self._script("make-certs", self.host, str(self.certs))
         self.cli.write_connection(self.address, self.ca)
         link_home = self.root / "superlink"
         link_home.mkdir(exist_ok=True)
         (link_home / "state.db").unlink(missing_ok=True)  # a fresh federation each start
         cmd = superlink_command(
-            host=HOST,
+            host=self.host,
             port=self.port,
             certs=self.certs,
             node_auth=self.secure,
             database=link_home / "state.db",
         )
         console.log("SuperLink: " + shlex.join(cmd[1:]))
-        self.process = self._spawn(cmd, link_home)
+        self.process = self._spawn(cmd, link_home, "superlink")
         deadline = time.monotonic() + self.startup_timeout
-        while not port_answers(self.port):
+        while not port_answers(self.port, self.host):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise FlowerRunError(f"flower-superlink did not start: see {link_home / 'out.log'}")
             time.sleep(0.5)
 
-    def _spawn(self, cmd: Sequence[str], home: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, cmd: Sequence[str], home: Path, role: str) -> subprocess.Popen[bytes]:
         home.mkdir(parents=True, exist_ok=True)
+        if role in self.netns:
+            cmd = ["ip", "netns", "exec", self.netns[role], *cmd]
         with open(home / "out.log", "ab") as log:
             return subprocess.Popen(
                 cmd,
@@ -367,7 +378,7 @@ class Deployment:
             max_retries=max_retries,
         )
         console.log(f"SuperNode {partition_id}: " + shlex.join(cmd[1:]))
-        return self._spawn(cmd, self.node_home(partition_id))
+        return self._spawn(cmd, self.node_home(partition_id), f"node-{partition_id}")
 
     def add_node(self, partition_id: int) -> None:
         """Keys, registration and the SuperNode for partition `partition_id`."""
