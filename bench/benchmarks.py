@@ -7,6 +7,9 @@
    per-sample-gradient mode (each checked against `hooks` with the noise off).
 3. `eval_share`: share of a gossip round spent evaluating (every node's model, every round).
 4. `scale`: gossip seconds per round and peak memory at growing node counts.
+5. `deploy_round_vs_sim_round`: the steady round of a 3-SuperNode loopback deployment (TLS,
+   node auth, the warm `fdg-superexec`) over the same run config simulated with 3 nodes;
+   Flower's own subprocess isolation is timed beside it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from flower_app.records import ARRAYS, NUM_EXAMPLES, train_reply
 from flower_app.results import write_json
 from flower_app.topology import build_topology
 from flower_app.train import train_dp, train_plain
+from launch.deployment import Deployment
 from launch.simulation import SimulationLink
 from server_app.evaluation import central_test_sets, model_evaluator
 from strategies.gossip import Layout
@@ -68,6 +72,17 @@ class Sizes:
             "node-eval-samples": 100,
         }
     )
+    deploy_config: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "strategy": "fedavg",
+            "eps": 8.0,
+            "num-server-rounds": 5,
+            "samples-per-node": 500,
+            "test-samples": 1000,
+        }
+    )
+    # Also time Flower's own subprocess isolation (a fresh process per message).
+    deploy_subprocess: bool = True
 
 
 FULL = Sizes()
@@ -78,6 +93,7 @@ QUICK = Sizes(
     epoch_repeats=2,
     scale_nodes=(10, 20, 40),
     scale_rounds=3,
+    deploy_subprocess=False,
 )
 
 
@@ -355,9 +371,17 @@ def _noiseless_update(cfg: RunConfig, data: Any, mode: str) -> list[torch.Tensor
 # --- the benchmark ---------------------------------------------------------------------
 
 
-def run_bench(sizes: Sizes, log: Callable[[str], None] = console.log) -> dict[str, Any]:
-    """All measurements; returns the JSON document."""
+def run_bench(
+    sizes: Sizes, log: Callable[[str], None] = console.log, only: str = ""
+) -> dict[str, Any]:
+    """All measurements (or `only="deploy"`); returns the JSON document."""
     results: dict[str, Any] = {"details": {}}
+    if only == "deploy":
+        with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp, SimulationLink() as link:
+            details = deploy_vs_sim(sizes, link, Path(tmp), log)
+        results["deploy_round_vs_sim_round"] = details.pop("ratio")
+        results["details"]["deploy"] = details
+        return results | environment(sizes)
     cfg_default = RunConfig.from_run_config(dict(sizes.run_config))
     log("one local epoch: plain SGD vs every Opacus mode")
     epochs = epoch_ratios(cfg_default, sizes.epoch_repeats)
@@ -385,11 +409,45 @@ def run_bench(sizes: Sizes, log: Callable[[str], None] = console.log) -> dict[st
         results["dp_round_vs_plain_round"] = dp_round / steady(plain.rows)
         results["details"]["fedavg_plain_round_s_steady"] = steady(plain.rows)
         results["scale"] = scale(sizes, link, Path(tmp), log)
+        deploy = deploy_vs_sim(sizes, link, Path(tmp), log)
+        results["deploy_round_vs_sim_round"] = deploy.pop("ratio")
+        results["details"]["deploy"] = deploy
         small, large = results["scale"][1], results["scale"][-1]
         results["scale_per_node_growth"] = (large["s_per_round"] / large["nodes"]) / (
             small["s_per_round"] / small["nodes"]
         ) - 1
     return results | environment(sizes)
+
+
+def deploy_vs_sim(
+    sizes: Sizes, link: SimulationLink, out: Path, log: Callable[[str], None]
+) -> dict[str, float]:
+    """Steady round: 3 SuperNodes on loopback (warm, then Flower's subprocess) vs simulated."""
+    config = dict(sizes.deploy_config)
+    log("deploy: the run config simulated with 3 nodes")
+    sim = steady(flower_run(link, config, 3, out).rows)
+    rounds = {}
+    for warm in (True, False) if sizes.deploy_subprocess else (True,):
+        name = "warm" if warm else "subprocess"
+        log(f"deploy: 3 SuperNodes on loopback, {name} ClientApps")
+        with Deployment(out / f"deploy-{name}", 3, warm=warm, startup_timeout=300) as d:
+            run_name = f"deploy-{name}"
+            run_id = d.submit({**config, "num-nodes": 3, "results-dir": str(out),
+                               "run-name": run_name})  # fmt: skip
+            outcome = d.wait(run_id, timeout=3600)
+            if not outcome.completed:
+                raise RuntimeError(f"deployment run failed: {outcome.status}: {outcome.details}")
+        with (out / run_name / "rounds.csv").open() as fh:
+            rounds[name] = steady(list(csv.DictReader(fh)))
+    out_rows = {
+        "ratio": rounds["warm"] / sim,
+        "sim_round_s_steady": sim,
+        "deploy_round_s_steady": rounds["warm"],
+    }
+    if "subprocess" in rounds:
+        out_rows["deploy_subprocess_round_s_steady"] = rounds["subprocess"]
+        out_rows["subprocess_vs_sim"] = rounds["subprocess"] / sim
+    return out_rows
 
 
 def flower_vs_raw(
@@ -468,8 +526,27 @@ def environment(sizes: Sizes) -> dict[str, Any]:
     }
 
 
+def deploy_lines(results: Mapping[str, Any]) -> list[str]:
+    """The deployment rows of the table."""
+    d = results["details"]["deploy"]
+    lines = [
+        f"| deploy_round_vs_sim_round (3 SuperNodes, warm fdg-superexec) | "
+        f"{results['deploy_round_vs_sim_round']:.2f} ({d['deploy_round_s_steady']:.2f} s / "
+        f"{d['sim_round_s_steady']:.2f} s) | <= 1.5 |",
+    ]
+    if "subprocess_vs_sim" in d:
+        lines.append(
+            f"| the same with Flower's subprocess isolation | {d['subprocess_vs_sim']:.2f} "
+            f"({d['deploy_subprocess_round_s_steady']:.2f} s) | |"
+        )
+    return lines
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     """The results as a Markdown table (what `fl-bench` prints)."""
+    if "flower_vs_raw" not in results:  # --only deploy
+        return "\n".join(["| measurement | value | target |", "| --- | --- | --- |",
+                          *deploy_lines(results)])  # fmt: skip
     d = results["details"]
     lines = [
         "| measurement | value | target |",
@@ -508,6 +585,7 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"| {strategy} Flower vs loop per steady round | {r['flower_vs_raw_per_round']:.2f} "
             f"({r['flower_round_s_steady']:.2f} s / {r['raw_round_s_steady']:.2f} s) | |"
         )
+    lines += deploy_lines(results)
     for s in results["scale"]:
         lines.append(
             f"| gossip {s['nodes']} nodes | {s['s_per_round']:.2f} s/round, "
@@ -521,8 +599,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fl-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 cores)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--only", choices=["deploy"], help="only this measurement (deploy: a few minutes)"
+    )
     args = parser.parse_args(argv)
-    results = run_bench(QUICK if args.quick else FULL)
+    results = run_bench(QUICK if args.quick else FULL, only=args.only or "")
     console.print(Markdown(markdown(results)))
     if args.json:
         write_json(args.json, results)

@@ -52,7 +52,7 @@ HOST = "127.0.0.1"
 SCRIPTS = PROJECT_DIR / "scripts"
 # Only processes whose command line says they are Flower's are ever signalled from pids.json
 # (a PID from an old file may belong to someone else by now).
-FLOWER_PROCESSES = ("flower-superlink", "flower-supernode")
+FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "fdg-superexec")
 
 console = Console(stderr=True, log_path=False)
 
@@ -124,10 +124,13 @@ def supernode_command(
     runtime_port: int,
     insecure: bool = False,
     max_retries: int | None = None,
+    isolation: str = "subprocess",
 ) -> list[str]:
     """`flower-supernode` connecting to the SuperLink's Fleet API (the same host:port).
 
     Without `root_certificates` (and not `insecure`) it trusts only the system's CAs.
+    `isolation="process"`: the SuperNode starts no executor of its own; run
+    `warm_executor_command` beside it.
     """
     if insecure:
         tls = ["--insecure"]
@@ -144,12 +147,29 @@ def supernode_command(
         "--node-config",
         node_config,
         "--isolation",
-        "subprocess",
+        isolation,
         # The SuperNode's own Runtime API (for its ClientApp processes); only needs to differ
         # between SuperNodes on one machine (default 9094).
         "--port",
         str(runtime_port),
         *retries,
+    ]
+
+
+def warm_executor_command(*, runtime_port: int, parent_pid: int) -> list[str]:
+    """`fdg-superexec` for the SuperNode whose Runtime API is on `runtime_port`.
+
+    It takes `flower-superexec`'s arguments and forks each ClientApp from a process that
+    imported torch, Opacus and flwr once (`launch/warm_superexec.py`); it exits with its
+    SuperNode.
+    """
+    return [
+        console_script("fdg-superexec"),
+        "--runtime-api-address",
+        f"127.0.0.1:{runtime_port}",
+        "--insecure",  # the SuperNode's own loopback Runtime API, as in subprocess mode
+        "--parent-pid",
+        str(parent_pid),
     ]
 
 
@@ -178,13 +198,17 @@ class Deployment:
         watchdog: bool = True,
         host: str = HOST,
         netns: Mapping[str, str] | None = None,
+        warm: bool = True,
     ) -> None:
         """Prepare (not start) the deployment under `root`.
 
         `host`: the address the SuperLink binds and everyone reaches it at (its TLS
         certificate is issued for it). `netns`: a Linux network namespace per process role
         (`superlink`, `node-<i>`), for hosts emulated on one machine; each process is started
-        with `ip netns exec`, which keeps its PID.
+        with `ip netns exec`, which keeps its PID. `warm`: each SuperNode runs with
+        `--isolation process` beside an `fdg-superexec` that forks its ClientApps from a
+        process with the libraries imported (False: Flower's own subprocess isolation, a
+        fresh `flwr-clientapp` process per message).
 
         `policy`: node-config privacy keys for every SuperNode; with a policy each node also
         keeps its durable ledger in `node-<i>/ledger` (unless `policy` names a ledger-dir).
@@ -200,6 +224,8 @@ class Deployment:
         self.port = port or free_port()
         self.host = host
         self.netns = dict(netns or {})
+        self.warm = warm
+        self.executors: dict[int, subprocess.Popen[bytes]] = {}  # partition id -> its SuperExec
         self.data_dir = data_dir
         self.policy = dict(policy) if policy is not None else None
         self.process: subprocess.Popen[bytes] | None = None  # the SuperLink
@@ -362,7 +388,8 @@ class Deployment:
         num_partitions: int | None = None,
         max_retries: int | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start one SuperNode process (registration is the caller's business)."""
+        """Start one SuperNode process, and its warm SuperExec (registration is the caller's)."""
+        runtime_port = free_port()
         cmd = supernode_command(
             superlink=self.address,
             node_config=node_config(
@@ -373,12 +400,20 @@ class Deployment:
             ),
             root_certificates=root_certificates,
             private_key=self.key(key_name) if key_name else None,
-            runtime_port=free_port(),
+            runtime_port=runtime_port,
             insecure=insecure,
             max_retries=max_retries,
+            isolation="process" if self.warm else "subprocess",
         )
         console.log(f"SuperNode {partition_id}: " + shlex.join(cmd[1:]))
-        return self._spawn(cmd, self.node_home(partition_id), f"node-{partition_id}")
+        role = f"node-{partition_id}"
+        node = self._spawn(cmd, self.node_home(partition_id), role)
+        if self.warm:
+            executor = warm_executor_command(runtime_port=runtime_port, parent_pid=node.pid)
+            self.executors[partition_id] = self._spawn(
+                executor, self.node_home(partition_id) / "superexec", role
+            )
+        return node
 
     def add_node(self, partition_id: int) -> None:
         """Keys, registration and the SuperNode for partition `partition_id`."""
@@ -453,6 +488,9 @@ class Deployment:
         proc = self.nodes[partition_id]
         killed = kill_now(proc.pid)
         proc.wait(timeout=10)
+        if executor := self.executors.get(partition_id):
+            killed += kill_now(executor.pid)
+            executor.wait(timeout=10)
         return killed
 
     # Stopping.
@@ -461,6 +499,7 @@ class Deployment:
         pids = {
             "superlink": self.pid,
             "supernodes": {str(i): p.pid for i, p in self.nodes.items()},
+            "superexecs": {str(i): p.pid for i, p in self.executors.items()},
             "address": self.address,
         }
         (self.root / PIDS).write_text(json.dumps(pids, indent=2) + "\n")
@@ -468,9 +507,11 @@ class Deployment:
     def stop(self) -> None:
         """Stop SuperNodes, then the SuperLink, with everything they spawned; by PID."""
         stop_processes([p.pid for p in self.nodes.values()])
+        stop_processes([p.pid for p in self.executors.values()])
         if self.process is not None:
             stop_processes([self.process.pid])
-        for proc in [*self.nodes.values(), *([self.process] if self.process else [])]:
+        procs = [*self.nodes.values(), *self.executors.values()]
+        for proc in [*procs, *([self.process] if self.process else [])]:
             try:
                 proc.wait(timeout=5)  # reap
             except subprocess.TimeoutExpired:
@@ -499,6 +540,7 @@ def stop_from_pids(root: Path) -> list[int]:
     """Stop the deployment recorded in `root/pids.json` (SuperNodes first); the PIDs signalled."""
     pids = read_pids(root)
     nodes = [int(p) for p in pids.get("supernodes", {}).values()]
+    nodes += [int(p) for p in pids.get("superexecs", {}).values()]
     stopped = stop_processes([p for p in nodes if _is_flower(p)])
     if _is_flower(link := int(pids.get("superlink", 0))):
         stopped += stop_processes([link])

@@ -17,6 +17,14 @@ TINY = Sizes(
     scale_nodes=(3, 4, 6),
     scale_rounds=2,
     scale_config={"samples-per-node": 20, "test-samples": 200, "node-eval-samples": 50},
+    deploy_config={
+        "strategy": "fedavg",
+        "eps": 8.0,
+        "num-server-rounds": 2,
+        "samples-per-node": 60,
+        "test-samples": 200,
+    },
+    deploy_subprocess=False,
 )
 
 
@@ -33,6 +41,7 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
         "dp_vs_plain",
         "dp_round_vs_plain_round",
         "eval_share",
+        "deploy_round_vs_sim_round",
     ):
         assert results[key] > 0, key
     assert results["eval_share"] < 1
@@ -48,4 +57,5 @@ def test_bench_reports_every_ratio(tmp_path, monkeypatch):
     assert results["details"]["epoch"]["hooks"]["empty_batches_ok"]
     assert results["details"]["epoch"]["fast"]["empty_batches_ok"]
     assert results["details"]["fastest_correct_mode"] in GRAD_SAMPLE_MODES
-    assert "flower_vs_raw" in markdown(results)
+    assert results["details"]["deploy"]["deploy_round_s_steady"] > 0
+    assert "flower_vs_raw" in markdown(results) and "deploy_round_vs_sim_round" in markdown(results)
