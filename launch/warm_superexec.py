@@ -72,7 +72,6 @@ def run_task_in_child(spec: Any) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)  # the parent's handlers would close its client
-    _reseed_in_child()
     if spec.suppress_output:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
@@ -120,6 +119,7 @@ def make_fork_executor() -> Any:
             if pid == 0:
                 code = 1
                 try:
+                    _reseed_in_child()
                     code = run_task_in_child(spec)
                 finally:
                     sys.stdout.flush()
