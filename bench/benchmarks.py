@@ -431,7 +431,7 @@ def deploy_vs_sim(
         name = "warm" if warm else "subprocess"
         log(f"deploy: 3 SuperNodes on loopback, {name} ClientApps")
         with Deployment(out / f"deploy-{name}", 3, warm=warm, startup_timeout=300) as d:
-            run_name = f"deploy-{name}"
+            run_name = f"run-{name}"
             run_id = d.submit({**config, "num-nodes": 3, "results-dir": str(out),
                                "run-name": run_name})  # fmt: skip
             outcome = d.wait(run_id, timeout=3600)
