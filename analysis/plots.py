@@ -176,6 +176,13 @@ class SweepData:
             )
         return f"Mean over {counts.max()} seeds; bands and bars are 95% Student-t intervals."
 
+    @cached_property
+    def split(self) -> str:
+        """What the runs' accuracy was scored on: `test`, `validation` (evaluate-on), or both."""
+        column = self.cells.get("evaluate_on", pd.Series([], dtype=object)).dropna()
+        splits = sorted(set(column)) or ["test"]
+        return splits[0] if len(splits) == 1 else f"{' or '.join(splits)} (per cell)"
+
     def delta_text(self) -> str:
         """δ as a label fragment."""
         # A cell that does not set delta ran with the run config's default.
@@ -226,7 +233,7 @@ def _round_axis(ax: Axes) -> None:
 
 
 def accuracy_vs_round(data: SweepData) -> Figure | Skipped:
-    """1) Test accuracy per round, one panel per ε, strategies overlaid."""
+    """1) Accuracy (test or validation) per round, one panel per ε, strategies overlaid."""
     curves = curve(data.tidy, [*data.by, "eps"], HEADLINE if HEADLINE in data.tidy else "accuracy")
     eps_values = eps_order(curves["eps"])
     fig, axes = panels(len(eps_values))
@@ -238,14 +245,14 @@ def accuracy_vs_round(data: SweepData) -> Figure | Skipped:
         ax.set_title(f"ε = {eps_label(eps)}")
         _round_axis(ax)
     for ax in axes[:: min(len(axes), 3)]:
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"{data.split} accuracy (%)")
     axes[0].legend(loc="best")
     fig.tight_layout()
     return Figure(
         "accuracy_vs_round",
-        "Test accuracy per round",
-        "Central test accuracy after each round, one panel per privacy budget ε (per node, "
-        f"δ = {data.delta_text()}). {data.seed_note()}",
+        f"{data.split.capitalize()} accuracy per round",
+        f"Central {data.split} accuracy after each round, one panel per privacy budget ε "
+        f"(per node, δ = {data.delta_text()}). {data.seed_note()}",
         _save(fig, data.out, "accuracy_vs_round"),
     )
 
@@ -344,13 +351,14 @@ def final_accuracy_vs_eps(data: SweepData) -> Figure | Skipped:
         return Skipped("final_accuracy_vs_eps", "needs at least two values of ε")
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     eps_lines(ax, data, summary, "mean", "half", 100)
-    ax.set_ylabel("final test accuracy (%)")
+    ax.set_ylabel(f"final {data.split} accuracy (%)")
     ax.legend(loc="best")
     fig.tight_layout()
     return Figure(
         "final_accuracy_vs_eps",
         "Final accuracy against the privacy budget",
-        "Test accuracy after the last round against ε (log scale; ∞ = no DP, placed right of "
+        f"{data.split.capitalize()} accuracy after the last round against ε (log scale; ∞ = no "
+        "DP, placed right of "
         f"the axis break). {data.seed_note()}",
         _save(fig, data.out, "final_accuracy_vs_eps"),
     )
@@ -410,7 +418,8 @@ def rounds_to_target_vs_eps(data: SweepData, targets: Targets) -> Figure | Skipp
     return Figure(
         name,
         "Rounds to reach the target accuracy",
-        f"Rounds until the seed-mean test accuracy first reaches the target, {targets.how}. "
+        f"Rounds until the seed-mean {data.split} accuracy first reaches the target, "
+        f"{targets.how}. "
         f"× at “not reached”: the target was not reached within {ceiling - 1} rounds.",
         _save(fig, data.out, name),
     )
@@ -555,7 +564,7 @@ def topologies(data: SweepData) -> Figure | Skipped:
         ax.grid(axis="x", visible=False)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right")
-    axes[0].set_ylabel("final test accuracy (%)")
+    axes[0].set_ylabel(f"final {data.split} accuracy (%)")
     fig.tight_layout()
     gap_note = (
         "Tick labels give each topology's spectral gap from summary.json (larger: faster "
@@ -566,7 +575,8 @@ def topologies(data: SweepData) -> Figure | Skipped:
     return Figure(
         name,
         "Gossip across topologies",
-        f"Final test accuracy of the cells with a topology, per ε. {gap_note} {data.seed_note()}",
+        f"Final {data.split} accuracy of the cells with a topology, per ε. {gap_note} "
+        f"{data.seed_note()}",
         _save(fig, data.out, name),
     )
 

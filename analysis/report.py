@@ -228,7 +228,8 @@ def _accuracy_section(data: SweepData, target: float | None, fraction: float) ->
     text += [
         markdown_table(*summary_rows(data, summary)),
         "",
-        "Final test accuracy: mean ± half-width of the 95% Student-t interval over seeds. "
+        f"Final {data.split} accuracy: mean ± half-width of the 95% Student-t interval over "
+        "seeds. "
         f"{data.seed_note()} ε spent is the largest over the nodes, averaged over seeds; "
         "wall time is per cell.",
         "",

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from flower_app.results import ROUNDS, RunSummary, atomic_write_text, csv_text
+from flower_app.results import CONFIG, ROUNDS, RunSummary, atomic_write_text, csv_text
 
 TIDY = "sweep.csv"
 MANIFEST = "manifest.json"
@@ -168,6 +168,7 @@ def cell_table(out: Path, manifest: Mapping[str, Any]) -> pd.DataFrame:
         row["eps_per_round_claimed"] = privacy.get("eps_per_round_claimed")
         row["noise_seed"] = privacy.get("noise_seed")
         row["noise"] = privacy.get("noise")  # absent in runs from before noise was secret
+        row["evaluate_on"] = _evaluated_on(out / RUNS / cell["id"])
         for key, value in (summary.topology or {}).items():
             row[f"topology_{key}"] = value
         rows.append(row)
@@ -175,6 +176,15 @@ def cell_table(out: Path, manifest: Mapping[str, Any]) -> pd.DataFrame:
     if "eps" in df:
         df["eps"] = df["eps"].astype(float)
     return df
+
+
+def _evaluated_on(folder: Path) -> str | None:
+    """The split a run's central evaluation scored (`test` in runs from before the key)."""
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    return str(config.get("evaluate-on", "test"))
 
 
 def rounds_to_target(

@@ -240,7 +240,7 @@ def default_out(name: str, now: datetime | None = None, root: str = "results/swe
 def summary_table(data: SweepData) -> Table:
     """The final rich table: final accuracy mean ± 95% CI over seeds per strategy and ε."""
     header, rows = summary_rows(data, final_summary(data))
-    table = Table(title="Final test accuracy (mean ± 95% t-interval over seeds)")
+    table = Table(title=f"Final {data.split} accuracy (mean ± 95% t-interval over seeds)")
     for i, col in enumerate(header):
         table.add_column(col, justify="left" if i < len(data.by) else "right")
     for row in rows:

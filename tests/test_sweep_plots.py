@@ -157,3 +157,56 @@ def test_delta_label_falls_back_to_the_default_a_cell_ran_with(stored):
     data = SweepData.load(stored)
     data.cells.drop(columns=["delta"], errors="ignore", inplace=True)
     assert data.delta_text() == f"{RunConfig().delta:g}"
+
+
+def test_a_validation_sweep_never_labels_its_accuracy_as_test_accuracy(tmp_path, capsys):
+    out = tmp_path / "s"
+    argv = [
+        "run",
+        "--strategies",
+        "fedavg",
+        "--eps",
+        "inf,2",
+        "--seeds",
+        "7,8",
+        "--rounds",
+        "3",
+        "--nodes",
+        "2",
+        "--set",
+        "validation-samples=100",
+        "--set",
+        "evaluate-on=validation",
+        "--out",
+        str(out),
+    ]
+    assert main(argv, runner=FakeRunner()) == 0
+    text = (out / "report.md").read_text()
+    assert "test accuracy" not in text.lower()
+    assert "Final validation accuracy" in text and "### Validation accuracy per round" in text
+    figures, _ = plot_all(out)
+    assert all("test accuracy" not in f.caption.lower() for f in figures)
+    assert "Final test accuracy" not in capsys.readouterr().out
+
+
+def test_a_sweep_mixing_test_and_validation_runs_names_both(tmp_path):
+    out = tmp_path / "s"
+    argv = [
+        "run",
+        "--strategies",
+        "fedavg",
+        "--eps",
+        "inf,2",
+        "--rounds",
+        "2",
+        "--nodes",
+        "2",
+        "--set",
+        "validation-samples=100",
+        "--sweep",
+        "evaluate-on=test,validation",
+        "--out",
+        str(out),
+    ]
+    assert main(argv, runner=FakeRunner()) == 0
+    assert SweepData.load(out).split == "test or validation (per cell)"
