@@ -159,28 +159,19 @@ def test_delta_label_falls_back_to_the_default_a_cell_ran_with(stored):
     assert data.delta_text() == f"{RunConfig().delta:g}"
 
 
+def run_fake_sweep(out, *options):
+    """A small FedAvg sweep (ε ∈ {∞, 2}, 2 nodes) through the CLI with the fake runner."""
+    argv = ["run", "--strategies", "fedavg", "--eps", "inf,2", "--nodes", "2"]
+    assert main([*argv, *options, "--out", str(out)], runner=FakeRunner()) == 0
+    return out
+
+
 def test_a_validation_sweep_never_labels_its_accuracy_as_test_accuracy(tmp_path, capsys):
-    out = tmp_path / "s"
-    argv = [
-        "run",
-        "--strategies",
-        "fedavg",
-        "--eps",
-        "inf,2",
-        "--seeds",
-        "7,8",
-        "--rounds",
-        "3",
-        "--nodes",
-        "2",
-        "--set",
-        "validation-samples=100",
-        "--set",
-        "evaluate-on=validation",
-        "--out",
-        str(out),
-    ]
-    assert main(argv, runner=FakeRunner()) == 0
+    out = run_fake_sweep(
+        tmp_path / "s",
+        *("--seeds", "7,8", "--rounds", "3"),
+        *("--set", "validation-samples=100", "--set", "evaluate-on=validation"),
+    )
     text = (out / "report.md").read_text()
     assert "test accuracy" not in text.lower()
     assert "Final validation accuracy" in text and "### Validation accuracy per round" in text
@@ -190,23 +181,9 @@ def test_a_validation_sweep_never_labels_its_accuracy_as_test_accuracy(tmp_path,
 
 
 def test_a_sweep_mixing_test_and_validation_runs_names_both(tmp_path):
-    out = tmp_path / "s"
-    argv = [
-        "run",
-        "--strategies",
-        "fedavg",
-        "--eps",
-        "inf,2",
-        "--rounds",
-        "2",
-        "--nodes",
-        "2",
-        "--set",
-        "validation-samples=100",
-        "--sweep",
-        "evaluate-on=test,validation",
-        "--out",
-        str(out),
-    ]
-    assert main(argv, runner=FakeRunner()) == 0
+    out = run_fake_sweep(
+        tmp_path / "s",
+        *("--rounds", "2", "--set", "validation-samples=100"),
+        *("--sweep", "evaluate-on=test,validation"),
+    )
     assert SweepData.load(out).split == "test or validation (per cell)"
