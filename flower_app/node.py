@@ -128,11 +128,7 @@ def node_data(
         validation_samples=validation_samples,
     )
     x, y = arrays.x_train[idx], arrays.y_train[idx]
-    if audit_canaries:
-        canaries = make_canaries(num_partitions, audit_canaries, audit_seed)
-        mine = canaries.of(partition_id)
-        x = np.concatenate([x, canaries.images[mine]])
-        y = np.concatenate([y, canaries.label[mine]])
+    x, y = _with_canaries(x, y, partition_id, num_partitions, audit_canaries, audit_seed)
     return to_tensors(dataset, x, y, normalize)
 
 
@@ -148,12 +144,24 @@ def device_data(
 ) -> BatchTensorDataset:
     """A device's own training files, whole (node config `data-dir`), plus its canaries."""
     x, y = load_device_data(path)
-    if audit_canaries:
-        canaries = make_canaries(num_partitions, audit_canaries, audit_seed)
-        mine = canaries.of(partition_id)
-        x = np.concatenate([x, canaries.images[mine]])
-        y = np.concatenate([y, canaries.label[mine]])
+    x, y = _with_canaries(x, y, partition_id, num_partitions, audit_canaries, audit_seed)
     return to_tensors(dataset, x, y, normalize)
+
+
+def _with_canaries(
+    x: np.ndarray,
+    y: np.ndarray,
+    partition_id: int,
+    num_partitions: int,
+    audit_canaries: int,
+    audit_seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The node's examples with its included audit canaries appended (none outside audits)."""
+    if not audit_canaries:
+        return x, y
+    canaries = make_canaries(num_partitions, audit_canaries, audit_seed)
+    mine = canaries.of(partition_id)
+    return np.concatenate([x, canaries.images[mine]]), np.concatenate([y, canaries.label[mine]])
 
 
 def shard_for(

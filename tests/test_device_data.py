@@ -9,7 +9,7 @@ import torch
 from flower_app.config import RunConfig
 from flower_app.data import DeviceDataError, load_device_data
 from flower_app.model import build_model
-from flower_app.node import serve_train, shard_for
+from flower_app.node import canary_set, serve_train, shard_for
 from flower_app.policy import NodePolicy
 from tests.test_node_policy import MemoryStore
 
@@ -75,6 +75,21 @@ def test_own_data_is_the_whole_training_set_whatever_the_partitioner(tmp_path):
     assert torch.equal(mine.tensors[1], torch.from_numpy(y.astype(np.int64)))
     # partition-id stays the node's identity: another id, the same data.
     assert torch.equal(shard_for(cfg, 2, 3, str(tmp_path / "d.npz")).tensors[0], mine.tensors[0])
+
+
+def test_a_device_in_an_audit_trains_on_its_own_data_plus_exactly_its_included_canaries(
+    tmp_path,
+):
+    x, y = images(150, seed=3)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    cfg = RunConfig(audit_canaries=30, audit_seed=5)
+    canaries, canary_images = canary_set(cfg, 3)
+    for pid in range(3):
+        got = shard_for(cfg, pid, 3, str(tmp_path / "d.npz"))
+        mine = canaries.of(pid)
+        assert len(got) == 150 + len(mine)
+        assert torch.equal(got.tensors[0][150:], canary_images.tensors[0][mine])
+        assert torch.equal(got.tensors[1][150:], canary_images.tensors[1][mine])
 
 
 def test_a_node_trains_on_its_own_data_and_plans_for_its_size(tmp_path):
