@@ -219,8 +219,16 @@ def panels(n: int, width: float = 5.6, height: float = 4.4) -> tuple[Any, list[A
     return fig, flat[:n]
 
 
-def _band(ax: Axes, df: pd.DataFrame, scale: float, **style: Any) -> None:
-    x, mean = df["round"].to_numpy(), df["mean"].to_numpy() * scale
+def _band(
+    ax: Axes,
+    df: pd.DataFrame,
+    scale: float,
+    x_column: str = "round",
+    x_scale: float = 1.0,
+    **style: Any,
+) -> None:
+    """The seed-mean curve of `df` against `x_column`, with its 95% band where there is one."""
+    x, mean = df[x_column].to_numpy() * x_scale, df["mean"].to_numpy() * scale
     ax.plot(x, mean, markevery=max(1, len(x) // 10), **style)
     half = df["half"].to_numpy() * scale
     if np.isfinite(half).any():
@@ -596,12 +604,8 @@ def accuracy_vs_bytes(data: SweepData) -> Figure | Skipped:
             rows = data.rows_of(merged[merged["eps"] == eps], series).sort_values("round")
             if rows.empty:
                 continue
-            x, mean = rows["mean_x"].to_numpy() / 1e6, rows["mean"].to_numpy() * 100
             style = data.style(series)
-            ax.plot(x, mean, markevery=max(1, len(x) // 10), label=data.label(series), **style)
-            half = rows["half"].to_numpy() * 100
-            if np.isfinite(half).any():
-                ax.fill_between(x, mean - half, mean + half, color=style["color"], alpha=0.18, lw=0)
+            _band(ax, rows, 100, "mean_x", 1e-6, label=data.label(series), **style)
         ax.set_title(f"ε = {eps_label(eps)}")
         ax.set_xlabel("MB sent per node, cumulative")
     for ax in axes[:: min(len(axes), 3)]:
