@@ -14,8 +14,8 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from launch.simulation import SimulationLink
 from sweeps.presets import PRESETS
 from sweeps.runner import COMPLETED, FlowerRunner, Runner, SuperLinkDown, Sweep
 from sweeps.spec import (
+    Cell,
     SweepError,
     SweepSpec,
     expand,
@@ -289,22 +290,40 @@ def command_run(
     slots = cell_slots(args)
     name = args.preset or "sweep"
     if args.dry_run:
-        for cell in cells:
-            console.print(f"{cell.id}  {cell.params}", soft_wrap=True, markup=False)
+        _print_cells(console, cells)
         console.print(f"{len(cells)} cells on {spec.nodes} nodes: all valid")
         return 0
-    out = (args.out.expanduser().resolve()) if args.out else default_out(name, root=out_root)
-    command = shlex.join([prog, *argv] + ([] if args.out else ["--out", str(out)]))
+    out, command = _out_and_command(args, argv, prog, name, out_root)
     description = PRESETS[args.preset].description if args.preset else ""
-    lock = FolderLock(out / SWEEP_LOCK, f"sweep folder {out}")
+    with _only_writer(out, f"sweep folder {out}"):
+        stop_leftovers(out, console.log)
+        sweep = Sweep(out, spec, cells, name=name, command=command, description=description)
+        return _run_sweep(sweep, args, runner, console, slots)
+
+
+def _print_cells(console: Console, cells: Sequence[Cell]) -> None:
+    for cell in cells:
+        console.print(f"{cell.id}  {cell.params}", soft_wrap=True, markup=False)
+
+
+def _out_and_command(
+    args: argparse.Namespace, argv: Sequence[str], prog: str, name: str, root: str
+) -> tuple[Path, str]:
+    """The folder (--out, else a new timestamped one under `root`) and the command resuming it."""
+    out = (args.out.expanduser().resolve()) if args.out else default_out(name, root=root)
+    return out, shlex.join([prog, *argv] + ([] if args.out else ["--out", str(out)]))
+
+
+@contextmanager
+def _only_writer(out: Path, what: str) -> Iterator[None]:
+    """Hold the folder's writer lock; a second writer gets one line naming the holder."""
+    lock = FolderLock(out / SWEEP_LOCK, what)
     try:
         lock.acquire()
     except FolderLocked as err:
         raise SweepError(str(err)) from None
     try:
-        stop_leftovers(out, console.log)
-        sweep = Sweep(out, spec, cells, name=name, command=command, description=description)
-        return _run_sweep(sweep, args, runner, console, slots)
+        yield
     finally:
         lock.release()
 
@@ -373,22 +392,15 @@ def command_tune(
     name = args.preset or "tune"
     finals = len(groups(tune)) * len(tune.final_seeds())
     if args.dry_run:
-        for cell in cells:
-            console.print(f"{cell.id}  {cell.params}", soft_wrap=True, markup=False)
+        _print_cells(console, cells)
         console.print(
             f"{len(cells)} search runs on {tune.base.nodes} nodes, then {finals} final runs "
             f"({len(groups(tune))} choices × {len(tune.final_seeds())} seeds): all valid"
         )
         return 0
-    out = (args.out.expanduser().resolve()) if args.out else default_out(name, root="results/tune")
-    command = shlex.join(["fl-sweep", *argv] + ([] if args.out else ["--out", str(out)]))
+    out, command = _out_and_command(args, argv, "fl-sweep", name, "results/tune")
     description = PRESETS[args.preset].description if args.preset else ""
-    lock = FolderLock(out / SWEEP_LOCK, f"tune folder {out}")
-    try:
-        lock.acquire()
-    except FolderLocked as err:
-        raise SweepError(str(err)) from None
-    try:
+    with _only_writer(out, f"tune folder {out}"):
         for stage in (SEARCH, FINAL):
             stop_leftovers(out / stage, console.log)
         search = Sweep(
@@ -420,8 +432,6 @@ def command_tune(
         report = write_tune_report(out)
         console.log(f"tune report: {report}", markup=False)
         return code
-    finally:
-        lock.release()
 
 
 def cell_slots(args: argparse.Namespace) -> tuple[int, list[str | None]]:
