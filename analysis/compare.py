@@ -253,8 +253,9 @@ def compare_figure(outs: Sequence[Path], names: Sequence[str], path: Path) -> Pa
         ax.axhline(CHANCE * 100, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_title(name)
         ax.xaxis.label.set_fontsize(8)
-    splits = sorted({data.split for data in loaded})
-    axes[0].set_ylabel(f"final {' or '.join(splits)} accuracy (%)")
+    splits = {data.split for data in loaded}
+    split = splits.pop() if len(splits) == 1 else "test or validation"
+    axes[0].set_ylabel(f"final {split} accuracy (%)")
     axes[0].legend(loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -365,9 +365,8 @@ def final_accuracy_vs_eps(data: SweepData) -> Figure | Skipped:
     return Figure(
         "final_accuracy_vs_eps",
         "Final accuracy against the privacy budget",
-        f"{data.split.capitalize()} accuracy after the last round against ε (log scale; ∞ = no "
-        "DP, placed right of "
-        f"the axis break). {data.seed_note()}",
+        f"{data.split.capitalize()} accuracy after the last round against ε (log scale; "
+        f"∞ = no DP, placed right of the axis break). {data.seed_note()}",
         _save(fig, data.out, "final_accuracy_vs_eps"),
     )
 
