@@ -155,7 +155,7 @@ def noise_note(data: Any) -> str:
             "data (set `noise-seed=-1` for secret noise)."
         )
     return (
-        "- DP noise: secret, drawn in each node from its OS entropy (cells do not repeat bit "
+        "- DP noise: secret, keyed in each node by a fresh OS key (cells do not repeat bit "
         "for bit)."
     )
 

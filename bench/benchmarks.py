@@ -7,7 +7,9 @@
    per-sample-gradient mode (each checked against `hooks` with the noise off).
 3. `eval_share`: share of a gossip round spent evaluating (every node's model, every round).
 4. `scale`: gossip seconds per round and peak memory at growing node counts.
-5. `deploy_round_vs_sim_round`: the steady round of a 3-SuperNode loopback deployment (TLS,
+5. `keyed_randomness_share`: share of one DP epoch spent drawing its keyed (ChaCha20) noise
+   and Poisson masks.
+6. `deploy_round_vs_sim_round`: the steady round of a 3-SuperNode loopback deployment (TLS,
    node auth, the warm `fdg-superexec`) over the same run config simulated with 3 nodes;
    Flower's own subprocess isolation is timed beside it.
 """
@@ -44,6 +46,7 @@ from flower_app.node import local_round, shard_for
 from flower_app.privacy import plan_ledger
 from flower_app.records import ARRAYS, NUM_EXAMPLES, train_reply
 from flower_app.results import write_json
+from flower_app.rng import PrivacyRandomness
 from flower_app.topology import build_topology
 from flower_app.train import train_dp, train_plain
 from launch.deployment import Deployment
@@ -275,7 +278,7 @@ def epoch_ratios(cfg: RunConfig, repeats: int) -> dict[str, dict[str, float]]:
                         ledger,
                         max_grad_norm=cfg.max_grad_norm,
                         grad_sample_mode=mode,
-                        generator=gen,
+                        randomness=PrivacyRandomness.replayable(0),
                         **common,
                     )
                 times[mode].append(time.perf_counter() - t0)
@@ -296,6 +299,41 @@ def epoch_ratios(cfg: RunConfig, repeats: int) -> dict[str, dict[str, float]]:
                 "empty_batches_ok": _survives_empty_batches(cfg, mode),
             }
         return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def keyed_randomness(cfg: RunConfig, repeats: int) -> dict[str, float]:
+    """Seconds one DP epoch spends drawing its keyed randomness, and one DP epoch's seconds.
+
+    The randomness is what `train_dp` draws per step (a Poisson mask over the shard and a
+    Gaussian per parameter, from `flower_app.rng`), timed alone; the epoch is the default
+    mode's whole DP epoch (randomness included). Min over repeats, one torch thread.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = shard_for(cfg, 0, 20)
+        ledger = plan_ledger(num_samples=len(data), batch_size=cfg.batch_size, total_epochs=20,
+                             target_eps=8.0, delta=cfg.delta, accountant="rdp")  # fmt: skip
+        params = [p for p in build_model(cfg.model).parameters()]
+        steps = round(1 / ledger.sample_rate)
+        draw, epoch = [], []
+        for _ in range(repeats):
+            rand = PrivacyRandomness.fresh()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                rand.sampling.bernoulli(len(data), ledger.sample_rate)
+                for p in params:
+                    rand.noise.gaussian(1.0, p)
+            draw.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            train_dp(build_model(cfg.model, seed=0), data, ledger, epochs=1,
+                     batch_size=cfg.batch_size, lr=cfg.lr, momentum=0.0,
+                     max_grad_norm=cfg.max_grad_norm, grad_sample_mode=cfg.opacus_mode)  # fmt: skip
+            epoch.append(time.perf_counter() - t0)
+        return {"randomness_s": min(draw), "dp_epoch_s": min(epoch), "steps": steps,
+                "share": min(draw) / min(epoch)}  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
@@ -327,7 +365,7 @@ def _survives_empty_batches(cfg: RunConfig, mode: str) -> bool:
             momentum=0.0,
             max_grad_norm=cfg.max_grad_norm,
             grad_sample_mode=mode,
-            generator=torch.Generator().manual_seed(0),
+            randomness=PrivacyRandomness.replayable(0),
         )
     except RuntimeError:
         return False
@@ -363,7 +401,7 @@ def _noiseless_update(cfg: RunConfig, data: Any, mode: str) -> list[torch.Tensor
         momentum=0.0,
         max_grad_norm=cfg.max_grad_norm,
         grad_sample_mode=mode,
-        generator=torch.Generator().manual_seed(1),
+        randomness=PrivacyRandomness.replayable(1),
     )
     return [p.detach().clone() for p in model.parameters()]
 
@@ -383,6 +421,12 @@ def run_bench(
         results["details"]["deploy"] = details
         return results | environment(sizes)
     cfg_default = RunConfig.from_run_config(dict(sizes.run_config))
+    log("one DP epoch: the share its keyed randomness (ChaCha20) takes")
+    keyed = keyed_randomness(cfg_default, sizes.epoch_repeats)
+    results["keyed_randomness_share"] = keyed.pop("share")
+    results["details"]["keyed_randomness"] = keyed
+    if only == "randomness":
+        return results | environment(sizes)
     log("one local epoch: plain SGD vs every Opacus mode")
     epochs = epoch_ratios(cfg_default, sizes.epoch_repeats)
     results["dp_vs_plain"] = epochs[cfg_default.opacus_mode]["ratio"]
@@ -527,7 +571,9 @@ def environment(sizes: Sizes) -> dict[str, Any]:
 
 
 def deploy_lines(results: Mapping[str, Any]) -> list[str]:
-    """The deployment rows of the table."""
+    """The deployment rows of the table (none when not measured)."""
+    if "deploy" not in results["details"]:
+        return []
     d = results["details"]["deploy"]
     lines = [
         f"| deploy_round_vs_sim_round (3 SuperNodes, warm fdg-superexec) | "
@@ -542,11 +588,23 @@ def deploy_lines(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def randomness_lines(results: Mapping[str, Any]) -> list[str]:
+    """The keyed-randomness row, when measured."""
+    if "keyed_randomness_share" not in results:
+        return []
+    k = results["details"]["keyed_randomness"]
+    return [
+        f"| keyed_randomness_share (ChaCha20 noise + Poisson masks, one DP epoch) "
+        f"| {results['keyed_randomness_share']:.1%} ({k['randomness_s']:.3f} s / "
+        f"{k['dp_epoch_s']:.3f} s, {k['steps']} steps) | small |"
+    ]
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     """The results as a Markdown table (what `fl-bench` prints)."""
-    if "flower_vs_raw" not in results:  # --only deploy
+    if "flower_vs_raw" not in results:  # --only deploy / randomness
         return "\n".join(["| measurement | value | target |", "| --- | --- | --- |",
-                          *deploy_lines(results)])  # fmt: skip
+                          *deploy_lines(results), *randomness_lines(results)])  # fmt: skip
     d = results["details"]
     lines = [
         "| measurement | value | target |",
@@ -564,6 +622,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"{results['scale'][1]['nodes']} nodes | {results['scale_per_node_growth']:+.0%} "
         "| <= +20% |",
         f"| eval_share (gossip, rounds 2+) | {results['eval_share']:.1%} | small |",
+        *randomness_lines(results),
     ]
     for mode, r in d["epoch"].items():
         extra = ""
@@ -600,7 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 cores)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument(
-        "--only", choices=["deploy"], help="only this measurement (deploy: a few minutes)"
+        "--only",
+        choices=["deploy", "randomness"],
+        help="only this measurement (deploy: a few minutes; randomness: seconds)",
     )
     args = parser.parse_args(argv)
     results = run_bench(QUICK if args.quick else FULL, only=args.only or "")

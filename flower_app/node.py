@@ -260,7 +260,7 @@ def local_round(
     rand = privacy_randomness(cfg, partition_id, server_round)
     if cfg.dp_mode == "update":
         shuffle = shuffle_generator(cfg, partition_id, server_round)
-        loss, steps = _round_update(cfg, model, data, weights, ledger, shuffle, rand.noise)
+        loss, steps = _round_update(cfg, model, data, weights, ledger, shuffle, rand)
     else:
         loss, steps = _round_sample(cfg, model, data, ledger, rand)
     return NodeRound(_detached(model), len(data), loss, ledger.after(steps), steps)
@@ -291,7 +291,7 @@ def _round_update(
     weights: dict[str, torch.Tensor],
     ledger: PrivacyLedger,
     shuffle: torch.Generator,
-    noise: torch.Generator,
+    rand: PrivacyRandomness,
 ) -> tuple[float, int]:
     """dp-mode=update: plain SGD, then the round's update clipped and noised once (1 step)."""
     loss = _round_plain(cfg, model, data, shuffle)
@@ -300,7 +300,7 @@ def _round_update(
         model.state_dict(),
         clip=cfg.max_grad_norm,
         noise_multiplier=ledger.noise_multiplier,
-        generator=noise,
+        noise=rand.noise,
     )
     model.load_state_dict(private)
     return loss, 1
@@ -320,8 +320,7 @@ def _round_sample(
         ledger,
         max_grad_norm=cfg.max_grad_norm,
         grad_sample_mode=cfg.opacus_mode,
-        generator=rand.sampling,
-        noise_generator=rand.noise,
+        randomness=rand,
         **_sgd(cfg),
     )
     return result.loss, result.steps

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
 from flower_app import disk_cache
+
+if TYPE_CHECKING:  # rng imports config, which imports this module
+    from flower_app.rng import KeyedStream
 
 PRIVACY_UNIT = "sample-level (ε, δ)-DP per node: the unit is one training example of one node"
 # The unit each dp-mode protects (run-config `dp-mode`).
@@ -315,7 +318,7 @@ def privatize_update(
     *,
     clip: float,
     noise_multiplier: float,
-    generator: torch.Generator,
+    noise: KeyedStream,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """`start + clip_C(end - start) + N(0, (σC)²)` per coordinate, and the update's raw norm.
 
@@ -328,8 +331,8 @@ def privatize_update(
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     out = {k: v.detach().clone() for k, v in end.items()}
     for k in keys:
-        noise = torch.randn(deltas[k].shape, generator=generator, dtype=torch.float64)
-        private = start[k].double() + deltas[k] * scale + noise * (noise_multiplier * clip)
+        drawn = noise.gaussian(noise_multiplier * clip, deltas[k])
+        private = start[k].double() + deltas[k] * scale + drawn
         out[k] = private.to(end[k].dtype)
     return out, norm
 

@@ -13,13 +13,14 @@ import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.grad_sample import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flower_app import clipped_grads
 from flower_app.data import keep_batch
+from flower_app.keyed_opacus import KeyedPoissonSampler, use_keyed_noise
 from flower_app.privacy import PrivacyLedger, steps_per_epoch
+from flower_app.rng import PrivacyRandomness
 
 EVAL_BATCH = 500
 # The fast path's clipped sum must equal Opacus's (hooks + DPOptimizer clipping) to this
@@ -104,16 +105,15 @@ def train_dp(
     max_grad_norm: float,
     grad_sample_mode: str,
     steps: int = 0,
-    generator: torch.Generator | None = None,
-    noise_generator: torch.Generator | None = None,
+    randomness: PrivacyRandomness | None = None,
 ) -> LocalResult:
     """DP-SGD with Opacus: Poisson batches, per-sample clipping, Gaussian noise.
 
     Trains `epochs` epochs, or exactly `steps` Poisson steps when `steps` > 0 (run-config
     `local-steps`); the sample rate is 1/⌈n / batch⌉ either way.
 
-    `generator` draws the Poisson batches and `noise_generator` the Gaussian noise; both
-    protect privacy, so the node seeds them from OS entropy (see `flower_app.rng`). Each
+    `randomness` draws the Poisson batches and the Gaussian noise from keyed ChaCha20
+    streams (`flower_app.rng`); None draws a fresh secret key. Each
     epoch takes exactly ⌈n / batch⌉ steps at sample rate 1/⌈n / batch⌉, the count the
     noise was calibrated for (Opacus's own Poisson loader takes int(1/q) steps, one fewer
     for some n). The accountant starts from the node's ledger, so Opacus itself tracks the
@@ -126,9 +126,10 @@ def train_dp(
             type(model).__name__,
         )
         grad_sample_mode = "hooks"
+    rand = randomness or PrivacyRandomness.fresh()
     per_epoch = steps_per_epoch(len(data), batch_size)
-    sampler = UniformWithReplacementSampler(
-        num_samples=len(data), sample_rate=1 / per_epoch, generator=generator, steps=per_epoch
+    sampler = KeyedPoissonSampler(
+        num_samples=len(data), sample_rate=1 / per_epoch, steps=per_epoch, stream=rand.sampling
     )
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=keep_batch)
     dp = _make_private(
@@ -140,8 +141,8 @@ def train_dp(
         # fast: Opacus wraps as for ghost clipping, whose optimizer takes the clipped sum
         # in p.grad and adds the noise; its accountant counts the steps.
         grad_sample_mode="ghost" if fast else grad_sample_mode,
-        noise_generator=noise_generator,
     )
+    use_keyed_noise(dp.optimizer, rand.noise)
     if abs(1 / len(dp.loader) - ledger.sample_rate) > 1e-12:
         raise RuntimeError(
             f"sample rate {1 / len(dp.loader)} differs from the calibrated {ledger.sample_rate}: "
@@ -150,8 +151,8 @@ def train_dp(
     if steps:
         # Opacus took the sample rate from the one-epoch loader; the steps come from a
         # sampler of the same rate that stops after `steps` batches.
-        sampler = UniformWithReplacementSampler(
-            num_samples=len(data), sample_rate=1 / per_epoch, generator=generator, steps=steps
+        sampler = KeyedPoissonSampler(
+            num_samples=len(data), sample_rate=1 / per_epoch, steps=steps, stream=rand.sampling
         )
         batches: Iterable = DataLoader(data, batch_sampler=sampler, collate_fn=keep_batch)
     else:
@@ -189,11 +190,11 @@ def _make_private(
     *,
     max_grad_norm: float,
     grad_sample_mode: str,
-    noise_generator: torch.Generator | None,
 ) -> _Private:
     """Wrap for DP-SGD, the accountant resuming from the ledger's steps."""
     with warnings.catch_warnings():
-        # secure_mode=False (no torchcsprng) makes Opacus warn on every call.
+        # secure_mode=False makes Opacus warn on every call; its secure mode needs
+        # torchcsprng, and the noise and batches come from keyed streams (`use_keyed_noise`).
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant=ledger.accountant, secure_mode=False)
         if ledger.steps:
@@ -208,7 +209,6 @@ def _make_private(
             noise_multiplier=ledger.noise_multiplier,
             max_grad_norm=max_grad_norm,
             grad_sample_mode=grad_sample_mode,
-            noise_generator=noise_generator,
             # The loader above already samples Poisson batches, with the exact step count.
             poisson_sampling=False,
         )

@@ -14,8 +14,9 @@ task from this process, which imported those libraries once at start:
   app's own code comes from the run's FAB in each child, as with `flwr-clientapp`;
 - other task types (ServerApp, simulation) are launched as Flower launches them.
 
-The DP noise and Poisson sampling draw from OS entropy in each child (`secrets`), which a
-fork does not replay; the global RNGs are reseeded in each child all the same.
+The DP noise and Poisson sampling are keyed by a fresh OS key in each child
+(`secrets.token_bytes`), which a fork does not replay; the global RNGs are reseeded in each
+child all the same.
 
 Hand-written because flwr 1.42 has warm pools only for its Kubernetes executor, and
 `flower-superexec --executor` accepts only `subprocess` and `kubernetes`.

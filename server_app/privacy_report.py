@@ -19,13 +19,13 @@ PUBLIC_PER_NODE = (
     "ε/δ they imply; no training loss or other un-noised statistic"
 )
 SECRET_NOISE = (
-    "secret: drawn in each node from its OS entropy, fresh every round (not reproducible, "
-    "not replayable by the server or other nodes)"
+    "secret: a ChaCha20 keystream under a fresh 256-bit key from each node's OS, every "
+    "round (not reproducible, not replayable by the server or other nodes)"
 )
 CAVEATS = (
-    "Opacus secure_mode is off (its torchcsprng does not install with torch 2.14): the "
-    "noise comes from torch's Mersenne Twister seeded with 63 secret bits, and "
-    "floating-point attacks on Gaussian sampling (Mironov 2012) are not covered"
+    "Gaussians are float64 Box-Muller draws summed four at a time as in Opacus's "
+    "secure_mode, then rounded to float32: floating-point attacks (Mironov 2012) are "
+    "mitigated, not excluded by proof"
 )
 
 

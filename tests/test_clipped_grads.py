@@ -14,6 +14,7 @@ from flower_app import clipped_grads
 from flower_app.data import to_tensors
 from flower_app.model import MODELS, build_model
 from flower_app.privacy import plan_ledger
+from flower_app.rng import PrivacyRandomness
 from flower_app.train import GradientCheckError, train_dp
 
 
@@ -97,7 +98,7 @@ def _data(n: int):
     )
 
 
-def _train(model, data, mode, *, batch_size=32, noise=None, sampling_seed=0, sigma=None):
+def _train(model, data, mode, *, batch_size=32, key_seed=0, sigma=None):
     ledger = plan_ledger(
         num_samples=len(data),
         batch_size=batch_size,
@@ -118,8 +119,7 @@ def _train(model, data, mode, *, batch_size=32, noise=None, sampling_seed=0, sig
         momentum=0.0,
         max_grad_norm=1.0,
         grad_sample_mode=mode,
-        generator=torch.Generator().manual_seed(sampling_seed),
-        noise_generator=noise,
+        randomness=PrivacyRandomness.replayable(key_seed),
     )
     return result, ledger
 
@@ -158,7 +158,7 @@ def test_opacus_adds_the_calibrated_noise_and_counts_every_step():
     quiet = build_model("cnn", seed=0)
     _train(quiet, data, "fast", sigma=0.0)
     noisy = build_model("cnn", seed=0)
-    result, ledger = _train(noisy, data, "fast", noise=torch.Generator().manual_seed(5))
+    result, ledger = _train(noisy, data, "fast")
     assert result.steps == math.ceil(256 / 32)
     diff = torch.cat(
         [

@@ -15,6 +15,7 @@ from flower_app.data import to_tensors
 from flower_app.model import build_model
 from flower_app.node import local_round, shard_for
 from flower_app.privacy import PrivacyLedger, epsilon, plan_ledger, privatize_update
+from flower_app.rng import PrivacyRandomness
 from flower_app.train import train_dp
 
 
@@ -46,7 +47,7 @@ def test_train_dp_takes_exactly_the_planned_steps(n):
         momentum=0.0,
         max_grad_norm=1.0,
         grad_sample_mode="ghost",
-        generator=torch.Generator().manual_seed(0),
+        randomness=PrivacyRandomness.replayable(0),
     )
     assert result.steps == n
 
@@ -77,7 +78,7 @@ def test_update_mode_sensitivity_against_the_server_is_two_c():
             {"w": torch.full((4,), sign * 5.0)},
             clip=clip,
             noise_multiplier=0.0,
-            generator=torch.Generator(),
+            noise=PrivacyRandomness.replayable(0).noise,
         )[0]["w"]
         for sign in (1, -1)
     ]

@@ -8,6 +8,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from flower_app.data import to_tensors
 from flower_app.model import build_model
 from flower_app.privacy import RDP_ORDERS, PrivacyLedger, epsilon, plan_ledger
+from flower_app.rng import PrivacyRandomness
 from flower_app.train import train_dp
 
 
@@ -134,7 +135,6 @@ def test_fast_modes_take_empty_poisson_batches_as_noise_only_steps_like_hooks(mo
             accountant="rdp",
         )
         model = build_model("cnn", seed=0)
-        torch.manual_seed(1)  # Opacus's noise comes from the global RNG
         result = train_dp(
             model,
             data,
@@ -145,7 +145,7 @@ def test_fast_modes_take_empty_poisson_batches_as_noise_only_steps_like_hooks(mo
             momentum=0.0,
             max_grad_norm=1.0,
             grad_sample_mode=m,
-            generator=torch.Generator().manual_seed(0),
+            randomness=PrivacyRandomness.replayable(0),
         )
         assert result.steps == 100
         ends[m] = torch.cat([v.flatten() for v in model.state_dict().values()])

@@ -14,6 +14,7 @@ from flower_app.model import build_model
 from flower_app.node import local_round, plan, shard_for, shard_indices
 from flower_app.policy import round_steps
 from flower_app.privacy import epsilon, plan_ledger
+from flower_app.rng import PrivacyRandomness
 from flower_app.topology import build_topology
 from flower_app.train import train_dp, train_plain
 from server_app.evaluation import central_test_sets
@@ -126,7 +127,7 @@ def test_train_dp_takes_exactly_local_steps_at_the_one_epoch_sample_rate(mode):
             momentum=0.0,
             max_grad_norm=1.0,
             grad_sample_mode=mode,
-            generator=torch.Generator().manual_seed(done),
+            randomness=PrivacyRandomness.replayable(done),
         )
         assert result.steps == 7
     spent = ledger.after(21).epsilon()

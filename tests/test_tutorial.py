@@ -23,6 +23,7 @@ from flower_app.privacy import (
     plan_update_ledger,
     privatize_update,
 )
+from flower_app.rng import PrivacyRandomness
 from strategies.fedavg import CentralFedAvg
 from sweeps.presets import PRESETS, TUTORIAL_FIXED
 from sweeps.spec import expand
@@ -68,15 +69,19 @@ def _model(shapes, value=0.0):
 SHAPES = {"w": (200, 300), "b": (300,)}
 
 
+def NOISE():  # noqa: N802
+    return PrivacyRandomness.replayable(0).noise
+
+
 def test_update_is_clipped_to_c_and_a_small_update_is_kept():
     start = _model(SHAPES, 0.5)
     gen = torch.Generator().manual_seed(0)
     big = {k: v + torch.randn(v.shape, generator=gen) for k, v in start.items()}
-    out, norm = privatize_update(start, big, clip=2.0, noise_multiplier=0.0, generator=gen)
+    out, norm = privatize_update(start, big, clip=2.0, noise_multiplier=0.0, noise=NOISE())
     moved = torch.sqrt(sum(((out[k] - start[k]).double() ** 2).sum() for k in SHAPES))
     assert norm > 100 and float(moved) == pytest.approx(2.0, rel=1e-5)
     small = {k: v + 1e-4 for k, v in start.items()}
-    out, norm = privatize_update(start, small, clip=2.0, noise_multiplier=0.0, generator=gen)
+    out, norm = privatize_update(start, small, clip=2.0, noise_multiplier=0.0, noise=NOISE())
     assert norm < 2.0
     for k in SHAPES:
         torch.testing.assert_close(out[k], small[k])
@@ -85,10 +90,10 @@ def test_update_is_clipped_to_c_and_a_small_update_is_kept():
 def test_update_noise_has_std_sigma_times_c_and_is_centred():
     start, clip, sigma = _model(SHAPES), 2.0, 1.5
     end = {k: v + 0.01 for k, v in start.items()}  # norm ~2.5: clipped to C
-    gen = torch.Generator().manual_seed(7)
+    gen = PrivacyRandomness.replayable(7).noise
     draws = []
     for _ in range(20):
-        out, _ = privatize_update(start, end, clip=clip, noise_multiplier=sigma, generator=gen)
+        out, _ = privatize_update(start, end, clip=clip, noise_multiplier=sigma, noise=gen)
         draws.append(torch.cat([out[k].double().ravel() for k in SHAPES]))
     draws = torch.stack(draws)
     clipped = torch.cat([(end[k] - start[k]).double().ravel() for k in SHAPES])
@@ -103,9 +108,7 @@ def test_update_noise_has_std_sigma_times_c_and_is_centred():
 def test_non_float_tensors_pass_through_unnoised():
     start = {"w": torch.zeros(3), "n": torch.tensor(4)}
     end = {"w": torch.ones(3), "n": torch.tensor(5)}
-    out, _ = privatize_update(
-        start, end, clip=1.0, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0)
-    )
+    out, _ = privatize_update(start, end, clip=1.0, noise_multiplier=1.0, noise=NOISE())
     assert int(out["n"]) == 5 and out["w"].dtype == torch.float32
 
 
