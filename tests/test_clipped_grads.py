@@ -15,7 +15,7 @@ from flower_app.data import to_tensors
 from flower_app.model import MODELS, build_model
 from flower_app.privacy import plan_ledger
 from flower_app.rng import PrivacyRandomness
-from flower_app.train import GradientCheckError, train_dp
+from flower_app.train import GRADIENT_CHECK_FAILED, GradientCheckError, train_dp
 
 
 def _batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +147,9 @@ def test_a_mismatch_with_opacus_stops_before_any_step(monkeypatch):
     monkeypatch.setattr(clipped_grads, "clipped_sum", doubled)
     model = build_model("cnn", seed=0)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(GradientCheckError, match="differs from Opacus"):
+    with pytest.raises(GradientCheckError, match="differs from Opacus") as err:
         _train(model, _data(64), "fast")
+    assert str(err.value) == GRADIENT_CHECK_FAILED  # nothing computed from the batch leaves
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
 
 
