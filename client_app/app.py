@@ -10,9 +10,9 @@ from flwr.clientapp import ClientApp
 
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import DeviceDataError
-from flower_app.ledger import FileLedger, LedgerError
+from flower_app.ledger import FileLedger, LedgerError, ledger_key
 from flower_app.node import Refused, serve_train
-from flower_app.policy import NodePolicy, PolicyError
+from flower_app.policy import NodePolicy, PolicyError, torch_threads
 from flower_app.records import ARRAYS, CONFIG, StateLedger, refusal_reply, train_reply
 from flower_app.train import GradientCheckError, quiet_opacus_logging
 
@@ -36,19 +36,19 @@ def shard_of(node_config: dict[str, Any]) -> tuple[int, int]:
 def train(msg: Message, context: Context) -> Message:
     """Train if the node's policy accepts the run; otherwise reply why, having trained nothing."""
     quiet_opacus_logging()
-    # One thread per simulated node: two nodes on two cores beat one node with two threads.
-    torch.set_num_threads(int(context.node_config.get("torch-threads", 1)))
     pid = -1
     try:
+        pid, num_partitions = shard_of(dict(context.node_config))  # first: refusals name it
         policy = NodePolicy.from_node_config(context.node_config)
-        pid, num_partitions = shard_of(dict(context.node_config))
+        # One thread per simulated node: two nodes on two cores beat one with two threads.
+        torch.set_num_threads(torch_threads(context.node_config))
         cfg = RunConfig.from_run_config(context.run_config)
         own_data = str(context.node_config.get("data-dir", ""))  # the device's own files
         run_id = str(context.run_id)
         store = (
             FileLedger(policy.ledger_dir)
             if policy.ledger_dir
-            else StateLedger(context.state, run_id)
+            else StateLedger(context.state, ledger_key(run_id, pid))
         )
         out = serve_train(
             cfg,

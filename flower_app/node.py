@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -19,18 +20,26 @@ from flower_app.data import (
     to_tensors,
     validation_split,
 )
+from flower_app.ledger import Decision, ledger_key
 from flower_app.model import build_model
 from flower_app.partition import partition_indices
-from flower_app.policy import NodePolicy, refusal, round_steps
+from flower_app.policy import (
+    NodePolicy,
+    node_run_config,
+    policy_lifetime_epsilon,
+    refusal,
+    round_steps,
+)
 from flower_app.privacy import (
     PrivacyLedger,
-    lifetime_epsilon,
     plan_ledger,
     plan_update_ledger,
     privatize_update,
 )
 from flower_app.rng import PrivacyRandomness, privacy_randomness, shuffle_generator
 from flower_app.train import train_dp, train_plain
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,12 +65,8 @@ class Refused:
 class LedgerStore(Protocol):
     """Where a node keeps its ledgers: `FileLedger` (durable) or the run's context."""
 
-    def runs(self) -> dict[str, PrivacyLedger]:
-        """Every run's ledger, by run id."""
-        ...
-
-    def put(self, run_id: str, ledger: PrivacyLedger) -> None:
-        """Record a run's ledger."""
+    def reserve(self, key: str, decide: Callable[[dict[str, PrivacyLedger]], Decision[T]]) -> T:
+        """One transaction: `decide` sees every entry; the ledger it returns is recorded."""
         ...
 
 
@@ -330,6 +335,16 @@ def _detached(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
+@dataclass(frozen=True)
+class _Reserved:
+    """What `serve_train`'s ledger transaction decided: the run's ledger before the round."""
+
+    ledger: PrivacyLedger | None
+    steps: int
+    others: list[PrivacyLedger]
+    reason: str | None
+
+
 def serve_train(
     cfg: RunConfig,
     policy: NodePolicy,
@@ -344,36 +359,42 @@ def serve_train(
 ) -> NodeRound | Refused:
     """One train message, as a node that guards its own privacy answers it.
 
-    Plans the run's ledger once (or resumes it from `store`), checks the node's policy, the
-    plan and δ (`policy.refusal`), writes the round's steps to the ledger BEFORE training,
-    then trains. A refused round trains nothing and spends nothing.
+    With a policy the run's `data-dir` is ignored (`node_run_config`). In one ledger
+    transaction (`store.reserve`) it plans the run's ledger once (or resumes its entry), checks
+    the node's policy, the plan and δ (`policy.refusal`) and writes the round's steps BEFORE
+    training; then trains. A refused round trains nothing and spends nothing.
     """
+    cfg = node_run_config(policy, cfg)
     data = shard_for(cfg, partition_id, num_partitions, own_data)
-    runs = store.runs()
-    ledger = runs.get(run_id) or plan(cfg, len(data))
-    steps = round_steps(cfg, ledger) if ledger is not None else 0
-    others = [led for run, led in runs.items() if run != run_id]
-    reason = refusal(
-        policy, cfg, num_samples=len(data), ledger=ledger, other_runs=others, steps=steps
-    )
-    if reason is not None:
-        return Refused(reason)
-    if ledger is not None:
-        store.put(run_id, ledger.after(steps))
+    key = ledger_key(run_id, partition_id)
+
+    def decide(runs: dict[str, PrivacyLedger]) -> Decision[_Reserved]:
+        ledger = runs.get(key) or plan(cfg, len(data))
+        steps = round_steps(cfg, ledger) if ledger is not None else 0
+        others = [led for k, led in runs.items() if k != key]
+        reason = refusal(
+            policy, cfg, num_samples=len(data), ledger=ledger, other_runs=others, steps=steps
+        )
+        spend = ledger.after(steps) if ledger is not None and reason is None else None
+        return spend, _Reserved(ledger, steps, others, reason)
+
+    got = store.reserve(key, decide)
+    if got.reason is not None:
+        return Refused(got.reason)
     out = local_round(
         cfg,
         partition_id=partition_id,
         num_partitions=num_partitions,
         weights=weights,
-        ledger=ledger,
+        ledger=got.ledger,
         server_round=server_round,
         own_data=own_data,
     )
-    if ledger is None:
+    if got.ledger is None:
         return out
-    if out.round_steps != steps:
+    if out.round_steps != got.steps:
         raise RuntimeError(
-            f"the round took {out.round_steps} DP steps, {steps} were recorded: privacy "
+            f"the round took {out.round_steps} DP steps, {got.steps} were recorded: privacy "
             "accounting would be wrong"
         )
-    return replace(out, lifetime_eps=lifetime_epsilon([*others, out.ledger]))
+    return replace(out, lifetime_eps=policy_lifetime_epsilon(policy, [*got.others, out.ledger]))

@@ -1,16 +1,17 @@
 """The node operator's privacy policy, from the SuperNode's `--node-config`, and its checks.
 
-The server proposes a run (ε, δ, rounds, dp-mode, noise-seed); a node trains only if the
-run fits the floor its operator set. Simulated nodes carry no policy keys and accept what
-the run asks (still with secret noise unless the run sets `noise-seed`). Every check here is
-pure: it names the limit and the value asked, so a refusal is one line.
+The server proposes a run (ε, δ, rounds, dp-mode, noise-seed, audit canaries); a node trains
+only if the run fits the floor its operator set. Simulated nodes carry no policy keys and
+accept what the run asks (still with secret noise unless the run sets `noise-seed`); a node
+serving its own data (`data-dir`) must have a policy. Every check here is pure: it names the
+limit and the value asked, so a refusal is one line.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flower_app.config import RunConfig
@@ -19,7 +20,22 @@ from flower_app.privacy import PrivacyLedger, lifetime_epsilon
 # What a SuperNode's --node-config may hold: the shard it trains (simulation sets the first
 # two), where its data lives, its torch threads, and the operator's privacy policy.
 NODE_KEYS = ("partition-id", "num-partitions", "data-dir", "torch-threads")
-POLICY_KEYS = ("max-eps", "lifetime-eps", "allow-seeded-noise", "ledger-dir")
+POLICY_KEYS = (
+    "max-eps",
+    "lifetime-eps",
+    "max-delta",
+    "allow-seeded-noise",
+    "allow-audit",
+    "ledger-dir",
+)
+# The δ a node with a policy accepts unless its operator sets `max-delta`; its ε limits are
+# (ε, max-delta) guarantees, so every ε the policy compares is computed at max-delta.
+DEFAULT_MAX_DELTA = 1e-5
+# Every node refuses δ > 1/(DELTA_SAFETY · n) of its n examples. δ ≥ 1/n allows a run that
+# releases an example outright; δ ≪ 1/n is standard. 2 keeps the README's runs (δ=1e-5 on up
+# to ~25,000 examples a node: 3 nodes sharing Fashion-MNIST) valid; the operator's max-delta
+# is the stricter, absolute floor.
+DELTA_SAFETY = 2
 
 
 class PolicyError(ValueError):
@@ -30,35 +46,58 @@ class PolicyError(ValueError):
 class NodePolicy:
     """The operator's limits; the defaults (no policy keys) accept every run."""
 
-    max_eps: float = math.inf  # largest ε of one run
-    lifetime_eps: float = math.inf  # largest ε of all runs ever, composed
+    max_eps: float = math.inf  # largest ε of one run, at max_delta
+    lifetime_eps: float = math.inf  # largest ε of all runs ever, composed, at max_delta
+    max_delta: float = DEFAULT_MAX_DELTA  # largest δ of a run; consulted only with a policy
     allow_seeded_noise: bool = False  # consulted only when the node has a policy
+    allow_audit: bool = False  # consulted only when the node has a policy
     ledger_dir: str = ""  # where the durable ledger lives ("" = the run's context only)
     has_policy: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodePolicy:
-        """Parse and check the policy keys; an unknown key is a typo, never ignored."""
+        """Parse and check the node config; an unknown key is a typo, never ignored.
+
+        Fails closed: a finite ε limit needs an absolute `ledger-dir` (without a durable
+        ledger a restarted node forgets what it spent), and a node serving its own data
+        (`data-dir`) needs a policy (`max-eps=inf` is the explicit opt-out).
+        """
         if unknown := sorted(set(node_config) - set(NODE_KEYS) - set(POLICY_KEYS)):
             raise PolicyError(
                 f"unknown node-config key(s): {', '.join(unknown)}; "
                 f"valid keys: {', '.join(NODE_KEYS + POLICY_KEYS)}"
             )
+        torch_threads(node_config)
         has_policy = any(k in node_config for k in POLICY_KEYS)
         out: dict[str, Any] = {"has_policy": has_policy, "allow_seeded_noise": not has_policy}
         for key, attr in (("max-eps", "max_eps"), ("lifetime-eps", "lifetime_eps")):
             if key in node_config:
                 out[attr] = _positive(key, node_config[key])
-        if "allow-seeded-noise" in node_config:
-            out["allow_seeded_noise"] = _boolean(
-                "allow-seeded-noise", node_config["allow-seeded-noise"]
-            )
+        if "max-delta" in node_config:
+            out["max_delta"] = _delta("max-delta", node_config["max-delta"])
+        for key in ("allow-seeded-noise", "allow-audit"):
+            if key in node_config:
+                out[key.replace("-", "_")] = _boolean(key, node_config[key])
         if "ledger-dir" in node_config:
-            value = str(node_config["ledger-dir"])
-            if not value:
-                raise PolicyError("ledger-dir='' is not valid; expected a folder path")
-            out["ledger_dir"] = value
-        return cls(**out)
+            out["ledger_dir"] = _absolute("ledger-dir", node_config["ledger-dir"])
+        policy = cls(**out)
+        policy.check_fails_closed(str(node_config.get("data-dir", "")))
+        return policy
+
+    def check_fails_closed(self, own_data: str) -> None:
+        """Refuse a policy that would bound nothing: limits without a ledger, own data without."""
+        if own_data and not self.has_policy:
+            raise PolicyError(
+                f"data-dir={own_data!r}: a node serving its own data needs a privacy policy; "
+                "set max-eps, lifetime-eps and ledger-dir (docs/deploy.md), or max-eps=inf to "
+                "accept any run"
+            )
+        for key, limit in (("max-eps", self.max_eps), ("lifetime-eps", self.lifetime_eps)):
+            if math.isfinite(limit) and not self.ledger_dir:
+                raise PolicyError(
+                    f"{key}={limit:g} needs an absolute ledger-dir: without a durable ledger "
+                    "a restarted node forgets what it spent and the limit bounds nothing"
+                )
 
     def describe(self) -> str:
         """The policy as node-config text, for logs."""
@@ -66,9 +105,23 @@ class NodePolicy:
             return "no policy (accepts the run's privacy)"
         return (
             f"max-eps={self.max_eps:g} lifetime-eps={self.lifetime_eps:g} "
+            f"max-delta={self.max_delta:g} "
             f"allow-seeded-noise={str(self.allow_seeded_noise).lower()} "
+            f"allow-audit={str(self.allow_audit).lower()} "
             f"ledger-dir={self.ledger_dir or '(none)'}"
         )
+
+
+def torch_threads(node_config: Mapping[str, Any]) -> int:
+    """Node config `torch-threads` (default 1), checked: a positive integer."""
+    value = node_config.get("torch-threads", 1)
+    if isinstance(value, str) and value.strip().isdigit():
+        number: Any = int(value)
+    else:
+        number = value
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise PolicyError(f"torch-threads={value!r} is not valid; expected an integer >= 1")
+    return number
 
 
 def _positive(key: str, value: Any) -> float:
@@ -81,12 +134,55 @@ def _positive(key: str, value: Any) -> float:
     return number
 
 
+def _delta(key: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not 0 < number < 1:
+        raise PolicyError(
+            f"{key}={value!r} is not valid; expected a number in (0, 1), "
+            f"default {DEFAULT_MAX_DELTA:g}"
+        )
+    return number
+
+
 def _boolean(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if str(value).lower() in ("true", "false"):
         return str(value).lower() == "true"
     raise PolicyError(f"{key}={value!r} is not valid; expected true or false")
+
+
+def _absolute(key: str, value: Any) -> str:
+    """An absolute folder path as written: a relative one (or ~) depends on the process."""
+    text = str(value)
+    if not text.startswith("/"):
+        raise PolicyError(
+            f"{key}={text!r} is not valid; expected an absolute folder path (a relative "
+            "path or ~ depends on the ClientApp process's folder and user)"
+        )
+    return text
+
+
+def node_run_config(policy: NodePolicy, cfg: RunConfig) -> RunConfig:
+    """The run config as this node trains it: with a policy, the run's `data-dir` is ignored.
+
+    The server must not point a device at other files: a node with a policy trains its own
+    `data-dir` (node config) or its cut of the dataset from the dataset's default place.
+    """
+    return replace(cfg, data_dir="") if policy.has_policy and cfg.data_dir else cfg
+
+
+def at_operator_delta(policy: NodePolicy, ledger: PrivacyLedger) -> PrivacyLedger:
+    """The ledger whose ε the policy counts: at the operator's max-delta (with a policy)."""
+    return replace(ledger, delta=policy.max_delta) if policy.has_policy else ledger
+
+
+def policy_lifetime_epsilon(policy: NodePolicy, ledgers: Sequence[PrivacyLedger]) -> float:
+    """The node's lifetime ε as its policy counts it (at max-delta with a policy)."""
+    return lifetime_epsilon([at_operator_delta(policy, led) for led in ledgers])
 
 
 def round_steps(cfg: RunConfig, ledger: PrivacyLedger) -> int:
@@ -108,31 +204,66 @@ def refusal(
     """Why this node must not train this round (None: it may).
 
     `ledger` is the run's ledger before the round (None without DP), `other_runs` every
-    other run in the node's durable ledger, `steps` what the round would take.
+    other entry in the node's durable ledger, `steps` what the round would take. With a
+    policy, every ε compared with max-eps or lifetime-eps is computed at its max-delta.
     """
-    if cfg.seeded_noise and policy.has_policy and not policy.allow_seeded_noise:
+    if reason := _consent_refusal(policy, cfg):
+        return reason
+    if ledger is None:
+        for key, limit in (("max-eps", policy.max_eps), ("lifetime-eps", policy.lifetime_eps)):
+            if math.isfinite(limit):
+                return f"eps=inf (no DP) exceeds this node's {key}={limit:g}"
+        return None
+    return (
+        _delta_refusal(policy, cfg, num_samples)
+        or _run_refusal(policy, cfg, ledger, steps)
+        or _lifetime_refusal(policy, ledger, other_runs)
+    )
+
+
+def _consent_refusal(policy: NodePolicy, cfg: RunConfig) -> str | None:
+    """What a node with a policy does only with its operator's consent."""
+    if not policy.has_policy:
+        return None
+    if cfg.seeded_noise and not policy.allow_seeded_noise:
         return (
             f"noise-seed={cfg.noise_seed} makes the DP noise replayable by anyone who knows "
             "it; this node's allow-seeded-noise=false"
         )
-    if ledger is None:
-        if math.isfinite(policy.max_eps):
-            return f"eps=inf (no DP) exceeds this node's max-eps={policy.max_eps:g}"
-        if math.isfinite(policy.lifetime_eps):
-            return f"eps=inf (no DP) exceeds this node's lifetime-eps={policy.lifetime_eps:g}"
-        return None
-    if cfg.delta >= 1 / num_samples:
+    if cfg.audit_canaries > 0 and not policy.allow_audit:
+        return (
+            f"audit-canaries={cfg.audit_canaries} adds the auditor's examples to this node's "
+            "training data (a privacy audit); this node's allow-audit=false"
+        )
+    return None
+
+
+def _delta_refusal(policy: NodePolicy, cfg: RunConfig, num_samples: int) -> str | None:
+    """δ above the operator's max-delta, or not well below 1/n of the node's examples."""
+    if policy.has_policy and cfg.delta > policy.max_delta:
+        return f"delta={cfg.delta:g} exceeds this node's max-delta={policy.max_delta:g}"
+    bound = 1 / (DELTA_SAFETY * num_samples)
+    if cfg.delta > bound:
         return (
             f"delta={cfg.delta:g} is not valid for this node's {num_samples} examples: δ must "
-            f"be below 1/n = {1 / num_samples:.3g} (a larger δ allows releasing an example)"
+            f"be at most 1/({DELTA_SAFETY}n) = {bound:.3g} (δ ≥ 1/n allows releasing an "
+            "example outright; δ should stay well below 1/n)"
         )
-    planned = ledger.strict_epsilon(ledger.planned_steps)
+    return None
+
+
+def _run_refusal(
+    policy: NodePolicy, cfg: RunConfig, ledger: PrivacyLedger, steps: int
+) -> str | None:
+    """This run's ε against max-eps, and no step beyond the plan."""
     if cfg.eps > policy.max_eps:
         return f"eps={cfg.eps:g} exceeds this node's max-eps={policy.max_eps:g}"
+    counted = at_operator_delta(policy, ledger)
+    planned = counted.strict_epsilon(ledger.planned_steps)
     if planned > policy.max_eps:
         return (
-            f"this run would cost the node ε={planned:.4g} (δ={cfg.delta:g}, against the "
-            f"server), over its max-eps={policy.max_eps:g}"
+            f"this run would cost the node ε={planned:.4g} (against the server; at "
+            f"δ={counted.delta:g}, this node's max-delta), over its max-eps={policy.max_eps:g}"
         )
     if ledger.steps + steps > ledger.planned_steps:
         return (
@@ -140,12 +271,20 @@ def refusal(
             f"the {ledger.planned_steps} its noise was calibrated for "
             f"(num-server-rounds={cfg.num_server_rounds}): no round beyond the plan"
         )
-    if math.isfinite(policy.lifetime_eps):
-        before = lifetime_epsilon(list(other_runs) + [ledger])
-        after = lifetime_epsilon(list(other_runs) + [ledger.at_plan()])
-        if after > policy.lifetime_eps:
-            return (
-                f"this run would bring the node's lifetime ε to {after:.4g}, over its "
-                f"lifetime-eps={policy.lifetime_eps:g} (spent so far: {before:.4g})"
-            )
+    return None
+
+
+def _lifetime_refusal(
+    policy: NodePolicy, ledger: PrivacyLedger, other_runs: Sequence[PrivacyLedger]
+) -> str | None:
+    """Every run the node trained in, composed with this run's whole plan, against lifetime-eps."""
+    if not math.isfinite(policy.lifetime_eps):
+        return None
+    before = policy_lifetime_epsilon(policy, [*other_runs, ledger])
+    after = policy_lifetime_epsilon(policy, [*other_runs, ledger.at_plan()])
+    if after > policy.lifetime_eps:
+        return (
+            f"this run would bring the node's lifetime ε to {after:.4g}, over its "
+            f"lifetime-eps={policy.lifetime_eps:g} (spent so far: {before:.4g})"
+        )
     return None

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from flower_app.ledger import Decision
 from flower_app.node import NodeRound, Refused
 from flower_app.privacy import PrivacyLedger
 
@@ -13,28 +17,36 @@ CONFIG = "config"
 REFUSAL = "refusal"  # a reply that trained nothing: ConfigRecord {"reason": ...}
 LEDGER = "privacy-ledger"  # key in the node's context.state
 NUM_EXAMPLES = "num-examples"
+T = TypeVar("T")
 
 
 class StateLedger:
     """A node's ledger of the current run in `context.state` (no `ledger-dir`).
 
     It lasts as long as the SuperNode process: enough for simulation, where nodes have no
-    policy; a device that must survive restarts sets `ledger-dir` (`FileLedger`).
+    policy; a node whose policy sets an ε limit must set `ledger-dir` (`FileLedger`).
     """
 
-    def __init__(self, state: RecordDict, run_id: str) -> None:
-        """Wrap the run's `context.state`."""
-        self.state, self.run_id = state, run_id
+    def __init__(self, state: RecordDict, key: str) -> None:
+        """Wrap the run's `context.state`; `key` names its one entry (`ledger_key`)."""
+        self.state, self.key = state, key
 
     def runs(self) -> dict[str, PrivacyLedger]:
         """This run's ledger, if the node trained in it before."""
         if LEDGER not in self.state:
             return {}
-        return {self.run_id: PrivacyLedger.from_dict(self.state[LEDGER])}
+        return {self.key: PrivacyLedger.from_dict(self.state[LEDGER])}
 
-    def put(self, run_id: str, ledger: PrivacyLedger) -> None:
+    def put(self, key: str, ledger: PrivacyLedger) -> None:
         """Keep the run's ledger for its next round."""
         self.state[LEDGER] = ConfigRecord(ledger.to_dict())
+
+    def reserve(self, key: str, decide: Callable[[dict[str, PrivacyLedger]], Decision[T]]) -> T:
+        """`decide` on the run's entry and record what it returns (one process: no lock)."""
+        record, result = decide(self.runs())
+        if record is not None:
+            self.put(key, record)
+        return result
 
 
 def train_reply(out: NodeRound, partition_id: int) -> RecordDict:

@@ -32,6 +32,7 @@ from launch.flwr_cli import (
     flower_env,
     inline_run_config,
     json_payload,
+    stage_app,
 )
 from launch.processes import (
     alive,
@@ -156,15 +157,17 @@ def supernode_command(
     ]
 
 
-def warm_executor_command(*, runtime_port: int, parent_pid: int) -> list[str]:
+def warm_executor_command(*, runtime_port: int, parent_pid: int, allowed_fabs: Path) -> list[str]:
     """`fdg-superexec` for the SuperNode whose Runtime API is on `runtime_port`.
 
     It takes `flower-superexec`'s arguments and forks each ClientApp from a process that
-    imported torch, Opacus and flwr once (`launch/warm_superexec.py`); it exits with its
-    SuperNode.
+    imported torch, Opacus and flwr once (`launch/warm_superexec.py`); it runs only the
+    FABs whose hashes the operator listed in `allowed_fabs`; it exits with its SuperNode.
     """
     return [
         console_script("fdg-superexec"),
+        "--allowed-fabs",
+        str(allowed_fabs),
         "--runtime-api-address",
         f"127.0.0.1:{runtime_port}",
         "--insecure",  # the SuperNode's own loopback Runtime API, as in subprocess mode
@@ -199,6 +202,7 @@ class Deployment:
         host: str = HOST,
         netns: Mapping[str, str] | None = None,
         warm: bool = True,
+        allowed_fabs: Sequence[str] = (),
     ) -> None:
         """Prepare (not start) the deployment under `root`.
 
@@ -208,7 +212,9 @@ class Deployment:
         with `ip netns exec`, which keeps its PID. `warm`: each SuperNode runs with
         `--isolation process` beside an `fdg-superexec` that forks its ClientApps from a
         process with the libraries imported (False: Flower's own subprocess isolation, a
-        fresh `flwr-clientapp` process per message).
+        fresh `flwr-clientapp` process per message, which runs any app a run ships).
+        `allowed_fabs`: FAB hashes each warm node may run besides this project's app, which
+        is staged once (`stage_app`) and is what `submit` sends.
 
         `policy`: node-config privacy keys for every SuperNode; with a policy each node also
         keeps its durable ledger in `node-<i>/ledger` (unless `policy` names a ledger-dir).
@@ -225,6 +231,9 @@ class Deployment:
         self.host = host
         self.netns = dict(netns or {})
         self.warm = warm
+        self.extra_fabs = tuple(allowed_fabs)
+        self.app: Path | None = None  # the staged app `submit` sends
+        self.fab_hash = ""  # its FAB's SHA-256, on every node's allow-list
         self.executors: dict[int, subprocess.Popen[bytes]] = {}  # partition id -> its SuperExec
         self.data_dir = data_dir
         self.policy = dict(policy) if policy is not None else None
@@ -289,6 +298,7 @@ class Deployment:
             if self.use_watchdog:
                 self.root.mkdir(parents=True, exist_ok=True)
                 self.watchdog = start_watchdog(self.root)
+            self.app, self.fab_hash = stage_app(self.root / "app")
             self.start_superlink()
             for i in range(self.num_nodes):
                 self.add_node(i)
@@ -409,7 +419,12 @@ class Deployment:
         role = f"node-{partition_id}"
         node = self._spawn(cmd, self.node_home(partition_id), role)
         if self.warm:
-            executor = warm_executor_command(runtime_port=runtime_port, parent_pid=node.pid)
+            allowed = self.node_home(partition_id) / "allowed-fabs"
+            allowed.parent.mkdir(parents=True, exist_ok=True)
+            allowed.write_text("\n".join([self.fab_hash, *self.extra_fabs]) + "\n")
+            executor = warm_executor_command(
+                runtime_port=runtime_port, parent_pid=node.pid, allowed_fabs=allowed
+            )
             self.executors[partition_id] = self._spawn(
                 executor, self.node_home(partition_id) / "superexec", role
             )
@@ -463,7 +478,8 @@ class Deployment:
     # Running apps.
     def submit(self, run_config: Mapping[str, Any], *, app_dir: Path = PROJECT_DIR) -> str:
         """`flwr run . local-deployment --run-config ...` (no federation options)."""
-        return self.cli.submit(app_dir, run_config)
+        staged = app_dir == PROJECT_DIR and self.app is not None
+        return self.cli.submit(self.app if staged else app_dir, run_config)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """A `flwr` CLI command with this deployment's connection."""

@@ -7,18 +7,21 @@ SuperLink, and it is stopped (process group, by PID) when the `with` block ends.
 
 from __future__ import annotations
 
-import io
 import subprocess
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.cli.build import build_fab_from_disk  # pinned flwr: builds the FAB as `flwr run` does
-
-from launch.flwr_cli import PROJECT_DIR, FlowerRunError, FlwrCli, RunOutcome, flower_env
+from launch.flwr_cli import (
+    PROJECT_DIR,
+    FlowerRunError,
+    FlwrCli,
+    RunOutcome,
+    flower_env,
+    stage_app,
+)
 from launch.processes import (
     console_script,
     free_port,
@@ -141,17 +144,9 @@ class SimulationLink:
             self._tmp = None
 
     def staged_app(self) -> Path:
-        """The app's FAB contents, extracted once into this link's home.
-
-        `flwr run DIR` walks every file under DIR (the project's .venv: ~47,000 files, about
-        6 s of CPU) before filtering; a directory holding only the app's files costs nothing.
-        """
+        """The app's FAB contents, extracted once into this link's home (`stage_app`)."""
         if self._staged is None:
-            staged = self.home / "app"
-            with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(PROJECT_DIR))) as fab:
-                members = [m for m in fab.namelist() if not m.startswith(".info/")]
-                fab.extractall(staged, members)
-            self._staged = staged
+            self._staged, _ = stage_app(self.home / "app")
         return self._staged
 
     # The `flwr` CLI against this SuperLink.

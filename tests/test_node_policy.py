@@ -9,13 +9,15 @@ import pytest
 
 from flower_app.config import RunConfig
 from flower_app.data import to_tensors
-from flower_app.ledger import FileLedger, LedgerError
+from flower_app.ledger import FileLedger, LedgerError, ledger_key
 from flower_app.model import build_model
 from flower_app.node import Refused, plan, serve_train
 from flower_app.policy import NodePolicy, PolicyError, refusal
 from flower_app.privacy import PrivacyLedger, epsilon, lifetime_epsilon
 
 N = 120
+ABS = "/var/lib/node/ledger"  # an absolute ledger-dir (parsing never touches it)
+KEY = ledger_key("run-1", 0)  # the ledger entry of `serve`'s run
 
 
 def shard(n=N, seed=0):
@@ -32,8 +34,14 @@ class MemoryStore:
     def runs(self):
         return dict(self.data)
 
-    def put(self, run_id, ledger):
-        self.data[run_id] = ledger
+    def put(self, key, ledger):
+        self.data[key] = ledger
+
+    def reserve(self, key, decide):
+        record, result = decide(self.runs())
+        if record is not None:
+            self.put(key, record)
+        return result
 
 
 def serve(cfg, policy, store, server_round, *, run_id="run-1", data=None):
@@ -63,7 +71,8 @@ def test_a_node_without_policy_keys_accepts_everything():
 
 
 def test_any_policy_key_makes_seeded_noise_opt_in():
-    policy = NodePolicy.from_node_config({"partition-id": 0, "num-partitions": 3, "max-eps": 4})
+    node_config = {"partition-id": 0, "num-partitions": 3, "max-eps": 4, "ledger-dir": ABS}
+    policy = NodePolicy.from_node_config(node_config)
     assert policy.has_policy and not policy.allow_seeded_noise and policy.max_eps == 4
 
 
@@ -114,12 +123,6 @@ def test_seeded_noise_needs_the_operators_consent():
     assert _refusal(cfg, NodePolicy()) is None  # simulation: no policy
 
 
-def test_a_delta_of_one_over_n_or_more_is_refused_on_every_node():
-    reason = _refusal(RunConfig(eps=2.0, delta=0.01), NodePolicy(), n=100)
-    assert reason.startswith("delta=0.01 is not valid for this node's 100 examples")
-    assert _refusal(RunConfig(eps=2.0, delta=0.009), NodePolicy(), n=100) is None
-
-
 def test_lifetime_eps_composes_every_run_the_node_ever_trained_in():
     cfg = RunConfig(eps=2.0, num_server_rounds=2, batch_size=40)
     done = plan(cfg, N).at_plan()
@@ -150,12 +153,12 @@ def test_a_train_message_beyond_the_planned_rounds_is_refused_and_spends_nothing
     for server_round in (1, 2):
         out = serve(cfg, NodePolicy(), store, server_round)
         assert not isinstance(out, Refused)
-    final = store.data["run-1"]
+    final = store.data[KEY]
     assert final.steps == final.planned_steps == 2 * 3
     assert out.ledger.epsilon() <= 2.0
     extra = serve(cfg, NodePolicy(), store, 3)
     assert isinstance(extra, Refused) and "past the 6 its noise was calibrated for" in extra.reason
-    assert store.data["run-1"] == final
+    assert store.data[KEY] == final
 
 
 def test_a_restarted_node_resumes_its_file_ledger(tmp_path):
@@ -168,7 +171,7 @@ def test_a_restarted_node_resumes_its_file_ledger(tmp_path):
     assert second.ledger.epsilon() > first.ledger.epsilon()
     assert isinstance(serve(cfg, policy, FileLedger(tmp_path), 3), Refused)
     saved = json.loads((tmp_path / "privacy-ledger.json").read_text())
-    assert saved["runs"]["run-1"]["steps"] == 6 and saved["runs"]["run-1"]["planned_steps"] == 6
+    assert saved["runs"][KEY]["steps"] == 6 and saved["runs"][KEY]["planned_steps"] == 6
 
 
 def test_a_round_is_written_to_the_ledger_before_it_trains(tmp_path):
@@ -177,7 +180,7 @@ def test_a_round_is_written_to_the_ledger_before_it_trains(tmp_path):
     with mock.patch("flower_app.node.local_round", side_effect=KeyboardInterrupt):
         with pytest.raises(KeyboardInterrupt):  # killed mid-round
             serve(cfg, NodePolicy(), store, 1)
-    assert store.runs()["run-1"].steps == 3  # the round counts as spent
+    assert store.runs()[KEY].steps == 3  # the round counts as spent
 
 
 def test_the_lifetime_budget_spans_runs_in_the_file_ledger(tmp_path):
@@ -188,7 +191,7 @@ def test_the_lifetime_budget_spans_runs_in_the_file_ledger(tmp_path):
     assert out.lifetime_eps == pytest.approx(out.ledger.epsilon())
     again = serve(cfg, policy, FileLedger(tmp_path), 1, run_id="b")
     assert isinstance(again, Refused) and "lifetime-eps=2.5" in again.reason
-    assert set(FileLedger(tmp_path).runs()) == {"a"}  # the refused run spent nothing
+    assert set(FileLedger(tmp_path).runs()) == {ledger_key("a", 0)}  # the refused run spent nothing
 
 
 def test_an_unreadable_ledger_stops_the_node_instead_of_starting_afresh(tmp_path):
@@ -226,3 +229,284 @@ def test_the_context_state_ledger_round_trips_through_a_flower_record():
     state = RecordDict()
     StateLedger(state, "r").put("r", led)
     assert StateLedger(state, "r").runs() == {"r": led}
+
+
+# --- issue 26: the operator's floor fails closed ---------------------------------------------
+
+
+def parse(**keys):
+    return NodePolicy.from_node_config({"partition-id": 0, "num-partitions": 2, **keys})
+
+
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        ({"max-eps": 8}, "max-eps=8 needs an absolute ledger-dir"),
+        # The attack: three ε=8 runs passed lifetime-eps=10 and composed to 13.8.
+        ({"lifetime-eps": 10}, "lifetime-eps=10 needs an absolute ledger-dir"),
+        ({"max-eps": 8, "ledger-dir": "ledger"}, "ledger-dir='ledger' is not valid; expected an"),
+        ({"lifetime-eps": 10, "ledger-dir": "~/ledger"}, "ledger-dir='~/ledger' is not valid"),
+        ({"max-eps": math.inf, "ledger-dir": "./l"}, "ledger-dir='./l' is not valid"),
+    ],
+)
+def test_a_finite_limit_without_an_absolute_ledger_dir_is_refused_at_parse_time(keys, match):
+    with pytest.raises(PolicyError, match=match) as err:
+        parse(**keys)
+    assert "\n" not in str(err.value)
+
+
+def test_an_infinite_max_eps_needs_no_ledger_and_finite_limits_with_one_parse():
+    assert math.isinf(parse(**{"max-eps": math.inf}).max_eps)
+    policy = parse(**{"max-eps": 8, "lifetime-eps": 32, "ledger-dir": ABS})
+    assert (policy.max_eps, policy.lifetime_eps, policy.ledger_dir) == (8, 32, ABS)
+
+
+def test_max_delta_defaults_to_1e_5_with_a_policy_and_is_checked():
+    assert parse(**{"max-eps": 8, "ledger-dir": ABS}).max_delta == 1e-5
+    assert parse(**{"max-eps": 8, "ledger-dir": ABS, "max-delta": 1e-6}).max_delta == 1e-6
+    assert "max-delta=1e-05" in parse(**{"max-eps": math.inf}).describe()
+    for bad in (0, 1, -1e-5, "x", True):
+        with pytest.raises(PolicyError, match="max-delta=.* is not valid; expected a number in"):
+            parse(**{"max-eps": math.inf, "max-delta": bad})
+
+
+def test_the_servers_delta_is_refused_above_the_operators_max_delta():
+    """Found by attack: under max-eps=8, delta=0.99/n passed and cost ε 9.7 at δ=1e-5."""
+    policy = NodePolicy(max_eps=8, has_policy=True)
+    reason = _refusal(RunConfig(eps=8.0, delta=0.99 / 20_000), policy, n=20_000)
+    assert reason is not None and "delta=4.95e-05 exceeds this node's max-delta=1e-05" in reason
+    assert _refusal(RunConfig(eps=8.0, delta=1e-5), policy, n=20_000) is None
+
+
+def test_the_policy_counts_epsilon_at_the_operators_delta_not_the_runs():
+    cfg = RunConfig(eps=2.0, dp_mode="update", delta=1e-9)
+    led = plan(cfg, N)
+    at_run = led.strict_epsilon(led.planned_steps)
+    at_operator = PrivacyLedger(**{**led.to_dict(), "delta": 1e-3}).strict_epsilon(
+        led.planned_steps
+    )
+    assert at_operator < at_run
+    between = (at_run + at_operator) / 2
+    policy = NodePolicy(max_eps=between, max_delta=1e-3, has_policy=True)
+    assert _refusal(cfg, policy) is None
+    reason = _refusal(cfg, NodePolicy(max_eps=at_operator * 0.99, max_delta=1e-3, has_policy=True))
+    assert reason is not None and "δ=0.001, this node's max-delta" in reason
+    # The lifetime too: runs composed at the operator's δ, whatever δ each run asked.
+    done = led.at_plan()
+    two = lifetime_epsilon([done, done])
+    loose = lifetime_epsilon([PrivacyLedger(**{**done.to_dict(), "delta": 1e-3})] * 2)
+    life = NodePolicy(lifetime_eps=(two + loose) / 2, max_delta=1e-3, has_policy=True)
+    assert _refusal(cfg, life, others=[done]) is None
+
+
+def test_a_delta_above_one_over_2n_is_refused_and_the_documented_runs_pass():
+    reason = _refusal(RunConfig(eps=2.0, delta=0.006), NodePolicy(), n=100)
+    assert reason.startswith("delta=0.006 is not valid for this node's 100 examples")
+    assert "at most 1/(2n) = 0.005" in reason and "releasing an example" in reason
+    assert _refusal(RunConfig(eps=2.0, delta=0.005), NodePolicy(), n=100) is None
+    # README defaults (δ=1e-5, ~2,750 examples, 20 nodes: at most 5,319) and the documented
+    # 3-node deployment of the whole dataset (at most 24,807 examples per node).
+    for n in (2_750, 5_319, 24_807):
+        assert _refusal(RunConfig(eps=8.0), NodePolicy(), n=n) is None, n
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [{"data-dir": "/srv/my-data.npz"}, {"data-dir": "/srv/d", "allow-seeded-noise": "x"}],
+)
+def test_a_node_serving_its_own_data_needs_an_explicit_policy(keys):
+    match = "data-dir=.* needs a privacy policy|allow-seeded-noise='x'"
+    with pytest.raises(PolicyError, match=match):
+        parse(**keys)
+    with pytest.raises(PolicyError, match="max-eps=inf to accept any run"):
+        parse(**{"data-dir": "/srv/my-data.npz"})
+    own = parse(**{"data-dir": "/srv/my-data.npz", "max-eps": math.inf})
+    assert own.has_policy and not own.allow_seeded_noise
+
+
+def test_a_node_with_a_policy_ignores_the_runs_data_dir():
+    cfg = RunConfig(**SMALL, data_dir="/srv/someone-elses-files")
+    calls = []
+
+    def fake_shard(cfg, *args, **kwargs):
+        calls.append(cfg.data_dir)
+        return shard()
+
+    with mock.patch("flower_app.node.shard_for", side_effect=fake_shard):
+        weights = build_model(cfg.model, seed=0).state_dict()
+        kw = dict(run_id="r", partition_id=0, num_partitions=2, weights=weights, server_round=1)
+        serve_train(cfg, NodePolicy(max_eps=math.inf, has_policy=True), MemoryStore(), **kw)
+        assert calls and set(calls) == {""}
+        calls.clear()
+        serve_train(cfg, NodePolicy(), MemoryStore(), **kw)  # simulation: the run's data-dir
+        assert set(calls) == {"/srv/someone-elses-files"}
+
+
+def test_audit_canaries_need_the_operators_allow_audit():
+    cfg = RunConfig(eps=2.0, audit_canaries=10)
+    reason = _refusal(cfg, NodePolicy(has_policy=True))
+    assert reason is not None and "audit-canaries=10" in reason and "allow-audit=false" in reason
+    assert _refusal(cfg, NodePolicy(has_policy=True, allow_audit=True)) is None
+    assert _refusal(cfg, NodePolicy()) is None  # simulation: no policy
+    assert parse(**{"max-eps": math.inf, "allow-audit": "true"}).allow_audit is True
+    assert parse(**{"max-eps": math.inf}).allow_audit is False
+
+
+@pytest.mark.parametrize("value", ["two", 0, -1, 1.5, True, ""])
+def test_torch_threads_is_a_positive_integer_or_one_line(value):
+    from flower_app.policy import torch_threads
+
+    with pytest.raises(
+        PolicyError, match="torch-threads=.* is not valid; expected an integer >= 1"
+    ):
+        parse(**{"torch-threads": value})
+    assert torch_threads({"torch-threads": 2}) == 2 == torch_threads({"torch-threads": "2"})
+    assert torch_threads({}) == 1
+
+
+def test_the_client_app_replies_a_bad_torch_threads_in_one_line(monkeypatch):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client_app.app import train
+    from flower_app.records import REFUSAL
+
+    for name, value in (("_task_id", 1), ("_run_id", 5), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    node_config = {"partition-id": 0, "num-partitions": 2, "torch-threads": "two"}
+    ctx = Context(5, 1, node_config, RecordDict(), {})
+    reply = train(msg, ctx)
+    reason = reply.content[REFUSAL]["reason"]
+    assert reason.startswith("torch-threads='two' is not valid") and "\n" not in reason
+
+
+# --- issue 26: the ledger is one transaction, durable, and keyed by run and partition --------
+
+
+def test_two_concurrent_runs_cannot_both_pass_the_lifetime_check(tmp_path):
+    """Both runs read the ledger before either wrote: both passed lifetime-eps and trained."""
+    import threading
+
+    from flower_app import node
+
+    cfg = RunConfig(**SMALL)
+    # One run's plan costs ε 1.99; with the other's first round (9 steps in all) 2.38.
+    policy = NodePolicy(ledger_dir=str(tmp_path), lifetime_eps=2.2, has_policy=True)
+    barrier = threading.Barrier(2)
+    real_refusal = node.refusal
+
+    def slow_refusal(*args, **kwargs):
+        try:
+            barrier.wait(timeout=3)  # both checks at once, if the ledger lets them
+        except threading.BrokenBarrierError:
+            pass
+        return real_refusal(*args, **kwargs)
+
+    def fake_round(cfg, *, ledger, **kwargs):
+        return node.NodeRound({}, N, 0.0, ledger.after(3), 3)
+
+    weights = build_model(cfg.model, seed=0).state_dict()
+    results = {}
+
+    def serve_run(run_id):
+        try:
+            results[run_id] = serve_train(
+                cfg,
+                policy,
+                FileLedger(tmp_path),
+                run_id=run_id,
+                partition_id=0,
+                num_partitions=2,
+                weights=weights,
+                server_round=1,
+            )
+        except Exception as err:  # noqa: BLE001 (reported by the assertion below)
+            results[run_id] = err
+
+    with (
+        mock.patch("flower_app.node.shard_for", return_value=shard()),
+        mock.patch("flower_app.node.refusal", side_effect=slow_refusal),
+        mock.patch("flower_app.node.local_round", side_effect=fake_round),
+    ):
+        threads = [threading.Thread(target=serve_run, args=(r,)) for r in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    refused_runs = [r for r, out in results.items() if isinstance(out, Refused)]
+    assert len(refused_runs) == 1, {r: type(out).__name__ for r, out in results.items()}
+    assert len(FileLedger(tmp_path).runs()) == 1
+
+
+def test_the_ledger_folder_is_fsynced_after_the_rename(tmp_path):
+    import os
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        return real_replace(src, dst)
+
+    with mock.patch("os.fsync", side_effect=fsync), mock.patch("os.replace", side_effect=replace):
+        FileLedger(tmp_path).put("r", PrivacyLedger(1.0, 0.1, 10, 1e-5, "rdp", 20, "sample"))
+    assert events[-2:] == ["rename", "fsync-dir"], events
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"steps": 3},
+        {**PrivacyLedger(1.0, 0.1, 10, 1e-5, "rdp", 20, "sample").to_dict(), "steps": "x"},
+        {**PrivacyLedger(1.0, 0.1, 10, 1e-5, "rdp", 20, "sample").to_dict(), "steps": -5},
+        {**PrivacyLedger(1.0, 0.1, 10, 1e-5, "rdp", 20, "sample").to_dict(), "delta": 2},
+        "not an object",
+    ],
+)
+def test_a_malformed_ledger_entry_is_one_line_not_a_traceback(tmp_path, entry):
+    path = tmp_path / "privacy-ledger.json"
+    path.write_text(json.dumps({"format": 1, "runs": {"run-7/partition-0": entry}}))
+    with pytest.raises(LedgerError, match="malformed entry 'run-7/partition-0'") as err:
+        FileLedger(tmp_path).runs()
+    assert "\n" not in str(err.value)
+
+
+def test_two_partitions_sharing_a_ledger_dir_keep_separate_entries(tmp_path):
+    """Keyed by run id alone, partition 1 resumed partition 0's entry (6 steps after 1 round)."""
+    cfg = RunConfig(**SMALL)
+    policy = NodePolicy(ledger_dir=str(tmp_path), max_eps=8, has_policy=True)
+    weights = build_model(cfg.model, seed=0).state_dict()
+    with mock.patch("flower_app.node.shard_for", return_value=shard()):
+        for pid in (0, 1):
+            out = serve_train(
+                cfg,
+                policy,
+                FileLedger(tmp_path),
+                run_id="7",
+                partition_id=pid,
+                num_partitions=2,
+                weights=weights,
+                server_round=1,
+            )
+            assert out.ledger.steps == 3, pid
+    saved = json.loads((tmp_path / "privacy-ledger.json").read_text())["runs"]
+    assert (
+        set(saved)
+        == {ledger_key("7", 0), ledger_key("7", 1)}
+        == {
+            "run-7/partition-0",
+            "run-7/partition-1",
+        }
+    )
+    assert all(e["steps"] == 3 for e in saved.values())

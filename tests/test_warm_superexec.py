@@ -1,12 +1,15 @@
 """The warm SuperExec forks each ClientApp task from a pristine parent: nothing leaks."""
 
+import hashlib
 import json
 import os
 import random
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from flwr.supercore.constant import TaskType
 
@@ -65,7 +68,47 @@ def test_the_supernode_runs_in_process_isolation_beside_its_warm_superexec():
                              root_certificates=None, private_key=None, runtime_port=9100,
                              isolation="process")  # fmt: skip
     assert node[node.index("--isolation") + 1] == "process"
-    cmd = warm_executor_command(runtime_port=9100, parent_pid=1234)
+    cmd = warm_executor_command(runtime_port=9100, parent_pid=1234, allowed_fabs=Path("/a"))
     assert cmd[0].endswith("fdg-superexec")
-    assert cmd[1:] == ["--runtime-api-address", "127.0.0.1:9100", "--insecure",
-                       "--parent-pid", "1234"]  # fmt: skip
+    assert cmd[1:] == ["--allowed-fabs", "/a", "--runtime-api-address", "127.0.0.1:9100",
+                       "--insecure", "--parent-pid", "1234"]  # fmt: skip
+
+
+GOOD, OTHER = hashlib.sha256(b"the approved app").hexdigest(), "ab" * 32
+
+
+def test_the_operator_must_name_the_apps_it_runs_or_say_any(tmp_path):
+    listed = tmp_path / "allowed"
+    listed.write_text(f"# approved by the operator\n{GOOD}\n\n{OTHER.upper()}  # v2\n")
+    allowed, rest = warm.split_args(["--allowed-fabs", str(listed), "--insecure"])
+    assert allowed == {GOOD, OTHER} and rest == ["--insecure"]
+    assert warm.split_args([f"--allowed-fabs={listed}"])[0] == {GOOD, OTHER}
+    assert warm.split_args(["--allow-any-fab", "--insecure"]) == (None, ["--insecure"])
+    with pytest.raises(SystemExit, match="--allowed-fabs FILE is required"):
+        warm.split_args(["--insecure"])
+    listed.write_text("not-a-hash\n")
+    with pytest.raises(SystemExit, match="'not-a-hash' is not a SHA-256"):
+        warm.split_args(["--allowed-fabs", str(listed)])
+    with pytest.raises(SystemExit, match="No such file"):
+        warm.split_args(["--allowed-fabs", str(tmp_path / "missing")])
+
+
+def test_a_child_refuses_a_fab_not_on_the_list_before_installing_it(monkeypatch):
+    """The check hashes the bytes the child pulled, not what the task or the server claims."""
+    import flwr.supernode.runtime.run_clientapp as runner
+
+    installed = []
+    monkeypatch.setattr(runner, "install_from_fab", lambda content, **kw: installed.append(content))
+    monkeypatch.setattr(runner, "pull_task_input", lambda client: (None, None, None, fab))
+    warm.guard_fab_install(frozenset({GOOD}))
+    fab = SimpleNamespace(hash_str=GOOD)  # a server claiming the approved hash...
+    runner.pull_task_input(None)
+    with pytest.raises(warm.FabRefused, match="not on this node's allow-list"):
+        runner.install_from_fab(b"a modified app", skip_prompt=True)  # ...for other bytes
+    assert installed == []
+    runner.install_from_fab(b"the approved app", skip_prompt=True)
+    assert installed == [b"the approved app"]
+    fab = SimpleNamespace(hash_str=OTHER)
+    runner.pull_task_input(None)
+    with pytest.raises(warm.FabRefused, match="claims hash"):
+        runner.install_from_fab(b"the approved app", skip_prompt=True)

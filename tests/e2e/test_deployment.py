@@ -19,7 +19,7 @@ import pytest
 import tomli_w
 
 from flower_app.data import load_arrays
-from launch.deployment import Deployment, stop_from_pids
+from launch.deployment import LAUNCHER_POLICY, Deployment, stop_from_pids
 from launch.flwr_cli import PROJECT_DIR, inline_run_config
 from launch.processes import alive, descendants, processes_under
 
@@ -74,10 +74,13 @@ def own_data(folder, per_node=200, nodes=3):
 
 @pytest.fixture(scope="module")
 def deployment3(tmp_path_factory):
-    """SuperLink + 3 SuperNodes (TLS, node auth), each training on its own 200 examples."""
+    """SuperLink + 3 SuperNodes (TLS, node auth), each training on its own 200 examples.
+
+    A node serving its own data must have a privacy policy: the launcher's, as devices get it.
+    """
     root = tmp_path_factory.mktemp("deploy3")
     data = own_data(root / "device-data")
-    with Deployment(root, 3, data_dir=data, startup_timeout=180) as d:
+    with Deployment(root, 3, data_dir=data, policy=LAUNCHER_POLICY, startup_timeout=180) as d:
         yield d
         started = all_pids(d)
     assert not [p for p in started if alive(p)], "a process of the deployment is still running"

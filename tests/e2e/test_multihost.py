@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from launch.deployment import Deployment
+from launch.deployment import LAUNCHER_POLICY, Deployment
 from launch.processes import alive, processes_under
 from tests.e2e.netns import NetnsUnavailable, Network, unavailable_reason
 from tests.e2e.test_deployment import all_pids, own_data
@@ -78,6 +78,7 @@ def test_a_run_survives_a_cut_link_and_the_node_rejoins(network, tmp_path_factor
         host=link,
         netns=netns,
         data_dir=own_data(root / "device-data"),
+        policy=LAUNCHER_POLICY,  # a node serving its own data must have a policy
         startup_timeout=180,
     ) as d:
         started = all_pids(d)

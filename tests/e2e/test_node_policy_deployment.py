@@ -8,10 +8,12 @@ its own seeded generator, so the test knows which node trains when.
 import csv
 import json
 import random
+import shutil
 import time
 
 import pytest
 
+from flower_app.ledger import ledger_key
 from flower_app.privacy import epsilon
 from launch.deployment import Deployment
 from launch.processes import alive, processes_under
@@ -70,6 +72,36 @@ def test_a_node_refuses_a_run_above_its_max_eps_and_one_without_dp(guarded, tmp_
     assert ledger_runs(d, 0) == {} and ledger_runs(d, 1) == {}, "a refusing node trained"
 
 
+def test_a_node_runs_only_the_app_its_operator_allowed(guarded, tmp_path):
+    """A run that ships a ClientApp without the policy check is refused before it is installed.
+
+    flwr 1.42 lets anyone who reaches the SuperLink submit a run, and a SuperNode runs the
+    ClientApp the run ships. Without the warm SuperExec's allow-list this modified app would
+    train at eps=8 on nodes whose operators set max-eps=4.
+    """
+    d = guarded
+    app = tmp_path / "modified-app"
+    shutil.copytree(d.app, app)
+    code = app / "client_app" / "app.py"
+    check = "NodePolicy.from_node_config(context.node_config)"
+    assert check in code.read_text()
+    code.write_text(code.read_text().replace(check, "NodePolicy.from_node_config({})"))
+    before = [ledger_runs(d, i) for i in (0, 1)]
+    out = tmp_path / "results"
+    run_id = d.cli.submit(app, {**BASE, "eps": 8, "results-dir": str(out), "run-name": "m"})
+    outcome = d.wait(run_id, timeout=RUN_TIMEOUT)
+    logs = d.logs(run_id)
+    assert "not on this node's allow-list" in logs, logs
+    assert [ledger_runs(d, i) for i in (0, 1)] == before, "a node ran the modified app"
+    rounds = out / "m" / "rounds.csv"
+    trained = (
+        [int(r["nodes_trained"]) for r in csv.DictReader(rounds.open())] if rounds.exists() else []
+    )
+    assert not any(trained), f"{outcome.status}: nodes trained {trained}"
+    # The app the operator allowed still runs (the other tests here use it).
+    assert (d.node_home(0) / "allowed-fabs").read_text().split()[0] == d.fab_hash
+
+
 def wait_offline(d, pid, timeout=180):
     """Until the SuperLink declares the SuperNode offline (two missed 30 s heartbeats).
 
@@ -100,7 +132,7 @@ def test_a_restarted_node_continues_its_ledger_and_the_lifetime_budget_holds(gua
         assert time.monotonic() < deadline, "round 1 never finished"
         assert not d.status(run_id).status.startswith("finished"), d.logs(run_id)
         time.sleep(0.5)
-    after_round_1 = ledger_runs(d, 1)[run_id]
+    after_round_1 = ledger_runs(d, 1)[ledger_key(run_id, 1)]
     assert after_round_1["steps"] == ROUND_STEPS
     killed_at = time.monotonic()
     d.kill_node(1)  # the device loses power after its round...
@@ -117,7 +149,7 @@ def test_a_restarted_node_continues_its_ledger_and_the_lifetime_budget_holds(gua
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     node = summary["privacy"]["nodes"]["1"]
     # The restarted process resumed the ledger: two rounds, not a fresh budget's one.
-    assert node["steps"] == 2 * ROUND_STEPS == ledger_runs(d, 1)[run_id]["steps"], (
+    assert node["steps"] == 2 * ROUND_STEPS == ledger_runs(d, 1)[ledger_key(run_id, 1)]["steps"], (
         f"node 1 was back {back_after:.0f}s after its death; rounds ended at "
         f"{[r['wall_s'] for r in rows]}"
     )
@@ -137,4 +169,5 @@ def test_a_restarted_node_continues_its_ledger_and_the_lifetime_budget_holds(gua
     # The same run again would take node 1 to a lifetime ε of 2.17 > 2.1: refused, unspent.
     details, _, second = refused(d, config, tmp_path, "b")
     assert "over its lifetime-eps=2.1" in details
-    assert second not in ledger_runs(d, 0) and second not in ledger_runs(d, 1)
+    assert ledger_key(second, 0) not in ledger_runs(d, 0)
+    assert ledger_key(second, 1) not in ledger_runs(d, 1)
