@@ -58,6 +58,15 @@ def eps_lower_bound(m: int, r: int, v: int, delta: float, level: float = 1 - CON
     return float(optimize.brentq(lambda e: p_value(m, r, v, e, delta) - level, 0.0, hi, xtol=1e-9))
 
 
+def joint_confidence(observers: int, confidence: float = CONFIDENCE) -> float:
+    """Each observer's confidence so that `observers` bounds hold together at `confidence`.
+
+    Bonferroni's inequality: P[any of k bounds wrong] <= sum of the k error levels, so each is
+    tested at (1 - confidence) / k and their maximum is a lower bound at `confidence`.
+    """
+    return 1 - (1 - confidence) / max(observers, 1)
+
+
 def guess(scores: np.ndarray, included: np.ndarray, k_plus: int, k_minus: int) -> tuple[int, int]:
     """(r, v): "in" for the k₊ highest scores, "out" for the k₋ lowest; how many are right."""
     if k_plus + k_minus > len(scores):

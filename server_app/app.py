@@ -25,7 +25,7 @@ from flower_app.results import (
     resolve_results_dir,
 )
 from flower_app.train import quiet_opacus_logging
-from server_app.audit import AUDIT, run_audit, write_audit
+from server_app.audit import AUDIT, headline_bound, run_audit, write_audit
 from server_app.evaluation import RoundRecorder, central_test_sets, model_evaluator
 from server_app.polling import PromptGrid
 from server_app.privacy_report import privacy_line, privacy_summary
@@ -165,7 +165,9 @@ def audit_and_write(
         "canaries_per_node": cfg.audit_canaries,
         "audit_seed": cfg.audit_seed,
         "file": AUDIT,
-        "eps_lower_max": max((o["eps_lower"] for o in audit["observers"]), default=0.0),
+        # A 95% lower bound for all observers together (Bonferroni), not the max of
+        # per-observer 95% bounds.
+        "eps_lower_max": headline_bound(audit),
     }
 
 

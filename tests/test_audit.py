@@ -12,13 +12,14 @@ from flower_app.audit import (
     eps_lower_bound,
     guess,
     guess_rules,
+    joint_confidence,
     make_canaries,
     p_value,
 )
 from flower_app.config import RunConfig
 from flower_app.node import canary_set, plan, shard_for
 from flower_app.privacy import steps_per_epoch
-from server_app.audit import observer_assignments
+from server_app.audit import headline_bound, observer_assignments
 
 
 def direct_p_value(m, r, v, eps, delta):
@@ -104,6 +105,30 @@ def test_perfectly_separated_scores_give_a_clear_bound():
     included = np.arange(400) % 2 == 0
     result = audit_scores(included.astype(float) + np.linspace(0, 0.1, 400), included, 1e-5)
     assert result["eps_lower"] > 2 and result["correct"] == result["guesses"]
+
+
+def test_the_headline_bound_holds_for_all_observers_together_when_nothing_leaks():
+    """12 observers, no leak at all: the headline must exceed 0 in at most ~5% of audits.
+
+    The max of the per-observer 95% bounds does far more often; the Bonferroni-corrected
+    bounds (`joint_confidence`) keep the family-wise level.
+    """
+    rng = np.random.default_rng(5)
+    audits, observers, m = 50, 12, 100
+    level = joint_confidence(observers)
+    plain = joint = 0
+    for _ in range(audits):
+        included = rng.random(m) < 0.5
+        per_obs = [rng.random(m) for _ in range(observers)]  # scores unrelated to the coins
+        plain += max(audit_scores(x, included, 1e-5)["eps_lower"] for x in per_obs) > 0
+        joint += max(audit_scores(x, included, 1e-5, level)["eps_lower"] for x in per_obs) > 0
+    print(f"no-leak audits with a bound > 0: max of 95% bounds {plain}, joint {joint} of {audits}")  # noqa: T201
+    assert joint <= 0.05 * audits + 2 * (audits * 0.05 * 0.95) ** 0.5
+    assert plain > joint
+    assert (
+        headline_bound({"observers": [{"eps_lower_joint": 0.3}, {"eps_lower_joint": 0.1}]}) == 0.3
+    )
+    assert level == pytest.approx(1 - 0.05 / 12)
 
 
 def test_canaries_come_from_the_audit_seed_alone():
