@@ -128,7 +128,10 @@ def test_bare_strings_are_not_valid_run_config_in_flwr_1_42():
 def test_make_certs_signs_a_server_certificate_for_the_host(tmp_path):
     out = tmp_path / "certs"
     subprocess.run(["bash", SCRIPTS / "make-certs", "192.168.1.20", out], check=True)
-    assert {p.name for p in out.iterdir()} == {"ca.crt", "ca.key", "server.pem", "server.key"}
+    assert {p.name for p in out.iterdir()} == {"ca.crt", "server.pem", "server.key"}
+    # The CA's key is never in the server's certificate folder.
+    assert {p.name for p in (tmp_path / "certs-ca").iterdir()} == {"ca.key"}
+    assert oct((tmp_path / "certs-ca" / "ca.key").stat().st_mode & 0o777) == "0o600"
     verify = subprocess.run(
         ["openssl", "verify", "-CAfile", out / "ca.crt", out / "server.pem"],
         capture_output=True,
@@ -161,12 +164,20 @@ def test_make_certs_never_replaces_an_existing_ca_unless_forced(tmp_path):
 
 def test_certificates_and_keys_are_never_committed():
     ignored = subprocess.run(
-        ["git", "check-ignore", "certificates/ca.key", "keys/node-1", "sub/certificates/x.pem"],
+        [
+            "git",
+            "check-ignore",
+            "certificates/ca.key",
+            "keys/node-1",
+            "sub/certificates/x.pem",
+            "certificates-ca/ca.key",
+        ],  # fmt: skip
         cwd=SCRIPTS.parent,
         capture_output=True,
         text=True,
     )
-    expected = ["certificates/ca.key", "keys/node-1", "sub/certificates/x.pem"]
+    expected = ["certificates/ca.key", "keys/node-1", "sub/certificates/x.pem",
+                "certificates-ca/ca.key"]  # fmt: skip
     assert ignored.stdout.split() == expected
 
 
