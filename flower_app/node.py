@@ -28,6 +28,7 @@ from flower_app.policy import (
     node_run_config,
     policy_lifetime_epsilon,
     refusal,
+    resume_mismatch,
     round_steps,
 )
 from flower_app.privacy import (
@@ -369,10 +370,11 @@ def serve_train(
     key = ledger_key(run_id, partition_id)
 
     def decide(runs: dict[str, PrivacyLedger]) -> Decision[_Reserved]:
-        ledger = runs.get(key) or plan(cfg, len(data))
+        planned = plan(cfg, len(data))
+        ledger = runs.get(key) or planned
         steps = round_steps(cfg, ledger) if ledger is not None else 0
         others = [led for k, led in runs.items() if k != key]
-        reason = refusal(
+        reason = resume_mismatch(runs.get(key), planned) or refusal(
             policy, cfg, num_samples=len(data), ledger=ledger, other_runs=others, steps=steps
         )
         spend = ledger.after(steps) if ledger is not None and reason is None else None

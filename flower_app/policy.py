@@ -288,3 +288,46 @@ def _lifetime_refusal(
             f"lifetime-eps={policy.lifetime_eps:g} (spent so far: {before:.4g})"
         )
     return None
+
+
+_PLAN_FIELDS = (
+    "noise_multiplier",
+    "sample_rate",
+    "delta",
+    "accountant",
+    "planned_steps",
+    "dp_mode",
+)
+
+
+def resume_mismatch(resumed: PrivacyLedger | None, planned: PrivacyLedger | None) -> str | None:
+    """Why a ledger entry found for this run and partition is not this run's plan (None: it is).
+
+    Flower shares `context.state` across a run series, and a ledger-dir outlives runs: an entry
+    planned under another config (another ε, δ, batch size, rounds or mode) must not be
+    resumed with this run's steps, or σ would not be the one this run's ε was calibrated for.
+    """
+    if resumed is None:
+        return None
+    if planned is None:
+        return (
+            "this node's ledger holds a DP plan for this run and the run asks for eps=inf: "
+            "not resuming it"
+        )
+    differ = [
+        f.replace("_", "-")
+        for f in _PLAN_FIELDS
+        if not _same(getattr(resumed, f), getattr(planned, f))
+    ]
+    if not differ:
+        return None
+    return (
+        f"this node's ledger entry for this run was planned with another {', '.join(differ)} "
+        "than this run's config implies: not resuming it"
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+    return a == b

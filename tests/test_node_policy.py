@@ -161,6 +161,19 @@ def test_a_train_message_beyond_the_planned_rounds_is_refused_and_spends_nothing
     assert store.data[KEY] == final
 
 
+@pytest.mark.parametrize(
+    "changed", [{"eps": 8.0}, {"batch_size": 20}, {"num_server_rounds": 3}, {"eps": math.inf}]
+)
+def test_a_ledger_entry_planned_under_another_config_is_not_resumed(changed):
+    """Flower shares context.state across a run series: the same key, another config."""
+    store = MemoryStore()
+    assert not isinstance(serve(RunConfig(**SMALL), NodePolicy(), store, 1), Refused)
+    before = store.data[KEY]
+    out = serve(RunConfig(**{**SMALL, **changed}), NodePolicy(), store, 2)
+    assert isinstance(out, Refused) and "not resuming it" in out.reason
+    assert store.data[KEY] == before
+
+
 def test_a_restarted_node_resumes_its_file_ledger(tmp_path):
     cfg = RunConfig(**SMALL)
     policy = NodePolicy(ledger_dir=str(tmp_path), has_policy=True, max_eps=8)
