@@ -324,8 +324,7 @@ def keyed_randomness(cfg: RunConfig, repeats: int) -> dict[str, float]:
             t0 = time.perf_counter()
             for _ in range(steps):
                 rand.sampling.bernoulli(len(data), ledger.sample_rate)
-                for p in params:
-                    rand.noise.gaussian(1.0, p)
+                rand.noise.gaussians(1.0, params)
             draw.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             train_dp(build_model(cfg.model, seed=0), data, ledger, epochs=1,

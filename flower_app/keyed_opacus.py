@@ -45,9 +45,11 @@ def use_keyed_noise(optimizer: DPOptimizer, stream: KeyedStream) -> None:
         std = multiplier * optimizer.max_grad_norm
         for p in optimizer.params:
             _check_processed_flag(p.summed_grad)
+        # One draw for every parameter: one keystream call per step, not one per tensor.
+        noises = stream.gaussians(std, [p.summed_grad for p in optimizer.params])
+        for p, noise in zip(optimizer.params, noises, strict=True):
             summed = p.summed_grad
-            noisy = summed.double() + stream.gaussian(std, summed)
-            p.grad = noisy.to(summed.dtype).view_as(p)
+            p.grad = (summed.double() + noise).to(summed.dtype).view_as(p)
             _mark_as_processed(p.summed_grad)
 
     optimizer.add_noise = add_noise

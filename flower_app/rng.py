@@ -73,6 +73,12 @@ class KeyedStream:
             return torch.zeros(like.shape, dtype=torch.float64)
         return self.standard_normal(like.numel()).view(like.shape).mul_(std)
 
+    def gaussians(self, std: float, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`gaussian` for each tensor of `like`, drawn in one go (one keystream call)."""
+        sizes = [t.numel() for t in like]
+        flat = self.gaussian(std, torch.empty(sum(sizes)))
+        return [part.view(t.shape) for part, t in zip(flat.split(sizes), like, strict=True)]
+
     def bernoulli(self, count: int, rate: float) -> np.ndarray:
         """`count` independent coins, each True with probability `rate` (Poisson sampling)."""
         return (self.uniform(count) < rate).numpy()

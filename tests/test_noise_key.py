@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import replace
 from unittest import mock
 
 import numpy as np
@@ -18,8 +19,11 @@ import pytest
 import torch
 
 from flower_app.config import RunConfig
-from flower_app.privacy import privatize_update
+from flower_app.data import to_tensors
+from flower_app.model import build_model
+from flower_app.privacy import plan_ledger, privatize_update
 from flower_app.rng import KEY_BYTES, KeyedStream, PrivacyRandomness, privacy_randomness
+from flower_app.train import train_dp
 
 SIGMA, CLIP, DIM = 3.0, 1.0, 256
 HIDDEN_BITS = 20  # what the attacker does not know of the key
@@ -144,3 +148,29 @@ def test_keyed_gaussians_have_the_asked_spread(std):
     assert stats.kstest(draws / std, "norm").pvalue > 1e-3
     coins = PrivacyRandomness.replayable(2).sampling.bernoulli(200_000, 0.1)
     assert abs(coins.mean() - 0.1) < 5 * (0.1 * 0.9 / 200_000) ** 0.5
+
+
+@pytest.mark.parametrize("mode", ["hooks", "fast"])
+def test_opacus_adds_exactly_the_keyed_noise_in_every_mode(mode):
+    """One DP-SGD step with σ > 0 minus the same step with σ = 0 is -lr · noise / B.
+
+    The noise is regenerated from the key, so Opacus's optimizer took every coordinate of
+    it from the keyed stream (and none from torch's generator).
+    """
+    rng = np.random.default_rng(0)
+    n, lr, sigma = 64, 0.1, 2.0
+    data = to_tensors("fashion-mnist", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                      rng.integers(0, 10, n).astype(np.int64))  # fmt: skip
+    ledger = plan_ledger(num_samples=n, batch_size=n, total_epochs=1, target_eps=4.0,
+                         delta=1e-5, accountant="rdp")  # fmt: skip
+    ends = {}
+    for s in (0.0, sigma):
+        model = build_model("cnn", seed=0)
+        train_dp(model, data, replace(ledger, noise_multiplier=s), epochs=1, batch_size=n,
+                 lr=lr, momentum=0.0, max_grad_norm=1.0, grad_sample_mode=mode, steps=1,
+                 randomness=PrivacyRandomness.replayable(4))  # fmt: skip
+        ends[s] = [p.detach().double() for p in model.parameters()]
+    params = list(build_model("cnn", seed=0).parameters())
+    noise = PrivacyRandomness.replayable(4).noise.gaussians(sigma * 1.0, params)
+    for noisy, quiet, z in zip(ends[sigma], ends[0.0], noise, strict=True):
+        torch.testing.assert_close(noisy - quiet, -lr * z / n, atol=1e-5, rtol=1e-4)
