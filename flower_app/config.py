@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
 from flower_app.gossip import GOSSIP_MODES
 from flower_app.model import FASTEST_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES
-from flower_app.privacy import one_shot_true_eps
+from flower_app.privacy import CalibrationError, one_shot_true_eps, smallest_target_eps
 from flower_app.topology import TOPOLOGIES
 
 # `sample`: Opacus DP-SGD (per-example clipping and noise at every step; sample-level DP).
@@ -25,6 +25,12 @@ DP_MODES = ("sample", "update")
 # How σ of dp-mode=update is chosen: `composed` meets `eps` over ALL rounds (RDP);
 # `per-round` is the classic one-shot Gaussian calibration for `eps`, never composed.
 ACCOUNTINGS = ("composed", "per-round")
+# Seeds travel as Flower's int64 run-config values (torch takes < 2^64, numpy any size).
+MAX_SEED = 2**63 - 1
+# A finite eps above this is no privacy at all, and the noise search's bisection to within
+# 0.01 of eps=1e300 never ends.
+MAX_EPS = 1000.0
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string"}
 
 
 class ConfigError(ValueError):
@@ -43,29 +49,46 @@ def _check(pred: Callable[[Any], bool], valid: str) -> dict[str, Any]:
     return {"check": pred, "valid": valid}
 
 
-_POSITIVE_INT = _check(lambda v: v >= 1, "an integer >= 1")
-_NON_NEGATIVE_INT = _check(lambda v: v >= 0, "an integer >= 0 (0 = no cap)")
+def _ints(low: int, high: int, note: str = "") -> dict[str, Any]:
+    """An integer in [low, high]: finite bounds, so no count can hang a run or fill memory."""
+    return _check(lambda v: low <= v <= high, f"an integer >= {low} and <= {high}{note}")
+
+
+def _one_folder_name(name: str) -> bool:
+    """Whether `name` is one plain folder name (printable, <= 255 bytes, no separators)."""
+    return (
+        name.isprintable()  # no NUL, newline or other control character
+        and len(name.encode()) <= 255
+        and not any(sep in name for sep in "/\\")
+        and name not in (".", "..")
+        and not name.startswith("-")
+    )
+
+
 _POSITIVE_FLOAT = _check(lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_SAMPLES = _ints(0, 10_000_000, " (0 = no cap)")
+_SEED = _ints(0, MAX_SEED)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """The resolved run config; field `foo_bar` is run-config key `foo-bar`."""
 
-    num_server_rounds: int = field(default=20, metadata=_POSITIVE_INT)
+    num_server_rounds: int = field(default=20, metadata=_ints(1, 100_000))
     strategy: str = field(default="fedavg", metadata=_choice("fedavg", "gossip"))
     eps: float = field(
         default=8.0,
-        metadata=_check(lambda v: v > 0 and not math.isnan(v), "a number > 0, or inf for no DP"),
+        metadata=_check(
+            lambda v: 0 < v <= MAX_EPS or v == math.inf,
+            f"a number > 0 and <= {MAX_EPS:g}, or inf for no DP",
+        ),
     )
     delta: float = field(default=1e-5, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
     max_grad_norm: float = field(default=1.0, metadata=_POSITIVE_FLOAT)
-    local_epochs: int = field(default=1, metadata=_POSITIVE_INT)
+    local_epochs: int = field(default=1, metadata=_ints(1, 1_000))
     # DP-SGD (or SGD) steps per round instead of `local-epochs` whole epochs; 0 = epochs.
-    local_steps: int = field(
-        default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0 (0 = local-epochs epochs)")
-    )
-    batch_size: int = field(default=64, metadata=_POSITIVE_INT)
+    local_steps: int = field(default=0, metadata=_ints(0, 1_000_000, " (0 = local-epochs epochs)"))
+    batch_size: int = field(default=64, metadata=_ints(1, 100_000))
     lr: float = field(default=0.1, metadata=_POSITIVE_FLOAT)
     momentum: float = field(
         default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -76,27 +99,28 @@ class RunConfig:
     data_dir: str = ""
     partitioner: str = field(default="dirichlet", metadata=_choice("dirichlet", "iid", "shards"))
     alpha: float = field(default=0.5, metadata=_POSITIVE_FLOAT)
-    shards_per_node: int = field(default=2, metadata=_POSITIVE_INT)
-    seed: int = field(default=7, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    shards_per_node: int = field(default=2, metadata=_ints(1, 10_000))
+    seed: int = field(default=7, metadata=_SEED)
     # Seeds ONLY the DP noise and Poisson sampling, for repeatable simulations; -1 (the
-    # default) draws them inside each node from OS entropy, which nobody else can replay.
+    # default) keys them inside each node with a fresh OS key, which nobody else can replay.
     noise_seed: int = field(
         default=-1,
         metadata=_check(
-            lambda v: v >= -1,
-            "an integer >= 0 (seeded, reproducible noise), or -1 for secret noise",
+            lambda v: v == -1 or 0 <= v <= MAX_SEED,
+            f"an integer >= 0 and <= {MAX_SEED} (seeded, reproducible noise), or -1 for "
+            "secret noise",
         ),
     )
-    samples_per_node: int = field(default=0, metadata=_NON_NEGATIVE_INT)
+    samples_per_node: int = field(default=0, metadata=_SAMPLES)
     # Training examples carved off before partitioning (fixed, not seeded by `seed`), never
     # seen by any node: the only data hyperparameters may be chosen on.
     validation_samples: int = field(
-        default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0 (0 = no validation set)")
+        default=0, metadata=_ints(0, 10_000_000, " (0 = no validation set)")
     )
     # What the central evaluation scores: the test set (final numbers) or the validation set
     # (tuning; such a run never touches the test set).
     evaluate_on: str = field(default="test", metadata=_choice("test", "validation"))
-    test_samples: int = field(default=0, metadata=_NON_NEGATIVE_INT)
+    test_samples: int = field(default=0, metadata=_SAMPLES)
     accountant: str = field(default="rdp", metadata=_choice("rdp", "prv"))
     dp_mode: str = field(default="sample", metadata=_choice(*DP_MODES))
     accounting: str = field(default="composed", metadata=_choice(*ACCOUNTINGS))
@@ -106,43 +130,52 @@ class RunConfig:
     grad_sample_mode: str = field(default="auto", metadata=_choice("auto", *GRAD_SAMPLE_MODES))
     topology: str = field(default="ring", metadata=_choice(*TOPOLOGIES))
     gossip_mode: str = field(default="matching", metadata=_choice(*GOSSIP_MODES))
-    gossip_edges: int = field(default=10, metadata=_POSITIVE_INT)
+    gossip_edges: int = field(default=10, metadata=_ints(1, 10_000))
     # Gossip iterations per round, each a fresh matching / set of edges / Metropolis step.
-    gossip_steps: int = field(default=1, metadata=_POSITIVE_INT)
-    degree: int = field(default=4, metadata=_POSITIVE_INT)
+    gossip_steps: int = field(default=1, metadata=_ints(1, 1_000))
+    degree: int = field(default=4, metadata=_ints(1, 10_000))
     edge_prob: float = field(
         default=0.3, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
     )
-    node_eval_samples: int = field(default=1000, metadata=_NON_NEGATIVE_INT)
+    node_eval_samples: int = field(default=1000, metadata=_SAMPLES)
     num_nodes: int = field(
-        default=0,
-        metadata=_check(lambda v: v >= 0, "an integer >= 0 (0 = the nodes connected at start)"),
+        default=0, metadata=_ints(0, 100_000, " (0 = the nodes connected at start)")
     )
-    min_available_nodes: int = field(default=2, metadata=_POSITIVE_INT)
-    round_timeout: float = field(default=3600.0, metadata=_POSITIVE_FLOAT)
+    min_available_nodes: int = field(default=2, metadata=_ints(1, 100_000))
+    round_timeout: float = field(
+        default=3600.0,
+        metadata=_check(lambda v: 0 < v <= 1_000_000, "a number of seconds > 0 and <= 1000000"),
+    )
     # One-run privacy audit (flower_app/audit.py): canaries per node, 0 = no audit, and the
     # auditor's seed for choosing them and flipping their coins (never the DP noise's).
-    audit_canaries: int = field(
-        default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0 (0 = no audit)")
-    )
-    audit_seed: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    audit_canaries: int = field(default=0, metadata=_ints(0, 10_000, " (0 = no audit)"))
+    audit_seed: int = field(default=0, metadata=_SEED)
     results_dir: str = ""
-    run_name: str = ""
+    run_name: str = field(
+        default="",
+        metadata=_check(
+            lambda v: v == "" or _one_folder_name(v),
+            "'' (a generated name) or one folder name: printable, at most 255 bytes, no '/' "
+            "or '\\', not '.' or '..', not starting with '-'",
+        ),
+    )
 
     def __post_init__(self) -> None:
         """Check every field against its metadata, so a bad value never reaches training."""
         for f in fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, bool):  # no key is a switch: True would count as 1
+                raise _invalid(f, value)
             if choices := f.metadata.get("choices"):
                 if value not in choices:
-                    raise ConfigError(
-                        f"{_key(f.name)}={value!r} is not valid; "
-                        f"choose one of: {', '.join(choices)}"
-                    )
+                    raise _invalid(f, value)
             elif (check := f.metadata.get("check")) and not check(value):
-                raise ConfigError(
-                    f"{_key(f.name)}={value!r} is not valid; expected {f.metadata['valid']}"
-                )
+                raise _invalid(f, value)
+        self._check_combinations()
+        self._check_calibration()
+
+    def _check_combinations(self) -> None:
+        """Values valid alone but not together."""
         if self.accounting == "per-round" and self.dp_mode != "update":
             raise ConfigError(
                 "accounting='per-round' is not valid with dp-mode='sample'; it is the "
@@ -164,6 +197,21 @@ class RunConfig:
             raise ConfigError(
                 f"fraction-train={self.fraction_train!r} is not valid with "
                 f"strategy={self.strategy!r}; only fedavg samples nodes (use 1.0)"
+            )
+
+    def _check_calibration(self) -> None:
+        """An eps that no noise can meet at this delta fails here, not in every node."""
+        if not self.private or claims_per_round(self):
+            return  # per-round σ is a formula: nothing to search
+        try:
+            floor = smallest_target_eps(self.delta, self.accountant)
+        except CalibrationError as err:
+            raise ConfigError(str(err)) from None
+        if self.eps < floor:
+            raise ConfigError(
+                f"eps={self.eps:g} is too small: at δ={self.delta:g} the {self.accountant} "
+                f"accountant certifies no ε below {floor:.4g}, whatever the noise; use a "
+                "larger eps (or delta)"
             )
 
     @property
@@ -197,7 +245,7 @@ class RunConfig:
                 f"unknown run-config key(s): {', '.join(unknown)}; "
                 f"valid keys: {', '.join(sorted(by_key))}"
             )
-        return cls(**{by_key[k].name: _cast(k, by_key[k].type, v) for k, v in raw.items()})
+        return cls(**{by_key[k].name: _cast(by_key[k], v) for k, v in raw.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict, as Flower and `config.json` spell the keys."""
@@ -214,14 +262,33 @@ def defaults() -> dict[str, Any]:
     return RunConfig().to_dict()
 
 
-def _cast(key: str, type_name: str, value: Any) -> Any:
+def _invalid(f: Field[Any], value: Any) -> ConfigError:
+    """The one line for a bad value of `f`: its key, the value and what is valid."""
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = f"{shown[:60]}...({len(shown)} characters)"
+    if choices := f.metadata.get("choices"):
+        return ConfigError(
+            f"{_key(f.name)}={shown} is not valid; choose one of: {', '.join(choices)}"
+        )
+    valid = f.metadata.get("valid") or _TYPE_WORDS[str(f.type)]
+    return ConfigError(f"{_key(f.name)}={shown} is not valid; expected {valid}")
+
+
+def _cast(f: Field[Any], value: Any) -> Any:
+    """`value` as `f`'s type; TOML `true` is never a number or a name.
+
+    A float is an integer only when it is one, and a small one: 1e300 would pass int().
+    """
+    if isinstance(value, bool):
+        raise _invalid(f, value)
     try:
-        if type_name == "int":
-            if isinstance(value, float) and not value.is_integer():
+        if f.type == "int":
+            if isinstance(value, float) and not (value.is_integer() and abs(value) <= MAX_SEED):
                 raise ValueError
             return int(value)
-        if type_name == "float":
+        if f.type == "float":
             return float(value)
         return str(value)
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{key}={value!r} is not valid; expected a {type_name}") from None
+        raise _invalid(f, value) from None

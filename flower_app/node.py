@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from flower_app.audit import Canaries, make_canaries
-from flower_app.config import RunConfig
+from flower_app.config import ConfigError, RunConfig
 from flower_app.data import (
     BatchTensorDataset,
     cap,
@@ -32,6 +32,7 @@ from flower_app.policy import (
     round_steps,
 )
 from flower_app.privacy import (
+    CalibrationError,
     PrivacyLedger,
     plan_ledger,
     plan_update_ledger,
@@ -54,6 +55,7 @@ class NodeRound:
     ledger: PrivacyLedger | None  # None when eps=inf (no DP)
     round_steps: int = 0  # DP steps this round took
     lifetime_eps: float | None = None  # the node's composed ε over every run it trained in
+    num_partitions: int = 0  # the node's node-config num-partitions (0: not reported)
 
 
 @dataclass(frozen=True)
@@ -216,26 +218,32 @@ def canary_set(cfg: RunConfig, num_partitions: int) -> tuple[Canaries, BatchTens
 
 
 def plan(cfg: RunConfig, num_samples: int) -> PrivacyLedger | None:
-    """The node's empty ledger for this run, its noise calibrated for every planned step."""
+    """The node's empty ledger for this run, its noise calibrated for every planned step.
+
+    Raises `ConfigError` (one line) when no noise meets `eps` for this node's plan.
+    """
     if not cfg.private:
         return None
-    if cfg.dp_mode == "update":
-        return plan_update_ledger(
+    try:
+        if cfg.dp_mode == "update":
+            return plan_update_ledger(
+                target_eps=cfg.eps,
+                delta=cfg.delta,
+                rounds=cfg.num_server_rounds,
+                accounting=cfg.accounting,
+                accountant=cfg.accountant,
+            )
+        return plan_ledger(
+            num_samples=num_samples,
+            batch_size=cfg.batch_size,
+            total_epochs=cfg.num_server_rounds * cfg.local_epochs,
+            total_steps=cfg.num_server_rounds * cfg.local_steps,
             target_eps=cfg.eps,
             delta=cfg.delta,
-            rounds=cfg.num_server_rounds,
-            accounting=cfg.accounting,
             accountant=cfg.accountant,
         )
-    return plan_ledger(
-        num_samples=num_samples,
-        batch_size=cfg.batch_size,
-        total_epochs=cfg.num_server_rounds * cfg.local_epochs,
-        total_steps=cfg.num_server_rounds * cfg.local_steps,
-        target_eps=cfg.eps,
-        delta=cfg.delta,
-        accountant=cfg.accountant,
-    )
+    except CalibrationError as err:
+        raise ConfigError(str(err)) from None
 
 
 def local_round(
@@ -262,14 +270,21 @@ def local_round(
     model.load_state_dict(weights, strict=True)
     if ledger is None:
         loss = _round_plain(cfg, model, data, shuffle_generator(cfg, partition_id, server_round))
-        return NodeRound(_detached(model), len(data), loss, None)
+        return NodeRound(_detached(model), len(data), loss, None, num_partitions=num_partitions)
     rand = privacy_randomness(cfg, partition_id, server_round)
     if cfg.dp_mode == "update":
         shuffle = shuffle_generator(cfg, partition_id, server_round)
         loss, steps = _round_update(cfg, model, data, weights, ledger, shuffle, rand)
     else:
         loss, steps = _round_sample(cfg, model, data, ledger, rand)
-    return NodeRound(_detached(model), len(data), loss, ledger.after(steps), steps)
+    return NodeRound(
+        _detached(model),
+        len(data),
+        loss,
+        ledger.after(steps),
+        steps,
+        num_partitions=num_partitions,
+    )
 
 
 def _sgd(cfg: RunConfig) -> dict[str, Any]:

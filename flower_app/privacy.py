@@ -21,7 +21,7 @@ import torch
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.gdp import delta_eps_mu, eps_from_mu
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 from flower_app import disk_cache
 
@@ -54,8 +54,45 @@ RDP_ORDERS = [*RDPAccountant.DEFAULT_ALPHAS, 80, 96, 128, 192, 256, 512, 1024]
 SEARCH_ORDERS = [float(a) for a in range(2, 64)] + [80, 96, 128, 192, 256, 512, 1024]
 
 
+# The largest σ the noise search accepts: Opacus doubles σ from 10 and gives up past
+# MAX_SIGMA, so a target this σ cannot meet is one no noise can meet here.
+CALIBRATION_MAX_SIGMA = 10.0 * 2 ** int(math.log2(MAX_SIGMA / 10))
+
+
+class CalibrationError(ValueError):
+    """No noise multiplier meets the target ε: one line naming ε, δ and what it would take."""
+
+
 def _orders(accountant: str) -> dict[str, list[float]]:
     return {"alphas": SEARCH_ORDERS} if accountant == "rdp" else {}
+
+
+def _search_eps(sigma: float, sample_rate: float, steps: int, delta: float, acc: str) -> float:
+    """ε exactly as the noise search computes it (its accountant and orders)."""
+    accountant = create_accountant(mechanism=acc)
+    accountant.history = [(sigma, sample_rate, steps)]
+    # At σ this large the best order is the largest, and PRV takes log(1 - q) at q = 1:
+    # expected, and what the search itself sees.
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return float(accountant.get_epsilon(delta=delta, **_orders(acc)))
+
+
+@lru_cache(maxsize=64)
+def smallest_target_eps(delta: float, accountant: str) -> float:
+    """Below this ε no run can calibrate, whatever its data: a config check before training.
+
+    The ε of ONE full-batch release at `CALIBRATION_MAX_SIGMA` (the conversion's floor: it
+    stays > 0 as σ grows). A node's own sample rate and step count move it by ~1e-9 either
+    way, so 0.1% below is still never above what some node could meet.
+    """
+    try:
+        return 0.999 * _search_eps(CALIBRATION_MAX_SIGMA, 1.0, 1, delta, accountant)
+    except (ValueError, RuntimeError) as err:  # e.g. PRV at δ=1e-30: "Floating point errors"
+        raise CalibrationError(
+            f"delta={delta:g} is not valid with accountant={accountant!r}, which cannot "
+            f"compute ε there ({err}); use a delta nearer 1e-5 or accountant='rdp'"
+        ) from None
 
 
 @lru_cache(maxsize=1024)
@@ -201,16 +238,37 @@ def _search_noise(key: dict[str, Any]) -> float:
     with warnings.catch_warnings():
         # The search probes σ whose best order lies at an end of the range: expected.
         warnings.filterwarnings("ignore", message="Optimal order is the")
-        sigma = get_noise_multiplier(
-            target_epsilon=key["target_eps"],
-            target_delta=key["delta"],
-            sample_rate=key["sample_rate"],
-            steps=key["steps"],
-            accountant=key["accountant"],
-            epsilon_tolerance=EPS_TOLERANCE,
-            **_orders(key["accountant"]),
-        )
+        try:
+            sigma = get_noise_multiplier(
+                target_epsilon=key["target_eps"],
+                target_delta=key["delta"],
+                sample_rate=key["sample_rate"],
+                steps=key["steps"],
+                accountant=key["accountant"],
+                epsilon_tolerance=EPS_TOLERANCE,
+                **_orders(key["accountant"]),
+            )
+        except (ValueError, RuntimeError) as err:  # "The privacy budget is too low." & co
+            raise _unreachable(key, err) from None
     return float(sigma)
+
+
+def _unreachable(key: dict[str, Any], err: Exception) -> CalibrationError:
+    """Why the search found no σ for `key`, in one line."""
+    where = (
+        f"at δ={key['delta']:g} over {key['steps']} steps of sample rate "
+        f"{key['sample_rate']:.3g} ({key['accountant']})"
+    )
+    try:
+        floor = _search_eps(
+            CALIBRATION_MAX_SIGMA, key["sample_rate"], key["steps"], key["delta"], key["accountant"]
+        )
+    except (ValueError, RuntimeError):
+        return CalibrationError(f"eps={key['target_eps']:g} cannot be met {where}: {err}")
+    return CalibrationError(
+        f"eps={key['target_eps']:g} cannot be met {where}: even the largest noise the search "
+        f"tries (σ={CALIBRATION_MAX_SIGMA:g}) spends ε={floor:.4g}; use a larger eps"
+    )
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:

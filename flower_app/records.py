@@ -17,6 +17,7 @@ CONFIG = "config"
 REFUSAL = "refusal"  # a reply that trained nothing: ConfigRecord {"reason": ...}
 LEDGER = "privacy-ledger"  # key in the node's context.state
 NUM_EXAMPLES = "num-examples"
+NUM_PARTITIONS = "num-partitions"
 T = TypeVar("T")
 
 
@@ -56,6 +57,8 @@ def train_reply(out: NodeRound, partition_id: int) -> RecordDict:
     loss is sent only without DP (eps=inf).
     """
     metrics: dict[str, int | float] = {NUM_EXAMPLES: out.num_examples, "partition-id": partition_id}
+    if out.num_partitions:  # gossip's graph has one vertex per partition: checked there
+        metrics[NUM_PARTITIONS] = out.num_partitions
     if out.ledger is None:
         metrics["train-loss"] = out.train_loss
     else:

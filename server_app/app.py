@@ -89,7 +89,7 @@ def run_rounds(grid: Grid, cfg: RunConfig, strategy: RunStrategy, recorder: Roun
             evaluate_fn=recorder,
             timeout=cfg.round_timeout,
         )
-    except (NodeRefused, QuorumError) as err:
+    except (NodeRefused, QuorumError, ConfigError) as err:
         if files.rows:
             files.finish(RunSummary.failed(err))
         else:  # refused before any round: nothing was trained, nothing is kept

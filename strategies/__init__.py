@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from flower_app.config import ConfigError, RunConfig, claims_per_round
+from flower_app.node import plan
 from flower_app.privacy import epsilon, gaussian_sigma
 from flower_app.topology import TopologyError, build_topology
 from strategies.base import PrivacyBounds, RunStrategy
@@ -13,7 +14,13 @@ from strategies.gossip import ArraysEvaluator, Gossip
 
 
 def privacy_bounds(cfg: RunConfig) -> PrivacyBounds:
-    """The most one node can spend in this run: its calibrated plan (every node's ε <= it)."""
+    """The most one node can spend in this run: its calibrated plan (every node's ε <= it).
+
+    A dp-mode=update plan needs nothing from the nodes, so it is calibrated here first: an
+    eps no noise meets stops the run before training (`ConfigError`), not in every node.
+    """
+    if cfg.private and cfg.dp_mode == "update":
+        plan(cfg, num_samples=0)
     if not cfg.private:
         bound = 0.0
     elif claims_per_round(cfg):

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from flower_app.config import ConfigError
 from flower_app.gossip import (
     apply_metropolis,
     apply_pairs,
@@ -38,7 +39,7 @@ from flower_app.gossip import (
     random_edges,
     random_matching,
 )
-from flower_app.records import ARRAYS, CONFIG, METRICS
+from flower_app.records import ARRAYS, CONFIG, METRICS, NUM_PARTITIONS
 from flower_app.topology import graph_facts
 from strategies.base import CentralEvaluationMixin, NodeReportsMixin, PrivacyBounds
 
@@ -192,12 +193,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         ok = self.remember(server_round, replies)
         trained: dict[int, np.ndarray] = {}
         for r in ok:
-            vertex = int(r.content[METRICS]["partition-id"])
-            if vertex not in self.graph:
-                raise ValueError(
-                    f"partition-id={vertex} is not a vertex of the {self.graph.number_of_nodes()}"
-                    "-node topology; num-partitions must equal the number of nodes"
-                )
+            vertex = self._vertex_of(server_round, r)
             record = r.content[ARRAYS]
             self.layout = self.layout or Layout(record)
             trained[vertex] = self.layout.flatten(record)
@@ -219,6 +215,25 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         mean = self.layout.to_record(mean_model(self.models))
         loss = self.last_round["train_loss"]
         return mean, MetricRecord({} if loss is None else {"train-loss": loss})
+
+    def _vertex_of(self, server_round: int, reply: Message) -> int:
+        """The reply's graph vertex: its partition id, of as many partitions as graph nodes.
+
+        A node whose num-partitions is not the node count the graph was built for would leave
+        vertices unheard from forever, or share one with another node: the run stops.
+        """
+        m, n = reply.content[METRICS], self.graph.number_of_nodes()
+        vertex = int(m["partition-id"])
+        # A node that does not report num-partitions has at least partition-id + 1.
+        count = int(m[NUM_PARTITIONS]) if NUM_PARTITIONS in m else vertex + 1
+        if vertex not in self.graph or (NUM_PARTITIONS in m and count != n):
+            raise ConfigError(
+                f"round {server_round}: node {reply.metadata.src_node_id} has partition-id="
+                f"{vertex} of num-partitions={count}{'' if NUM_PARTITIONS in m else ' or more'}"
+                f", but gossip runs on the {n} nodes connected at the start; give every node "
+                f"num-partitions={n} (or set num-nodes to the partition count to wait for all)"
+            )
+        return vertex
 
     def _gossip(self, active: set[int]) -> int:
         """Average along the chosen edges among `active` vertices; returns models sent."""

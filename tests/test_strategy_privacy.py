@@ -180,3 +180,74 @@ def test_a_rejected_run_keeps_to_its_one_line():
         "ServerApp raised an exception",  # any other failure keeps its traceback
     ]
     assert records[1].exc_info is not None
+
+
+# An ε above what no noise can certify (RunConfig refuses that) but still out of reach of
+# the noise search for this run: 100000 full-batch releases at σ <= 655360 spend ε ≈ 0.00362.
+UNREACHABLE = dict(eps=0.0036, dp_mode="update", num_server_rounds=100_000)
+
+
+def test_a_node_whose_plan_cannot_meet_eps_refuses_in_one_line():
+    from flower_app.config import ConfigError
+    from flower_app.node import plan
+
+    with pytest.raises(ConfigError) as info:
+        plan(RunConfig(**UNREACHABLE), 100)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("eps=0.0036 cannot be met")
+    assert "δ=1e-05" in message and "100000 steps" in message
+
+
+def test_the_server_refuses_an_update_mode_eps_it_can_calibrate_before_training():
+    from flower_app.config import ConfigError
+    from strategies import STRATEGIES
+
+    for name in STRATEGIES:
+        with pytest.raises(ConfigError, match=r"^eps=0\.0036 cannot be met"):
+            STRATEGIES[name](RunConfig(**UNREACHABLE), 3, None)
+
+
+def gossip_reply(node_id, pid, num_partitions):
+    msg = reply(node_id, pid)
+    msg.content["metrics"]["num-partitions"] = num_partitions
+    return msg
+
+
+@pytest.mark.parametrize(("pids", "count"), [((0, 1, 2), 4), ((0, 1, 0), 2), ((0, 1, 3), 0)])
+def test_gossip_with_num_partitions_other_than_its_node_count_stops_in_one_line(pids, count):
+    from flower_app.config import ConfigError
+
+    strategy = Gossip(build_topology("ring", 3, seed=0), seed=1, min_available_nodes=1)
+    list(strategy.configure_train(1, INITIAL, ConfigRecord(), mock_grid([10, 11, 12])))
+    replies = [
+        gossip_reply(10 + i, pid, count) if count else reply(10 + i, pid)
+        for i, pid in enumerate(pids)
+    ]
+    with pytest.raises(ConfigError) as info:
+        strategy.aggregate_train(1, replies)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("round 1: ")
+    assert f"num-partitions={count or 4}" in message and "3 nodes" in message
+
+
+def test_a_node_reports_its_num_partitions():
+    from flower_app.node import NodeRound
+    from flower_app.records import train_reply
+
+    out = NodeRound({}, 10, 0.5, None, num_partitions=4)
+    assert train_reply(out, 3)["metrics"]["num-partitions"] == 4
+
+
+def test_a_run_stopped_by_a_config_mismatch_mid_run_is_one_line(monkeypatch):
+    from flower_app.config import ConfigError
+    from server_app import app
+
+    strategy = Mock()
+    strategy.start.side_effect = ConfigError("round 1: num-partitions=4 but 3 nodes")
+    recorder = Mock()
+    recorder.files.rows = []
+    monkeypatch.setattr(app, "build_model", Mock())
+    monkeypatch.setattr(app, "ArrayRecord", Mock())
+    with pytest.raises(RunRejected, match="^run stopped: round 1: num-partitions=4 but 3 nodes$"):
+        app.run_rounds(Mock(), RunConfig(), strategy, recorder)
+    recorder.files.discard.assert_called_once()
