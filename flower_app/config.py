@@ -151,6 +151,16 @@ class RunConfig:
     audit_canaries: int = field(default=0, metadata=_ints(0, 10_000, " (0 = no audit)"))
     audit_seed: int = field(default=0, metadata=_SEED)
     results_dir: str = ""
+    # Which Flower node id may hold each partition id ("0:<node-id>,1:<node-id>"; the ids
+    # `flwr supernode register` printed): a reply from any other node claiming it is refused.
+    # "" binds each partition id to the first node that reports it.
+    partition_nodes: str = field(
+        default="",
+        metadata=_check(
+            lambda v: _bindings_or_none(v) is not None,
+            "'' (first report binds) or 'PARTITION:NODE-ID,...' with distinct integers >= 0",
+        ),
+    )
     run_name: str = field(
         default="",
         metadata=_check(
@@ -213,6 +223,11 @@ class RunConfig:
                 f"accountant certifies no ε below {floor:.4g}, whatever the noise; use a "
                 "larger eps (or delta)"
             )
+
+    @property
+    def bindings(self) -> dict[int, int]:
+        """`partition-nodes` as {partition id: Flower node id} (empty: first report binds)."""
+        return _bindings_or_none(self.partition_nodes) or {}
 
     @property
     def opacus_mode(self) -> str:
@@ -292,3 +307,19 @@ def _cast(f: Field[Any], value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError, OverflowError):
         raise _invalid(f, value) from None
+
+
+def _bindings_or_none(text: str) -> dict[int, int] | None:
+    """Parse `partition-nodes`; None when it is malformed."""
+    if not text.strip():
+        return {}
+    try:
+        pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",")]
+    except ValueError:
+        return None
+    if any(len(p) != 2 or min(p) < 0 for p in pairs):
+        return None
+    parts, nodes = [p[0] for p in pairs], [p[1] for p in pairs]
+    if len(set(parts)) != len(parts) or len(set(nodes)) != len(nodes):
+        return None
+    return dict(pairs)  # type: ignore[arg-type]

@@ -476,9 +476,20 @@ class Deployment:
         return bool(pids) and _is_flower(pids.get("superlink", 0))
 
     # Running apps.
+    @property
+    def partition_nodes(self) -> str:
+        """`partition-nodes` for runs here: each partition id bound to its registered node."""
+        return ",".join(f"{pid}:{node}" for pid, node in sorted(self.node_ids.items()))
+
     def submit(self, run_config: Mapping[str, Any], *, app_dir: Path = PROJECT_DIR) -> str:
-        """`flwr run . local-deployment --run-config ...` (no federation options)."""
+        """`flwr run . local-deployment --run-config ...` (no federation options).
+
+        With node authentication each partition id is bound to the node registered for it
+        (`partition-nodes`), unless the run config says otherwise.
+        """
         staged = app_dir == PROJECT_DIR and self.app is not None
+        if self.node_ids and "partition-nodes" not in run_config:
+            run_config = {**run_config, "partition-nodes": self.partition_nodes}
         return self.cli.submit(self.app if staged else app_dir, run_config)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

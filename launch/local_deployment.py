@@ -66,6 +66,7 @@ def instructions(d: Deployment) -> str:
         else "Node policy: none (every node accepts the run's privacy)."
     )
     strategy = "gossip" if nodes >= 3 else "fedavg"  # the default ring needs 3 nodes
+    bound = f' partition-nodes="{d.partition_nodes}"' if d.node_ids else ""
     return "\n".join(
         [
             f"SuperLink {d.address} ({security}),"
@@ -77,7 +78,7 @@ def instructions(d: Deployment) -> str:
             "Run the app (from the project folder, venv active):",
             f"  cd {PROJECT_DIR} && source .venv/bin/activate",
             f"  {home} flwr run . {d.connection} --run-config "
-            f"'strategy=\"{strategy}\" eps=2 num-nodes={nodes}' --stream",
+            f"'strategy=\"{strategy}\" eps=2 num-nodes={nodes}{bound}' --stream",
             f"  {home} flwr list {d.connection}",
             f"  {home} flwr supernode list {d.connection}",
             "Results: results/<run-name>/ (rounds.csv, summary.json) of this project.",

@@ -39,7 +39,7 @@ def privacy_bounds(cfg: RunConfig) -> PrivacyBounds:
 
 
 def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> RunStrategy:
-    return CentralFedAvg(
+    strategy = CentralFedAvg(
         num_nodes=num_nodes,
         fraction_train=cfg.fraction_train,
         min_available_nodes=cfg.min_available_nodes,
@@ -47,6 +47,8 @@ def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
         bounds=privacy_bounds(cfg),
         keep_uploads=cfg.audited,
     )
+    strategy.bind(cfg.bindings)
+    return strategy
 
 
 def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> RunStrategy:
@@ -60,7 +62,7 @@ def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
         )
     except TopologyError as err:
         raise ConfigError(str(err)) from None
-    return Gossip(
+    strategy = Gossip(
         graph,
         mode=cfg.gossip_mode,
         edges_per_round=cfg.gossip_edges,
@@ -70,6 +72,8 @@ def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
         evaluate_arrays=evaluate_arrays,
         bounds=privacy_bounds(cfg),
     )
+    strategy.bind(cfg.bindings)
+    return strategy
 
 
 # Builds the strategy from the run config, the node count and a per-node model evaluator;

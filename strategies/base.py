@@ -138,9 +138,10 @@ def _log_error_replies(server_round: int, replies: list[Message]) -> None:
 class NodeReportsMixin:
     """Each node's latest training metrics by partition id, and who holds which partition.
 
-    A partition id (the node's shard, and its gossip vertex) is bound to the first Flower
-    node that reports it; a reply from any other node claiming it is refused, so no node
-    can overwrite another's privacy report or receive its gossip model.
+    A partition id (the node's shard, and its gossip vertex) is bound to the node id the
+    run's `partition-nodes` names (`bind`), else to the first Flower node that reports it;
+    a reply from any other node claiming it is refused, so no node can overwrite another's
+    privacy report or receive its gossip model.
     """
 
     node_reports: dict[int, dict[str, Any]]
@@ -161,6 +162,11 @@ class NodeReportsMixin:
         # it may have spent them, so its ε is bounded as if it had.
         self.lost_rounds: dict[int, int] = {}
         self.lost_unknown: set[int] = set()  # node ids lost before they ever reported
+
+    def bind(self, bindings: dict[int, int]) -> None:
+        """Bind partition ids to the node ids the operator registered, before any reply."""
+        self.node_of.update(bindings)
+        self.partition_of.update({node: pid for pid, node in bindings.items()})
 
     def _claim(self, server_round: int, reply: Message) -> bool:
         node, pid = reply.metadata.src_node_id, int(reply.content[METRICS]["partition-id"])

@@ -1,6 +1,7 @@
 """What the server does with nodes' privacy: refusals, vertex binding, lost replies."""
 
 import logging
+import math
 from unittest.mock import Mock
 
 import numpy as np
@@ -102,6 +103,29 @@ def test_a_second_node_claiming_a_partition_is_refused(caplog):
     assert strategy.eps_spent() == honest  # the impostor's lower ε did not replace node 10's
     assert strategy.last_round["nodes_trained"] == 2
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], 0.5)  # mean of pids 0 and 1
+
+
+def test_a_node_racing_to_claim_a_registered_partition_first_is_refused():
+    """First-report binding lets node 12 take vertex 0 if it answers first; partition-nodes
+    binds each vertex to the node id its operator registered, before any reply."""
+    from strategies import STRATEGIES
+
+    cfg = RunConfig(strategy="gossip", eps=math.inf, partition_nodes="0:10,1:11,2:12",
+                    min_available_nodes=1)  # fmt: skip
+    strategy = STRATEGIES["gossip"](cfg, 3, lambda arrays: {})
+    list(strategy.configure_train(1, INITIAL, ConfigRecord(), mock_grid([10, 11, 12])))
+    strategy.aggregate_train(1, [reply(12, 0, value=-100.0), reply(11, 1), reply(10, 0)])
+    assert strategy.partition_of == {10: 0, 11: 1, 12: 2}
+    assert -100.0 not in np.concatenate(list(strategy.models.values()))
+
+
+@pytest.mark.parametrize("text", ["0:10,0:11", "0:10,1:10", "0=10", "a:1", "-1:3", "1:2:3"])
+def test_partition_nodes_must_be_distinct_pairs(text):
+    from flower_app.config import ConfigError
+
+    with pytest.raises(ConfigError, match="partition-nodes=.* is not valid; expected ''"):
+        RunConfig(partition_nodes=text)
+    assert RunConfig(partition_nodes=" 0:10, 1:11 ").bindings == {0: 10, 1: 11}
 
 
 def test_a_gossip_node_cannot_take_over_another_vertex_and_receive_its_model():
