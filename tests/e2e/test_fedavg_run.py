@@ -40,6 +40,11 @@ def test_fedavg_run_completes_and_writes_results(superlink, tmp_path, eps):
         assert set(nodes) == {"0", "1", "2", "3"}
         assert all(n["noise-multiplier"] > 0 and n["steps"] > 0 for n in nodes.values())
         assert "sample-level" in summary["privacy"]["unit"]
+        # n is public, so the replace-one ε is reported beside the add/remove one, above it.
+        assert all(n["eps-replace-one"] > n["eps"] for n in nodes.values())
+        assert summary["privacy"]["eps_replace_one"] == max(
+            n["eps-replace-one"] for n in nodes.values()
+        )
     else:
         assert all(float(r["eps_spent"]) == 0 for r in rows)
     config = json.loads((tmp_path / "r" / "config.json").read_text())
@@ -57,7 +62,10 @@ def test_bad_run_config_fails_the_run_with_one_clear_line_and_writes_nothing(sup
     assert not (tmp_path / "bad").exists()
     # What `flwr run --stream` / `flwr log` show: the one line, no traceback, no exit-code text.
     logs = superlink.logs(outcome.run_id)
-    assert "invalid run: eps=-1.0 is not valid; expected a number > 0, or inf for no DP" in logs
+    assert (
+        "invalid run: eps=-1.0 is not valid; expected a number > 0 and <= 1000, or inf for no DP"
+        in logs
+    )
     assert "Traceback" not in logs and "Exit Code: 700" not in logs, logs
 
 
