@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from flower_app.config import RunConfig, claims_per_round
-from flower_app.privacy import PRIVACY_UNITS, TRUST_MODEL, gaussian_sigma, one_shot_true_eps
+from flower_app.privacy import (
+    PRIVACY_UNITS,
+    TRUST_MODEL,
+    gaussian_sigma,
+    one_shot_true_eps,
+    replace_one_epsilon,
+)
 from flower_app.results import format_eps
 from strategies.base import Diagnostics
 
@@ -80,6 +86,7 @@ def local_work(cfg: RunConfig) -> str:
 def privacy_summary(cfg: RunConfig, strategy: Diagnostics, eps_spent: float) -> dict[str, Any]:
     """summary.json's `privacy`: enough to re-audit every node's ε from the file alone."""
     per_round = claims_per_round(cfg)
+    nodes = with_replace_one(strategy.privacy_by_node(), cfg) if cfg.private else {}
     return {
         "unit": PRIVACY_UNITS[cfg.dp_mode] if cfg.private else "none",
         "trust_model": TRUST_MODEL,
@@ -109,5 +116,29 @@ def privacy_summary(cfg: RunConfig, strategy: Diagnostics, eps_spent: float) -> 
         "opacus_grad_sample_mode": (
             cfg.opacus_mode if cfg.private and cfg.dp_mode == "sample" else None
         ),
-        "nodes": strategy.privacy_by_node() if cfg.private else {},
+        "nodes": nodes,
+        # dp-mode=sample: each node publishes its n, so against an observer the relation
+        # that holds is replace-one (same n, one example swapped); this is its ε (largest
+        # node; `eps` and the node policies count add/remove, see the README).
+        "eps_replace_one": max(
+            (n["eps-replace-one"] for n in nodes.values() if "eps-replace-one" in n),
+            default=None,
+        ),
     }
+
+
+def with_replace_one(nodes: dict[str, dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
+    """Each node's report with its replace-one ε (dp-mode=sample; update mode has eps-strict)."""
+    if cfg.dp_mode != "sample":
+        return nodes
+    out = {}
+    for pid, node in nodes.items():
+        out[pid] = dict(node)
+        if {"noise-multiplier", "sample-rate", "steps"} <= node.keys():
+            out[pid]["eps-replace-one"] = replace_one_epsilon(
+                noise_multiplier=float(node["noise-multiplier"]),
+                sample_rate=float(node["sample-rate"]),
+                steps=int(node["steps"]),
+                delta=cfg.delta,
+            )
+    return out

@@ -7,7 +7,14 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 
 from flower_app.data import to_tensors
 from flower_app.model import build_model
-from flower_app.privacy import RDP_ORDERS, PrivacyLedger, epsilon, plan_ledger
+from flower_app.privacy import (
+    RDP_ORDERS,
+    PrivacyLedger,
+    epsilon,
+    gaussian_eps_exact,
+    plan_ledger,
+    replace_one_epsilon,
+)
 from flower_app.rng import PrivacyRandomness
 from flower_app.train import train_dp
 
@@ -150,3 +157,30 @@ def test_fast_modes_take_empty_poisson_batches_as_noise_only_steps_like_hooks(mo
         assert result.steps == 100
         ends[m] = torch.cat([v.flatten() for v in model.state_dict().values()])
     assert torch.allclose(ends[mode], ends["hooks"], atol=1e-4)
+
+
+# --- replace-one adjacency (n is public) ---------------------------------------------------
+
+
+def test_replace_one_without_subsampling_is_the_gaussian_at_twice_the_sensitivity():
+    """q = 1: swapping one example moves the clipped sum by up to 2C, so k steps are
+    μ-GDP with μ = 2√k/σ; Balle & Wang's exact curve (Opacus's GDP code) gives that ε."""
+    for sigma, steps in ((2.0, 1), (4.0, 10), (8.0, 50)):
+        got = replace_one_epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=steps, delta=1e-5)
+        exact = gaussian_eps_exact(noise_multiplier=sigma / 2, steps=steps, delta=1e-5)
+        assert exact - 1e-6 <= got <= exact + 0.05, (sigma, steps, got, exact)
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps"), [(1.1, 1 / 43, 860), (0.8, 1 / 13, 42)])
+def test_replace_one_lies_between_add_remove_and_its_group_privacy_bound(sigma, q, steps):
+    """ε_add/remove <= ε_replace(δ), and by group privacy over remove-then-add (Dwork & Roth
+    2014, Thm 2.2 with δ) ε_replace((1 + e^ε)δ) <= 2ε, with ε from Opacus's RDP accountant."""
+    delta = 1e-5
+    add_remove = epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+    replace = replace_one_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+    group_delta = (1 + math.exp(add_remove)) * delta
+    loose = replace_one_epsilon(
+        noise_multiplier=sigma, sample_rate=q, steps=steps, delta=group_delta
+    )
+    assert 0.8 * add_remove < replace and loose <= 2 * add_remove
+    assert replace > add_remove  # the PLD add/remove value is below Opacus's RDP one
