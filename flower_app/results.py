@@ -214,10 +214,14 @@ class RunFiles:
             )
 
     def start(self, config: Mapping[str, Any]) -> None:
-        """Clear what an interrupted run left and write the resolved config."""
+        """Clear what an interrupted run left and write the resolved config.
+
+        Less `results-dir`: where the folder lives is where config.json is, and an absolute
+        path of the machine that ran it would tie the folder to that machine.
+        """
         if self.folder.exists():
             shutil.rmtree(self.folder)
-        write_json(self.folder / CONFIG, dict(config))
+        write_json(self.folder / CONFIG, {k: v for k, v in config.items() if k != "results-dir"})
 
     def add_round(self, row: Mapping[str, Any]) -> None:
         """Append one round and rewrite `rounds.csv` atomically.

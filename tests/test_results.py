@@ -2,7 +2,9 @@ import csv
 import json
 import math
 import re
+import subprocess
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +126,30 @@ def test_run_summary_reads_failed_and_older_summaries(tmp_path):
     assert RunSummary.read(tmp_path) is None
     (tmp_path / "summary.json").write_text("[1, 2]")
     assert RunSummary.read(tmp_path) is None and not is_completed(tmp_path)
+
+
+def test_config_json_does_not_record_where_the_machine_kept_the_folder(tmp_path):
+    files = RunFiles(tmp_path / "r", ["round"])
+    files.start({"eps": 2.0, "results-dir": str(tmp_path), "run-name": "r"})
+    assert json.loads((tmp_path / "r" / "config.json").read_text()) == {"eps": 2.0, "run-name": "r"}
+
+
+# An absolute path of the machine that made a file: /work/..., /home/..., /tmp/..., ...
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|home|root|tmp|Users|mnt|var|opt|srv)/")
+
+
+def test_no_committed_result_holds_an_absolute_path_of_the_machine_that_made_it():
+    project = Path(__file__).resolve().parent.parent
+    listed = subprocess.run(
+        ["git", "ls-files", "docs/results"], cwd=project, capture_output=True, text=True
+    )
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    offenders = []
+    for name in listed.stdout.split():
+        path = project / name
+        if path.suffix in {".png", ".svg", ".pdf"} or not path.is_file():
+            continue
+        if MACHINE_PATH.search(path.read_text(encoding="utf-8", errors="replace")):
+            offenders.append(name)
+    assert offenders == [], f"{len(offenders)} files, e.g. {offenders[:3]}"
