@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import DeviceDataError
-from flower_app.ledger import FileLedger, LedgerError, ledger_key
+from flower_app.ledger import FileLedger, LedgerError
 from flower_app.node import Refused, serve_train
 from flower_app.policy import NodePolicy, PolicyError, torch_threads
 from flower_app.records import ARRAYS, CONFIG, StateLedger, refusal_reply, train_reply
@@ -45,11 +45,7 @@ def train(msg: Message, context: Context) -> Message:
         cfg = RunConfig.from_run_config(context.run_config)
         own_data = str(context.node_config.get("data-dir", ""))  # the device's own files
         run_id = str(context.run_id)
-        store = (
-            FileLedger(policy.ledger_dir)
-            if policy.ledger_dir
-            else StateLedger(context.state, ledger_key(run_id, pid))
-        )
+        store = FileLedger(policy.ledger_dir) if policy.ledger_dir else StateLedger(context.state)
         out = serve_train(
             cfg,
             policy,

@@ -15,35 +15,39 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 REFUSAL = "refusal"  # a reply that trained nothing: ConfigRecord {"reason": ...}
-LEDGER = "privacy-ledger"  # key in the node's context.state
+LEDGER = "privacy-ledger"  # prefix of the ledger entries in the node's context.state
 NUM_EXAMPLES = "num-examples"
 NUM_PARTITIONS = "num-partitions"
 T = TypeVar("T")
 
 
 class StateLedger:
-    """A node's ledger of the current run in `context.state` (no `ledger-dir`).
+    """A node's ledgers in `context.state` (no `ledger-dir`), one entry per `ledger_key`.
 
     It lasts as long as the SuperNode process: enough for simulation, where nodes have no
-    policy; a node whose policy sets an ε limit must set `ledger-dir` (`FileLedger`).
+    policy; a node whose policy sets an ε limit must set `ledger-dir` (`FileLedger`). Flower
+    shares `context.state` across a run series, so each run's entry keeps its own key.
     """
 
-    def __init__(self, state: RecordDict, key: str) -> None:
-        """Wrap the run's `context.state`; `key` names its one entry (`ledger_key`)."""
-        self.state, self.key = state, key
+    def __init__(self, state: RecordDict) -> None:
+        """Wrap the node's `context.state`."""
+        self.state = state
 
     def runs(self) -> dict[str, PrivacyLedger]:
-        """This run's ledger, if the node trained in it before."""
-        if LEDGER not in self.state:
-            return {}
-        return {self.key: PrivacyLedger.from_dict(self.state[LEDGER])}
+        """Every entry the node recorded in this state, by `ledger_key`."""
+        prefix = f"{LEDGER}:"
+        return {
+            name.removeprefix(prefix): PrivacyLedger.from_dict(record)
+            for name, record in self.state.items()
+            if name.startswith(prefix)
+        }
 
     def put(self, key: str, ledger: PrivacyLedger) -> None:
-        """Keep the run's ledger for its next round."""
-        self.state[LEDGER] = ConfigRecord(ledger.to_dict())
+        """Record the entry's ledger for its next round."""
+        self.state[f"{LEDGER}:{key}"] = ConfigRecord(ledger.to_dict())
 
     def reserve(self, key: str, decide: Callable[[dict[str, PrivacyLedger]], Decision[T]]) -> T:
-        """`decide` on the run's entry and record what it returns (one process: no lock)."""
+        """`decide` on the entries and record what it returns (one process: no lock)."""
         record, result = decide(self.runs())
         if record is not None:
             self.put(key, record)

@@ -240,8 +240,24 @@ def test_the_context_state_ledger_round_trips_through_a_flower_record():
 
     led = PrivacyLedger(1.5, 0.1, 20, 1e-5, "rdp", 40, "sample")
     state = RecordDict()
-    StateLedger(state, "r").put("r", led)
-    assert StateLedger(state, "r").runs() == {"r": led}
+    StateLedger(state).put("run-1/partition-0", led)
+    assert StateLedger(state).runs() == {"run-1/partition-0": led}
+
+
+def test_a_run_series_sharing_context_state_keeps_each_runs_entry_under_its_own_key():
+    """Flower shares context.state across a run series: run 2 must not resume run 1's entry."""
+    from flwr.app import RecordDict
+
+    from flower_app.records import StateLedger
+
+    store = StateLedger(RecordDict())
+    cfg = RunConfig(**SMALL)
+    for server_round in (1, 2):
+        assert not isinstance(serve(cfg, NodePolicy(), store, server_round, run_id="1"), Refused)
+    second = serve(cfg, NodePolicy(), store, 1, run_id="2")
+    assert not isinstance(second, Refused), second
+    runs = store.runs()
+    assert runs["run-1/partition-0"].steps == 6 and runs["run-2/partition-0"].steps == 3
 
 
 # --- issue 26: the operator's floor fails closed ---------------------------------------------
