@@ -5,7 +5,7 @@ from pathlib import Path
 
 from flower_app.config import RunConfig
 from flower_app.results import RunFiles
-from launch.flwr_cli import RunOutcome
+from sim.launch.flwr_cli import RunOutcome
 
 BASE = [
     "round",

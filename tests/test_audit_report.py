@@ -5,9 +5,9 @@ import json
 import pytest
 from sweep_fakes import FakeRunner
 
-from analysis.audit import collect, markdown, violations, write_audit_report
 from flower_app.results import to_json
-from sweeps.audit import main
+from sim.analysis.audit import collect, markdown, violations, write_audit_report
+from sim.sweeps.audit import main
 
 
 def observer(name, distance, lower, accountant):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from flower_app.results import FolderLock, FolderLocked, RunFiles
-from launch.processes import alive, processes_under
-from sweeps.cli import LAUNCH_RECORD, SWEEP_LOCK, main, record_links, stop_leftovers
+from sim.launch.processes import alive, processes_under
+from sim.sweeps.cli import LAUNCH_RECORD, SWEEP_LOCK, main, record_links, stop_leftovers
 from tests.sweep_fakes import FakeRunner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ def test_the_watchdog_stops_everything_under_the_home_once_its_command_is_sigkil
     command = python(
         f"""
         import os, subprocess, time
-        from launch.watchdog import start_watchdog
+        from sim.launch.watchdog import start_watchdog
         dog = start_watchdog({str(home)!r})
         child = subprocess.Popen(["sleep", "120"], env={{**os.environ, "FLWR_HOME": {str(home)!r}}},
                                  start_new_session=True)  # escapes the command's group

@@ -1,4 +1,4 @@
-"""launch.deployment without a SuperLink: the commands parse with flwr 1.42's own parsers, the
+"""sim.launch.deployment without a SuperLink: the commands parse with flwr 1.42's own parsers, the
 certificate and key scripts write what Flower loads, and processes are stopped by PID."""
 
 import json
@@ -21,10 +21,10 @@ from flwr.common.config import parse_config_args
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-from launch import deployment as deploy
-from launch.deployment import node_config, stop_from_pids, superlink_command, supernode_command
-from launch.flwr_cli import connection_config, inline_run_config
-from launch.processes import alive, descendants, processes_under, stop_processes
+from sim.launch import deployment as deploy
+from sim.launch.deployment import node_config, stop_from_pids, superlink_command, supernode_command
+from sim.launch.flwr_cli import connection_config, inline_run_config
+from sim.launch.processes import alive, descendants, processes_under, stop_processes
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -77,7 +77,7 @@ def test_supernode_command_and_node_config():
 
 def test_the_launchers_node_policy_reaches_the_node_as_a_valid_policy():
     from flower_app.policy import NodePolicy
-    from launch.deployment import LAUNCHER_POLICY
+    from sim.launch.deployment import LAUNCHER_POLICY
 
     text = node_config(1, 3, policy={**LAUNCHER_POLICY, "ledger-dir": "/dev ice/ledger"})
     parsed = parse_config_args([text])
@@ -257,7 +257,7 @@ def test_stop_from_pids_never_signals_foreign_processes(tmp_path):
 
 
 def test_cli_parser():
-    from launch.local_deployment import build_parser
+    from sim.launch.local_deployment import build_parser
 
     parser = build_parser()
     start = parser.parse_args(["start", "3", "--dir", "/x", "--detach", "--data-dir", "/d"])

@@ -4,8 +4,8 @@ import os
 import time
 import tomllib
 
-from launch.flwr_cli import PROJECT_DIR, SummaryMarker, summary_path
-from launch.simulation import SimulationLink
+from sim.launch.flwr_cli import PROJECT_DIR, SummaryMarker, summary_path
+from sim.launch.simulation import SimulationLink
 
 
 def _toml(path):

@@ -1,11 +1,11 @@
-"""launch/local_link.py: the `:local:` SuperLink is stopped, the user's shell never."""
+"""sim/launch/local_link.py: the `:local:` SuperLink is stopped, the user's shell never."""
 
 import os
 import subprocess
 import time
 
-from launch.local_link import local_processes, main
-from launch.processes import alive
+from sim.launch.local_link import local_processes, main
+from sim.launch.processes import alive
 
 
 def spawn(home, *argv):

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from analysis.compare import retained, verdicts
-from analysis.report import preset_of
-from sweeps.cli import main
+from sim.analysis.compare import retained, verdicts
+from sim.analysis.report import preset_of
+from sim.sweeps.cli import main
 from tests.sweep_fakes import FakeRunner
 
 

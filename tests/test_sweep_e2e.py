@@ -5,9 +5,9 @@ import json
 import pandas as pd
 import pytest
 
-import sweeps.cli
+import sim.sweeps.cli
 from flower_app.config import RunConfig
-from launch.simulation import SimulationLink
+from sim.launch.simulation import SimulationLink
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +28,7 @@ def test_a_tiny_real_sweep_completes_every_cell_and_stops_its_superlink(
             links.append(self)
             return super().__enter__()
 
-    monkeypatch.setattr(sweeps.cli, "SimulationLink", RecordedLink)
+    monkeypatch.setattr(sim.sweeps.cli, "SimulationLink", RecordedLink)
     out = tmp_path / "sweep"
     argv = [
         "run",
@@ -51,7 +51,7 @@ def test_a_tiny_real_sweep_completes_every_cell_and_stops_its_superlink(
         "--out",
         str(out),
     ]
-    rc = sweeps.cli.main(argv)
+    rc = sim.sweeps.cli.main(argv)
     cells = json.loads((out / "manifest.json").read_text())["cells"]
     errors = {c["id"]: c["error"] for c in cells if c["status"] != "completed"}
     assert rc == 0, errors
@@ -68,5 +68,5 @@ def test_a_tiny_real_sweep_completes_every_cell_and_stops_its_superlink(
     assert "Final test accuracy" in capsys.readouterr().out
     assert len(links) == 1 and links[0].process.poll() is not None, "SuperLink still running"
     # resuming a finished sweep runs nothing and starts no SuperLink
-    assert sweeps.cli.main(argv) == 0
+    assert sim.sweeps.cli.main(argv) == 0
     assert len(links) == 1 and len(pd.read_csv(out / "sweep.csv")) == len(cells) * 2

@@ -3,9 +3,9 @@ import math
 import pytest
 
 from flower_app.config import RunConfig
-from sweeps.cli import build_parser, default_out, main, spec_from_args
-from sweeps.presets import PRESETS
-from sweeps.spec import (
+from sim.sweeps.cli import build_parser, default_out, main, spec_from_args
+from sim.sweeps.presets import PRESETS
+from sim.sweeps.spec import (
     SweepError,
     SweepSpec,
     cell_id,

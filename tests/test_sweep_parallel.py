@@ -9,11 +9,11 @@ import pytest
 from sweep_fakes import FakeRunner, Killed
 from test_sweep_run import ARGV, IDS, statuses, tidy
 
-from launch.flwr_cli import flower_env
-from launch.ray_head import WORKER_PORT_BLOCK, RayHead
-from sweeps.cli import main, make_links
-from sweeps.runner import Sweep
-from sweeps.spec import SweepSpec, expand
+from sim.launch.flwr_cli import flower_env
+from sim.launch.ray_head import WORKER_PORT_BLOCK, RayHead
+from sim.sweeps.cli import main, make_links
+from sim.sweeps.runner import Sweep
+from sim.sweeps.spec import SweepSpec, expand
 
 
 class Meeting(FakeRunner):

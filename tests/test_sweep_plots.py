@@ -6,12 +6,12 @@ import pytest
 from scipy import stats
 from sweep_fakes import FakeRunner
 
-from analysis.plots import FIGURE_NAMES, SweepData, choose_targets, plot_all, rounds_table
-from analysis.report import format_accuracy, write_report
-from analysis.tidy import t_interval
 from flower_app.config import RunConfig
 from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
-from sweeps.cli import main
+from sim.analysis.plots import FIGURE_NAMES, SweepData, choose_targets, plot_all, rounds_table
+from sim.analysis.report import format_accuracy, write_report
+from sim.analysis.tidy import t_interval
+from sim.sweeps.cli import main
 
 STRATEGIES = RunConfig.__dataclass_fields__["strategy"].metadata["choices"]
 HAS_GOSSIP = "gossip" in STRATEGIES
@@ -93,10 +93,10 @@ def test_skipped_figures_are_logged_with_a_reason(tmp_path, caplog):
     ]
     assert main(argv, runner=FakeRunner()) == 0
     caplog.clear()
-    logger = logging.getLogger("analysis")
-    logger.addHandler(caplog.handler)  # main() stops "analysis" from propagating to the root
+    logger = logging.getLogger("sim")
+    logger.addHandler(caplog.handler)  # main() stops "sim" from propagating to the root
     try:
-        with caplog.at_level("INFO", logger="analysis"):
+        with caplog.at_level("INFO", logger="sim"):
             figures, skipped = plot_all(out)
     finally:
         logger.removeHandler(caplog.handler)

@@ -6,10 +6,10 @@ import pytest
 from sweep_fakes import BASE, GOSSIP, FakeRunner, Killed
 
 from flower_app.config import RunConfig
-from launch.flwr_cli import RunOutcome
-from sweeps.cli import main
-from sweeps.runner import Sweep, grid_difference, judge
-from sweeps.spec import SweepError, SweepSpec, expand
+from sim.launch.flwr_cli import RunOutcome
+from sim.sweeps.cli import main
+from sim.sweeps.runner import Sweep, grid_difference, judge
+from sim.sweeps.spec import SweepError, SweepSpec, expand
 
 STRATEGIES = RunConfig.__dataclass_fields__["strategy"].metadata["choices"]
 needs_gossip = pytest.mark.skipif("gossip" not in STRATEGIES, reason="gossip not accepted yet")
@@ -259,7 +259,7 @@ def test_sigterm_becomes_an_interrupt_so_the_superlink_is_stopped():
     import signal
     import time
 
-    from launch.processes import sigterm_as_interrupt
+    from sim.launch.processes import sigterm_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
@@ -273,7 +273,7 @@ def test_python_dash_m_sweeps_is_the_cli():
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "sweeps", "run", "--help"],
+        [sys.executable, "-m", "sim", "run", "--help"],
         capture_output=True,
         text=True,
         timeout=120,

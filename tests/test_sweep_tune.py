@@ -6,7 +6,7 @@ import math
 import pytest
 from sweep_fakes import FakeRunner, Killed
 
-from sweeps.cli import main
+from sim.sweeps.cli import main
 
 # The fake's two data sets disagree on purpose: on validation lr=0.5 wins for FedAvg and
 # lr=0.1 for gossip; on the test set lr=2.0 would win for both.

@@ -2,10 +2,10 @@
 
 import pytest
 
-from analysis.plots import SweepData, bar_gaps
-from analysis.tidy import series_keys
-from sweeps.cli import build_parser, main, spec_from_args
-from sweeps.spec import SweepError, SweepSpec, expand, load_spec, parse_variant, swept_keys
+from sim.analysis.plots import SweepData, bar_gaps
+from sim.analysis.tidy import series_keys
+from sim.sweeps.cli import build_parser, main, spec_from_args
+from sim.sweeps.spec import SweepError, SweepSpec, expand, load_spec, parse_variant, swept_keys
 from tests.sweep_fakes import GAPS, MODE_GAP, FakeRunner
 
 PAIRS = [

@@ -24,9 +24,9 @@ from flower_app.privacy import (
     privatize_update,
 )
 from flower_app.rng import PrivacyRandomness
+from sim.sweeps.presets import PRESETS, TUTORIAL_FIXED
+from sim.sweeps.spec import expand
 from strategies.fedavg import CentralFedAvg
-from sweeps.presets import PRESETS, TUTORIAL_FIXED
-from sweeps.spec import expand
 from tests.mock_grid import mock_grid
 
 DELTA = 1e-5

@@ -13,8 +13,8 @@ import pytest
 import torch
 from flwr.supercore.constant import TaskType
 
-import launch.warm_superexec as warm
-from launch.deployment import supernode_command, warm_executor_command
+import client_app.warm_superexec as warm
+from sim.launch.deployment import supernode_command, warm_executor_command
 
 STATE = {"tasks_seen": 0}
 

@@ -1,7 +1,7 @@
 import pytest
 
-from launch.processes import processes_under
-from launch.simulation import SimulationLink
+from sim.launch.processes import processes_under
+from sim.launch.simulation import SimulationLink
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-import sweeps.audit
+import sim.sweeps.audit
 
 pytestmark = pytest.mark.e2e
 
@@ -22,7 +22,7 @@ def test_a_tiny_audit_finds_leakage_without_dp_and_never_more_than_the_accountan
     argv += ["--set", "samples-per-node=200", "--set", "test-samples=300"]
     argv += ["--set", "node-eval-samples=100", "--set", "partitioner=iid"]
     argv += ["--set", "local-epochs=2", "--timeout", "600", "--out", str(out)]
-    rc = sweeps.audit.main(argv)
+    rc = sim.sweeps.audit.main(argv)
     cells = json.loads((out / "manifest.json").read_text())["cells"]
     assert rc == 0, {c["id"]: c["error"] for c in cells}
     bounds = {}

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from bench.benchmarks import Sizes, main, markdown
 from flower_app.model import GRAD_SAMPLE_MODES
+from sim.bench.benchmarks import Sizes, main, markdown
 
 pytestmark = pytest.mark.e2e
 
@@ -29,9 +29,9 @@ TINY = Sizes(
 
 
 def test_bench_reports_every_ratio(tmp_path, monkeypatch):
-    import bench.benchmarks
+    import sim.bench.benchmarks
 
-    monkeypatch.setattr(bench.benchmarks, "QUICK", TINY)
+    monkeypatch.setattr(sim.bench.benchmarks, "QUICK", TINY)
     out = tmp_path / "bench.json"
     assert main(["--quick", "--json", str(out)]) == 0
     results = json.loads(out.read_text())

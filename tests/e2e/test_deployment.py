@@ -2,7 +2,7 @@
 
 TLS with a private CA and SuperNode authentication, as docs/deploy.md sets them up; each
 SuperNode trains its partition in its own ClientApp process. Every process is started by
-`launch.deployment.Deployment` and stopped by PID; each test checks that none is left over.
+`sim.launch.deployment.Deployment` and stopped by PID; each test checks that none is left over.
 """
 
 import csv
@@ -20,9 +20,9 @@ import pytest
 import tomli_w
 
 from flower_app.data import load_arrays
-from launch.deployment import LAUNCHER_POLICY, Deployment, stop_from_pids
-from launch.flwr_cli import PROJECT_DIR, inline_run_config
-from launch.processes import alive, descendants, processes_under
+from sim.launch.deployment import LAUNCHER_POLICY, Deployment, stop_from_pids
+from sim.launch.flwr_cli import PROJECT_DIR, inline_run_config
+from sim.launch.processes import alive, descendants, processes_under
 
 pytestmark = pytest.mark.e2e
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.deployment import read_pids
-from launch.processes import alive, descendants, processes_under
+from sim.launch.deployment import read_pids
+from sim.launch.processes import alive, descendants, processes_under
 from tests.e2e.test_deployment import LAUNCHER
 
 pytestmark = pytest.mark.e2e

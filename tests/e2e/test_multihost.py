@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from launch.deployment import LAUNCHER_POLICY, Deployment
-from launch.processes import alive, processes_under
+from sim.launch.deployment import LAUNCHER_POLICY, Deployment
+from sim.launch.processes import alive, processes_under
 from tests.e2e.netns import NetnsUnavailable, Network, unavailable_reason
 from tests.e2e.test_deployment import all_pids, own_data
 

@@ -15,8 +15,8 @@ import pytest
 
 from flower_app.ledger import ledger_key
 from flower_app.privacy import epsilon
-from launch.deployment import Deployment
-from launch.processes import alive, processes_under
+from sim.launch.deployment import Deployment
+from sim.launch.processes import alive, processes_under
 from tests.e2e.test_deployment import RUN_TIMEOUT, all_pids
 
 pytestmark = pytest.mark.e2e

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-import sweeps.cli
-from launch.flwr_cli import flower_env
-from launch.processes import processes_under
-from launch.ray_head import RayHead
-from launch.simulation import SimulationLink
+import sim.sweeps.cli
+from sim.launch.flwr_cli import flower_env
+from sim.launch.processes import processes_under
+from sim.launch.ray_head import RayHead
+from sim.launch.simulation import SimulationLink
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +33,7 @@ def test_a_sweep_on_two_given_ray_clusters_runs_one_cell_on_each_at_once(
         def __enter__(self):
             return super().__enter__()
 
-    monkeypatch.setattr(sweeps.cli, "SimulationLink", RecordedLink)
+    monkeypatch.setattr(sim.sweeps.cli, "SimulationLink", RecordedLink)
     home = tmp_path / "ray-home"
     home.mkdir()
     heads = [RayHead(flower_env(home), num_cpus=1) for _ in range(2)]
@@ -45,7 +45,7 @@ def test_a_sweep_on_two_given_ray_clusters_runs_one_cell_on_each_at_once(
         argv += ["--nodes", "2", "--rounds", "2", "--timeout", "600", "--out", str(out)]
         argv += ["--set", "samples-per-node=100", "--set", "test-samples=300"]
         argv += ["--ray-address", ",".join(h.address for h in heads)]
-        assert sweeps.cli.main(argv) == 0
+        assert sim.sweeps.cli.main(argv) == 0
         cells = json.loads((out / "manifest.json").read_text())["cells"]
         assert [c["status"] for c in cells] == ["completed", "completed"], cells
         # Each cell's simulation joined one of the given clusters, none started its own.

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-import sweeps.cli
+import sim.sweeps.cli
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +29,7 @@ def test_a_tiny_real_tune_searches_on_validation_and_runs_the_choice_on_test(tmp
         "--timeout", "600",
         "--out", str(out),
     ]  # fmt: skip
-    rc = sweeps.cli.main(argv)
+    rc = sim.sweeps.cli.main(argv)
     search = json.loads((out / "search" / "manifest.json").read_text())["cells"]
     errors = {c["id"]: c["error"] for c in search if c["status"] != "completed"}
     assert rc == 0, errors

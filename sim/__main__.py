@@ -1,5 +1,5 @@
 """`python -m sim`: the `fl-sweep` command."""
 
-from sweeps.cli import main
+from sim.sweeps.cli import main
 
 raise SystemExit(main())

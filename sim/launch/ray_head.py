@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from launch.flwr_cli import FlowerRunError
-from launch.processes import console_script, free_port, stop_process_group
+from sim.launch.flwr_cli import FlowerRunError
+from sim.launch.processes import console_script, free_port, stop_process_group
 
 READY = "Ray runtime started"
 # Ray gives every worker and driver a port from --min/--max-worker-port, by default 10002 up,

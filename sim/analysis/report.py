@@ -15,7 +15,9 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.plots import (
+from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
+from flower_app.results import atomic_write_text, project_root
+from sim.analysis.plots import (
     TARGET_FRACTION,
     Figure,
     Skipped,
@@ -25,9 +27,7 @@ from analysis.plots import (
     plot_all,
     rounds_table,
 )
-from analysis.tidy import eps_order, summarize
-from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
-from flower_app.results import atomic_write_text, project_root
+from sim.analysis.tidy import eps_order, summarize
 
 REPORT = "report.md"
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from launch.flwr_cli import (
+from sim.launch.flwr_cli import (
     PROJECT_DIR,
     FlowerRunError,
     FlwrCli,
@@ -22,7 +22,7 @@ from launch.flwr_cli import (
     flower_env,
     stage_app,
 )
-from launch.processes import (
+from sim.launch.processes import (
     console_script,
     free_port,
     port_answers,
@@ -30,8 +30,8 @@ from launch.processes import (
     stop_process_group,
     stop_processes,
 )
-from launch.ray_head import RayHead
-from launch.watchdog import start_watchdog, stop_watchdog
+from sim.launch.ray_head import RayHead
+from sim.launch.watchdog import start_watchdog, stop_watchdog
 
 CONNECTION = "owned"
 

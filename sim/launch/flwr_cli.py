@@ -1,7 +1,7 @@
 """The `flwr` CLI against one SuperLink connection: submit a run, ask its status, wait, read logs.
 
 One `FlwrCli` per FLWR_HOME and connection name. The owned simulation SuperLink
-(`launch.simulation`) and the local deployment (`launch.deployment`) each hold one.
+(`sim.launch.simulation`) and the local deployment (`sim.launch.deployment`) each hold one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import tomli_w
 from flwr.cli.build import build_fab_from_disk  # pinned flwr: builds the FAB as `flwr run` does
 
-from launch.processes import console_script
+from sim.launch.processes import console_script
 
 # Offline machines: no runtime dependency install (else exit 608), no update check, no telemetry.
 FLWR_ENV = {
@@ -37,7 +37,7 @@ FLWR_ENV = {
 MARKER_POLL_S = 0.5
 STATUS_EVERY_S = 15.0
 FINISHED = "finished:"
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 def stage_app(dest: Path) -> tuple[Path, str]:

@@ -21,9 +21,9 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from analysis.tidy import CORE
 from flower_app.config import ConfigError, RunConfig
 from flower_app.results import format_eps
+from sim.analysis.tidy import CORE
 
 SCOPE = ":"
 RESERVED = ("results-dir", "run-name")  # the sweep sets these: <out>/runs and the cell id

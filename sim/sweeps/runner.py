@@ -31,7 +31,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from analysis.tidy import MANIFEST, RUNS, write_tidy
 from flower_app.results import (
     CONFIG,
     ROUNDS,
@@ -42,9 +41,10 @@ from flower_app.results import (
     to_json,
     write_json,
 )
-from launch.flwr_cli import RunOutcome
-from launch.simulation import SimulationLink
-from sweeps.spec import (
+from sim.analysis.tidy import MANIFEST, RUNS, write_tidy
+from sim.launch.flwr_cli import RunOutcome
+from sim.launch.simulation import SimulationLink
+from sim.sweeps.spec import (
     Cell,
     SweepError,
     SweepSpec,

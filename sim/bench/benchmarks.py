@@ -49,9 +49,9 @@ from flower_app.results import write_json
 from flower_app.rng import PrivacyRandomness
 from flower_app.topology import build_topology
 from flower_app.train import train_dp, train_plain
-from launch.deployment import Deployment
-from launch.simulation import SimulationLink
 from server_app.evaluation import central_test_sets, model_evaluator
+from sim.launch.deployment import Deployment
+from sim.launch.simulation import SimulationLink
 from strategies.gossip import Layout
 
 console = Console()

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.plots import BYTES, SweepData, eps_label
-from analysis.report import format_accuracy, markdown_table
-from analysis.tidy import HEADLINE, curve, summarize
 from flower_app.results import atomic_write_text
+from sim.analysis.plots import BYTES, SweepData, eps_label
+from sim.analysis.report import format_accuracy, markdown_table
+from sim.analysis.tidy import HEADLINE, curve, summarize
 
 TUNE_REPORT = "tune.md"
 FINAL_DIR, SEARCH_DIR, CHOICES_FILE = "final", "search", "tune.json"

@@ -16,7 +16,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from analysis.plots import (
+from sim.analysis.plots import (
     TARGET_FRACTION,
     SweepData,
     choose_targets,
@@ -25,8 +25,8 @@ from analysis.plots import (
     panels,
     rounds_table,
 )
-from analysis.report import final_summary, format_number, markdown_table
-from analysis.tidy import eps_order, series_tuple, summarize
+from sim.analysis.report import final_summary, format_number, markdown_table
+from sim.analysis.tidy import eps_order, series_tuple, summarize
 
 # Ten classes (MNIST and Fashion-MNIST): what a model guessing one class scores.
 CHANCE = 0.1

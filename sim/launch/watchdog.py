@@ -6,7 +6,7 @@ FLWR_HOME the command gave its SuperLink, so a small watchdog process in its own
 polls the command's PID and, when it is gone, stops everything under that FLWR_HOME
 (`processes_under`). A command that ends normally stops the watchdog itself.
 
-    python -m launch.watchdog PID START_TIME FLWR_HOME
+    python -m sim.launch.watchdog PID START_TIME FLWR_HOME
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from launch.processes import alive, processes_under, start_time, stop_processes
+from sim.launch.processes import alive, processes_under, start_time, stop_processes
 
 POLL_S = 0.5
 
@@ -28,13 +28,13 @@ def start_watchdog(home: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"}  # never its own target
     me = os.getpid()
     return subprocess.Popen(
-        [sys.executable, "-m", "launch.watchdog", str(me), str(start_time(me)), str(home)],
+        [sys.executable, "-m", "sim.launch.watchdog", str(me), str(start_time(me)), str(home)],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # outlives a kill of the command's process group
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     )
 
 

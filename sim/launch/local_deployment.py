@@ -1,7 +1,7 @@
 """`scripts/local-deployment`: start a SuperLink and N SuperNodes on 127.0.0.1, or stop them.
 
 `start N` runs in the foreground until Ctrl-C (or with `--detach` returns once every node is
-online); `stop` stops every process `start` started, by PID (`launch.deployment`).
+online); `stop` stops every process `start` started, by PID (`sim.launch.deployment`).
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from launch.deployment import (
+from sim.launch.deployment import (
     DEFAULT_DIR,
     LAUNCHER_POLICY,
     Deployment,
     console,
     stop_from_pids,
 )
-from launch.flwr_cli import PROJECT_DIR, FlowerRunError, inline_run_config
-from launch.processes import sigterm_as_interrupt
+from sim.launch.flwr_cli import PROJECT_DIR, FlowerRunError, inline_run_config
+from sim.launch.processes import sigterm_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,28 +24,28 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from analysis.compare import compare, compare_figure
-from analysis.plots import TARGET_FRACTION, SweepData, plot_all
-from analysis.report import final_summary, summary_rows, write_report
-from analysis.tidy import MANIFEST, TIDY
-from analysis.tuned import write_tune_report
 from flower_app.results import (
     FolderLock,
     FolderLocked,
     atomic_write_text,
     resolve_results_dir,
 )
-from launch.flwr_cli import RunOutcome
-from launch.processes import (
+from sim.analysis.compare import compare, compare_figure
+from sim.analysis.plots import TARGET_FRACTION, SweepData, plot_all
+from sim.analysis.report import final_summary, summary_rows, write_report
+from sim.analysis.tidy import MANIFEST, TIDY
+from sim.analysis.tuned import write_tune_report
+from sim.launch.flwr_cli import RunOutcome
+from sim.launch.processes import (
     command_line,
     processes_under,
     sigterm_as_interrupt,
     stop_processes,
 )
-from launch.simulation import SimulationLink
-from sweeps.presets import PRESETS
-from sweeps.runner import COMPLETED, FlowerRunner, Runner, SuperLinkDown, Sweep
-from sweeps.spec import (
+from sim.launch.simulation import SimulationLink
+from sim.sweeps.presets import PRESETS
+from sim.sweeps.runner import COMPLETED, FlowerRunner, Runner, SuperLinkDown, Sweep
+from sim.sweeps.spec import (
     Cell,
     SweepError,
     SweepSpec,
@@ -56,7 +56,7 @@ from sweeps.spec import (
     parse_values,
     parse_variant,
 )
-from sweeps.tune import (
+from sim.sweeps.tune import (
     CHOICES,
     FINAL,
     SEARCH,
@@ -507,7 +507,7 @@ def _sweep_folder(path: Path) -> Path:
 
 
 def _setup_logging() -> None:
-    for name in ("sweeps", "analysis", "launch"):
+    for name in ("sim",):
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
         if not any(isinstance(h, RichHandler) for h in logger.handlers):

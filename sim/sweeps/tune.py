@@ -20,10 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.tidy import CORE, HEADLINE, read_tidy
 from flower_app.results import format_eps, write_json
-from sweeps.runner import COMPLETED, Sweep
-from sweeps.spec import Cell, SweepError, SweepSpec, expand, make_cell, split_scope, swept_keys
+from sim.analysis.tidy import CORE, HEADLINE, read_tidy
+from sim.sweeps.runner import COMPLETED, Sweep
+from sim.sweeps.spec import Cell, SweepError, SweepSpec, expand, make_cell, split_scope, swept_keys
 
 SEARCH, FINAL = "search", "final"
 CHOICES = "tune.json"

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from analysis.audit import violations, write_audit_report
-from sweeps.cli import _add_run, _setup_logging, _sweep_folder, command_run, default_out
-from sweeps.runner import Runner
-from sweeps.spec import SweepError
+from sim.analysis.audit import violations, write_audit_report
+from sim.sweeps.cli import _add_run, _setup_logging, _sweep_folder, command_run, default_out
+from sim.sweeps.runner import Runner
+from sim.sweeps.spec import SweepError
 
 DEFAULT_CANARIES = 100
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sweeps.spec import SweepSpec
+from sim.sweeps.spec import SweepSpec
 
 
 @dataclass(frozen=True)

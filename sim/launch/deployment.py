@@ -8,7 +8,7 @@ node config `partition-id=i num-partitions=N`. Everything lives under one folder
     certs/  keys/  flwr-home/config.toml (the CLI's connection)  superlink/  node-<i>/
     pids.json (what `stop` kills)
 
-`scripts/local-deployment` (`launch.local_deployment`) starts and stops one from the shell.
+`scripts/local-deployment` (`sim.launch.local_deployment`) starts and stops one from the shell.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from rich.console import Console
 
-from launch.flwr_cli import (
+from sim.launch.flwr_cli import (
     PROJECT_DIR,
     FlowerRunError,
     FlwrCli,
@@ -34,7 +34,7 @@ from launch.flwr_cli import (
     json_payload,
     stage_app,
 )
-from launch.processes import (
+from sim.launch.processes import (
     alive,
     command_line,
     console_script,
@@ -44,7 +44,7 @@ from launch.processes import (
     processes_under,
     stop_processes,
 )
-from launch.watchdog import start_watchdog, stop_watchdog
+from sim.launch.watchdog import start_watchdog, stop_watchdog
 
 CONNECTION = "local-deployment"
 DEFAULT_DIR = PROJECT_DIR / ".flwr" / CONNECTION
@@ -161,7 +161,7 @@ def warm_executor_command(*, runtime_port: int, parent_pid: int, allowed_fabs: P
     """`fdg-superexec` for the SuperNode whose Runtime API is on `runtime_port`.
 
     It takes `flower-superexec`'s arguments and forks each ClientApp from a process that
-    imported torch, Opacus and flwr once (`launch/warm_superexec.py`); it runs only the
+    imported torch, Opacus and flwr once (`client_app/warm_superexec.py`); it runs only the
     FABs whose hashes the operator listed in `allowed_fabs`; it exits with its SuperNode.
     """
     return [

@@ -6,8 +6,8 @@ processes (the SuperLink, its SuperExec, a simulation still running, Ray) inheri
 project's FLWR_HOME. So does the user's shell once the venv is activated, which is why only
 processes whose command line is Flower's or Ray's are ever stopped.
 
-    python -m launch.local_link pids     # the running local SuperLink's processes, if any
-    python -m launch.local_link stop     # stop them (SIGTERM, then SIGKILL)
+    python -m sim.launch.local_link pids     # the running local SuperLink's processes, if any
+    python -m sim.launch.local_link stop     # stop them (SIGTERM, then SIGKILL)
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from launch.flwr_cli import PROJECT_DIR
-from launch.processes import command_line, processes_under, stop_processes
+from sim.launch.flwr_cli import PROJECT_DIR
+from sim.launch.processes import command_line, processes_under, stop_processes
 
 FLOWER_AND_RAY = (
     "flower-superlink",
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`pids` prints them (nothing if none), `stop` stops them."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args not in (["pids"], ["stop"]):
-        sys.stderr.write("usage: python -m launch.local_link pids|stop\n")
+        sys.stderr.write("usage: python -m sim.launch.local_link pids|stop\n")
         return 2
     pids = local_processes()
     if args == ["pids"]:

@@ -25,7 +25,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
-from analysis.tidy import (  # noqa: E402
+from flower_app.config import RunConfig  # noqa: E402
+from flower_app.results import format_eps  # noqa: E402
+from sim.analysis.tidy import (  # noqa: E402
     HEADLINE,
     cell_table,
     curve,
@@ -39,8 +41,6 @@ from analysis.tidy import (  # noqa: E402
     summarize,
     targets_from_nonprivate,
 )
-from flower_app.config import RunConfig  # noqa: E402
-from flower_app.results import format_eps  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from flower_app.results import CONFIG, ROUNDS, RunSummary, atomic_write_text, cs
 TIDY = "sweep.csv"
 MANIFEST = "manifest.json"
 RUNS = "runs"
-# Every sweep cell's core coordinates (sweeps.spec names cells by them).
+# Every sweep cell's core coordinates (sim.sweeps.spec names cells by them).
 CORE = ("strategy", "eps", "seed")
 ID_COLUMNS = ("cell", *CORE)
 CONFIDENCE = 0.95

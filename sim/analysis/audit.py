@@ -17,9 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.plots import MARKERS, PALETTE, STYLE, _save  # noqa: E402
-from analysis.tidy import RUNS, read_manifest  # noqa: E402
 from flower_app.results import atomic_write_text, format_eps  # noqa: E402
+from sim.analysis.plots import MARKERS, PALETTE, STYLE, _save  # noqa: E402
+from sim.analysis.tidy import RUNS, read_manifest  # noqa: E402
 
 AUDIT_JSON = "audit.json"
 AUDIT_CSV = "audit.csv"
