@@ -13,8 +13,9 @@ from flower_app.data import DeviceDataError
 from flower_app.ledger import FileLedger, LedgerError
 from flower_app.node import Refused, serve_train
 from flower_app.policy import NodePolicy, PolicyError, torch_threads
-from flower_app.records import ARRAYS, CONFIG, StateLedger, refusal_reply, train_reply
+from flower_app.records import StateLedger, refusal_reply, train_reply
 from flower_app.train import GradientCheckError, quiet_opacus_logging
+from flower_app.wire import ARRAYS, CONFIG, SERVER_ROUND
 
 app = ClientApp()
 
@@ -54,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
             partition_id=pid,
             num_partitions=num_partitions,
             weights=msg.content[ARRAYS].to_torch_state_dict(),
-            server_round=int(msg.content[CONFIG]["server-round"]),
+            server_round=int(msg.content[CONFIG][SERVER_ROUND]),
             own_data=own_data,
         )
     except DeviceDataError as err:

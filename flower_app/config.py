@@ -14,9 +14,10 @@ from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
 from flower_app.gossip import GOSSIP_MODES
-from flower_app.model import FASTEST_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES
-from flower_app.privacy import CalibrationError, one_shot_true_eps, smallest_target_eps
 from flower_app.topology import TOPOLOGIES
+
+# Imports nothing heavier than networkx: a strategy reads the run config without torch or
+# Opacus, and the checks that need Opacus's accountants import `privacy` when they run.
 
 # `sample`: Opacus DP-SGD (per-example clipping and noise at every step; sample-level DP).
 # `update`: plain local SGD, then the round's model update is clipped and noised once
@@ -25,6 +26,13 @@ DP_MODES = ("sample", "update")
 # How σ of dp-mode=update is chosen: `composed` meets `eps` over ALL rounds (RDP);
 # `per-round` is the classic one-shot Gaussian calibration for `eps`, never composed.
 ACCOUNTINGS = ("composed", "per-round")
+# Per-sample-gradient modes: `fast` (flower_app/clipped_grads.py, checked against `hooks` on
+# the first step of every local training) and Opacus's own; each gives the same clipped
+# update (fl-bench checks). Opacus's DPOptimizer clips, noises and counts the steps in all.
+GRAD_SAMPLE_MODES = ("fast", "hooks", "ghost", "functorch", "ew")
+# grad-sample-mode=auto: the fastest correct mode for each model in fl-bench's one-epoch
+# timings (docs/performance.md has them).
+FASTEST_GRAD_SAMPLE_MODE = {"cnn": "fast", "mlp": "fast"}
 # Seeds travel as Flower's int64 run-config values (torch takes < 2^64, numpy any size).
 MAX_SEED = 2**63 - 1
 # A finite eps above this is no privacy at all, and the noise search's bisection to within
@@ -191,6 +199,8 @@ class RunConfig:
                 "accounting='per-round' is not valid with dp-mode='sample'; it is the "
                 "uncomposed per-round calibration of dp-mode=update (use accounting=composed)"
             )
+        from flower_app.privacy import one_shot_true_eps
+
         if claims_per_round(self) and (true := one_shot_true_eps(self.eps, self.delta)) > self.eps:
             raise ConfigError(
                 f"eps={self.eps:g} is not valid with accounting='per-round': the one-shot "
@@ -213,6 +223,8 @@ class RunConfig:
         """An eps that no noise can meet at this delta fails here, not in every node."""
         if not self.private or claims_per_round(self):
             return  # per-round σ is a formula: nothing to search
+        from flower_app.privacy import CalibrationError, smallest_target_eps
+
         try:
             floor = smallest_target_eps(self.delta, self.accountant)
         except CalibrationError as err:

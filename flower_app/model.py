@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flower_app.config import GRAD_SAMPLE_MODES as GRAD_SAMPLE_MODES  # tests/e2e read it here
 from flower_app.data import NUM_CLASSES
 
 
@@ -57,14 +58,6 @@ class MLP(nn.Module):
 
 
 MODELS: dict[str, type[nn.Module]] = {"cnn": CNN, "mlp": MLP}
-
-# Per-sample-gradient modes: `fast` (flower_app/grad_samples.py, checked against `hooks` on
-# the first step of every local training) and Opacus's own; each gives the same clipped
-# update (fl-bench checks). Opacus's DPOptimizer clips, noises and counts the steps in all.
-GRAD_SAMPLE_MODES = ("fast", "hooks", "ghost", "functorch", "ew")
-# grad-sample-mode=auto: the fastest correct mode for each model in fl-bench's one-epoch
-# timings (docs/performance.md has them).
-FASTEST_GRAD_SAMPLE_MODE = {"cnn": "fast", "mlp": "fast"}
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Module:

@@ -1,28 +1,17 @@
-"""One node's work in a round: its data shard, its privacy plan and policy, (DP-)SGD."""
+"""One node's round: its privacy plan, policy and ledger, then (DP-)SGD on its shard."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Any, Protocol, TypeVar
 
-import numpy as np
 import torch
 
-from flower_app.audit import Canaries, make_canaries
 from flower_app.config import ConfigError, RunConfig
-from flower_app.data import (
-    BatchTensorDataset,
-    cap,
-    load_arrays,
-    load_device_data,
-    to_tensors,
-    validation_split,
-)
+from flower_app.data import BatchTensorDataset
 from flower_app.ledger import Decision, ledger_key
 from flower_app.model import build_model
-from flower_app.partition import partition_indices
 from flower_app.policy import (
     NodePolicy,
     node_run_config,
@@ -39,6 +28,7 @@ from flower_app.privacy import (
     privatize_update,
 )
 from flower_app.rng import PrivacyRandomness, privacy_randomness, shuffle_generator
+from flower_app.shards import ShardSpec, load_shard
 from flower_app.train import train_dp, train_plain
 
 T = TypeVar("T")
@@ -71,150 +61,6 @@ class LedgerStore(Protocol):
     def reserve(self, key: str, decide: Callable[[dict[str, PrivacyLedger]], Decision[T]]) -> T:
         """One transaction: `decide` sees every entry; the ledger it returns is recorded."""
         ...
-
-
-def shard_indices(
-    labels: np.ndarray,
-    partitioner: str,
-    num_partitions: int,
-    partition_id: int,
-    *,
-    seed: int,
-    alpha: float,
-    shards_per_node: int,
-    samples_per_node: int,
-    validation_samples: int = 0,
-) -> np.ndarray:
-    """Indices into the training set of the node's shard.
-
-    The validation split is carved off first and the partitioner sees only the rest, so no
-    shard holds a validation example.
-    """
-    train, _ = validation_split(len(labels), validation_samples)
-    parts = partition_indices(
-        labels[train],
-        partitioner,
-        num_partitions,
-        seed=seed,
-        alpha=alpha,
-        shards_per_node=shards_per_node,
-    )
-    return train[cap(parts[partition_id], samples_per_node, seed + partition_id)]
-
-
-@lru_cache(maxsize=32)
-def node_data(
-    dataset: str,
-    data_dir: str,
-    partitioner: str,
-    num_partitions: int,
-    partition_id: int,
-    seed: int,
-    alpha: float,
-    shards_per_node: int,
-    samples_per_node: int,
-    normalize: str = "mean-std",
-    audit_canaries: int = 0,
-    audit_seed: int = 0,
-    validation_samples: int = 0,
-) -> BatchTensorDataset:
-    """The node's training shard as tensors (cached: loaded once per worker process).
-
-    In an audit run the node's included canaries are appended: extra examples, so they
-    count in its n and its privacy plan like any other.
-    """
-    arrays = load_arrays(dataset, data_dir)
-    idx = shard_indices(
-        arrays.y_train,
-        partitioner,
-        num_partitions,
-        partition_id,
-        seed=seed,
-        alpha=alpha,
-        shards_per_node=shards_per_node,
-        samples_per_node=samples_per_node,
-        validation_samples=validation_samples,
-    )
-    x, y = arrays.x_train[idx], arrays.y_train[idx]
-    x, y = _with_canaries(x, y, partition_id, num_partitions, audit_canaries, audit_seed)
-    return to_tensors(dataset, x, y, normalize)
-
-
-@lru_cache(maxsize=4)
-def device_data(
-    path: str,
-    dataset: str,
-    normalize: str,
-    partition_id: int,
-    num_partitions: int,
-    audit_canaries: int = 0,
-    audit_seed: int = 0,
-) -> BatchTensorDataset:
-    """A device's own training files, whole (node config `data-dir`), plus its canaries."""
-    x, y = load_device_data(path)
-    x, y = _with_canaries(x, y, partition_id, num_partitions, audit_canaries, audit_seed)
-    return to_tensors(dataset, x, y, normalize)
-
-
-def _with_canaries(
-    x: np.ndarray,
-    y: np.ndarray,
-    partition_id: int,
-    num_partitions: int,
-    audit_canaries: int,
-    audit_seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The node's examples with its included audit canaries appended (none outside audits)."""
-    if not audit_canaries:
-        return x, y
-    canaries = make_canaries(num_partitions, audit_canaries, audit_seed)
-    mine = canaries.of(partition_id)
-    return np.concatenate([x, canaries.images[mine]]), np.concatenate([y, canaries.label[mine]])
-
-
-def shard_for(
-    cfg: RunConfig, partition_id: int, num_partitions: int, own_data: str = ""
-) -> BatchTensorDataset:
-    """The node's training data: its own files (`own_data`), else its cut of the dataset.
-
-    `own_data` is the device's node config `data-dir`; the run's partitioner, caps and
-    validation split then do not apply, and `partition_id` is only the node's identity.
-    """
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(
-            f"partition-id={partition_id} is not valid for num-partitions={num_partitions}"
-        )
-    if own_data:
-        return device_data(
-            own_data,
-            cfg.dataset,
-            cfg.normalize,
-            partition_id,
-            num_partitions,
-            cfg.audit_canaries,
-            cfg.audit_seed,
-        )
-    return node_data(
-        cfg.dataset,
-        cfg.data_dir,
-        cfg.partitioner,
-        num_partitions,
-        partition_id,
-        cfg.seed,
-        cfg.alpha,
-        cfg.shards_per_node,
-        cfg.samples_per_node,
-        cfg.normalize,
-        cfg.audit_canaries,
-        cfg.audit_seed,
-        cfg.validation_samples,
-    )
-
-
-def canary_set(cfg: RunConfig, num_partitions: int) -> tuple[Canaries, BatchTensorDataset]:
-    """Every node's canaries (in or out) and their images as tensors, for scoring them."""
-    canaries = make_canaries(num_partitions, cfg.audit_canaries, cfg.audit_seed)
-    return canaries, to_tensors(cfg.dataset, canaries.images, canaries.label, cfg.normalize)
 
 
 def plan(cfg: RunConfig, num_samples: int) -> PrivacyLedger | None:
@@ -256,24 +102,49 @@ def local_round(
     server_round: int,
     own_data: str = "",
 ) -> NodeRound:
-    """Train the received weights on the node's shard (`local-steps` steps or `local-epochs`).
+    """A round from nothing computed yet (tests, fl-bench): load the shard, plan, train.
 
-    With DP and no ledger yet, plans one (`plan`). With dp-mode=update the node trains
-    without DP, then clips and noises the round's update once (one ledger step); with
-    accounting=per-round that σ is the tutorial's uncomposed one and the ledger shows what
-    it really costs. The DP noise and Poisson batches come from `privacy_randomness`.
+    With DP and no ledger yet, plans one (`plan`); then `train_round`.
     """
-    data = shard_for(cfg, partition_id, num_partitions, own_data)
+    spec = ShardSpec.of(cfg, partition_id, num_partitions, own_data)
+    data = load_shard(spec)
     if ledger is None:
         ledger = plan(cfg, len(data))
+    return train_round(
+        cfg, spec=spec, data=data, weights=weights, ledger=ledger, server_round=server_round
+    )
+
+
+def train_round(
+    cfg: RunConfig,
+    *,
+    spec: ShardSpec,
+    data: BatchTensorDataset,
+    weights: dict[str, torch.Tensor],
+    ledger: PrivacyLedger | None,
+    server_round: int,
+) -> NodeRound:
+    """Train the received weights on the node's shard (`local-steps` steps or `local-epochs`).
+
+    `data` is the shard `spec` names, `ledger` the run's ledger before this round (None: no
+    DP). With dp-mode=update the node trains without DP, then clips and noises the round's
+    update once (one ledger step); with accounting=per-round that σ is the tutorial's
+    uncomposed one and the ledger shows what it really costs. The DP noise and Poisson
+    batches come from `privacy_randomness`.
+    """
+    if ledger is None and cfg.private:
+        raise RuntimeError("a private run reached training without a ledger: not training")
+    pid = spec.partition_id
     model = build_model(cfg.model)
     model.load_state_dict(weights, strict=True)
     if ledger is None:
-        loss = _round_plain(cfg, model, data, shuffle_generator(cfg, partition_id, server_round))
-        return NodeRound(_detached(model), len(data), loss, None, num_partitions=num_partitions)
-    rand = privacy_randomness(cfg, partition_id, server_round)
+        loss = _round_plain(cfg, model, data, shuffle_generator(cfg, pid, server_round))
+        return NodeRound(
+            _detached(model), len(data), loss, None, num_partitions=spec.num_partitions
+        )
+    rand = privacy_randomness(cfg, pid, server_round)
     if cfg.dp_mode == "update":
-        shuffle = shuffle_generator(cfg, partition_id, server_round)
+        shuffle = shuffle_generator(cfg, pid, server_round)
         loss, steps = _round_update(cfg, model, data, weights, ledger, shuffle, rand)
     else:
         loss, steps = _round_sample(cfg, model, data, ledger, rand)
@@ -283,7 +154,7 @@ def local_round(
         loss,
         ledger.after(steps),
         steps,
-        num_partitions=num_partitions,
+        num_partitions=spec.num_partitions,
     )
 
 
@@ -375,17 +246,19 @@ def serve_train(
 ) -> NodeRound | Refused:
     """One train message, as a node that guards its own privacy answers it.
 
-    With a policy the run's `data-dir` is ignored (`node_run_config`). In one ledger
-    transaction (`store.reserve`) it plans the run's ledger once (or resumes its entry), checks
-    the node's policy, the plan and δ (`policy.refusal`) and writes the round's steps BEFORE
-    training; then trains. A refused round trains nothing and spends nothing.
+    Each step takes what the one before computed: shard (`ShardSpec`, with a policy the
+    run's `data-dir` ignored: `node_run_config`) → the run's plan for that shard → one ledger
+    transaction (`store.reserve`) that resumes the run's entry or starts the plan, checks the
+    node's policy, the plan and δ (`policy.refusal`) and writes the round's steps BEFORE
+    training → `train_round`. A refused round trains nothing and spends nothing.
     """
     cfg = node_run_config(policy, cfg)
-    data = shard_for(cfg, partition_id, num_partitions, own_data)
+    spec = ShardSpec.of(cfg, partition_id, num_partitions, own_data)
+    data = load_shard(spec)
+    planned = plan(cfg, len(data))
     key = ledger_key(run_id, partition_id)
 
     def decide(runs: dict[str, PrivacyLedger]) -> Decision[_Reserved]:
-        planned = plan(cfg, len(data))
         ledger = runs.get(key) or planned
         steps = round_steps(cfg, ledger) if ledger is not None else 0
         others = [led for k, led in runs.items() if k != key]
@@ -398,14 +271,13 @@ def serve_train(
     got = store.reserve(key, decide)
     if got.reason is not None:
         return Refused(got.reason)
-    out = local_round(
+    out = train_round(
         cfg,
-        partition_id=partition_id,
-        num_partitions=num_partitions,
+        spec=spec,
+        data=data,
         weights=weights,
         ledger=got.ledger,
         server_round=server_round,
-        own_data=own_data,
     )
     if got.ledger is None:
         return out

@@ -1,4 +1,7 @@
-"""Record keys and conversions between Flower records and plain Python (only flwr user here)."""
+"""Conversions between Flower records and plain Python (the only flwr user in the core).
+
+The keys themselves live in `wire.py`.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,26 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flower_app.ledger import Decision
 from flower_app.node import NodeRound, Refused
 from flower_app.privacy import PrivacyLedger
+from flower_app.wire import (
+    ARRAYS,
+    EPS,
+    EPS_STRICT,
+    LEDGER,
+    LIFETIME_EPS,
+    METRICS,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    PLANNED_STEPS,
+    REASON,
+    REFUSAL,
+    ROUND_STEPS,
+    SAMPLE_RATE,
+    STEPS,
+    TRAIN_LOSS,
+)
 
-ARRAYS = "arrays"
-METRICS = "metrics"
-CONFIG = "config"
-REFUSAL = "refusal"  # a reply that trained nothing: ConfigRecord {"reason": ...}
-LEDGER = "privacy-ledger"  # prefix of the ledger entries in the node's context.state
-NUM_EXAMPLES = "num-examples"
-NUM_PARTITIONS = "num-partitions"
 T = TypeVar("T")
 
 
@@ -60,24 +75,24 @@ def train_reply(out: NodeRound, partition_id: int) -> RecordDict:
     Nothing computed from the raw data without noise leaves a private node: the training
     loss is sent only without DP (eps=inf).
     """
-    metrics: dict[str, int | float] = {NUM_EXAMPLES: out.num_examples, "partition-id": partition_id}
+    metrics: dict[str, int | float] = {NUM_EXAMPLES: out.num_examples, PARTITION_ID: partition_id}
     if out.num_partitions:  # gossip's graph has one vertex per partition: checked there
         metrics[NUM_PARTITIONS] = out.num_partitions
     if out.ledger is None:
-        metrics["train-loss"] = out.train_loss
+        metrics[TRAIN_LOSS] = out.train_loss
     else:
         led = out.ledger
         metrics |= {
-            "eps": led.epsilon(),
-            "eps-strict": led.strict_epsilon(),
-            "noise-multiplier": led.noise_multiplier,
-            "sample-rate": led.sample_rate,
-            "steps": led.steps,
-            "round-steps": out.round_steps,
-            "planned-steps": led.planned_steps,
+            EPS: led.epsilon(),
+            EPS_STRICT: led.strict_epsilon(),
+            NOISE_MULTIPLIER: led.noise_multiplier,
+            SAMPLE_RATE: led.sample_rate,
+            STEPS: led.steps,
+            ROUND_STEPS: out.round_steps,
+            PLANNED_STEPS: led.planned_steps,
         }
         if out.lifetime_eps is not None:
-            metrics["lifetime-eps"] = out.lifetime_eps
+            metrics[LIFETIME_EPS] = out.lifetime_eps
     return RecordDict({ARRAYS: ArrayRecord(out.state_dict), METRICS: MetricRecord(metrics)})
 
 
@@ -85,6 +100,6 @@ def refusal_reply(refused: Refused, partition_id: int) -> RecordDict:
     """A reply that carries no model, only why the node refused."""
     return RecordDict(
         {
-            REFUSAL: ConfigRecord({"reason": refused.reason, "partition-id": partition_id}),
+            REFUSAL: ConfigRecord({REASON: refused.reason, PARTITION_ID: partition_id}),
         }
     )

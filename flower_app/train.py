@@ -127,19 +127,10 @@ def train_dp(
     for some n). The accountant starts from the node's ledger, so Opacus itself tracks the
     cumulative spend; the steps it counts this round are returned for the ledger.
     """
-    fast = grad_sample_mode == "fast" and clipped_grads.supports(model)
-    if grad_sample_mode == "fast" and not fast:
-        logging.getLogger(__name__).warning(
-            "grad-sample-mode=fast does not cover every layer of %s: using Opacus hooks",
-            type(model).__name__,
-        )
-        grad_sample_mode = "hooks"
+    fast, grad_sample_mode = _fast_path(model, grad_sample_mode)
     rand = randomness or PrivacyRandomness.fresh()
     per_epoch = steps_per_epoch(len(data), batch_size)
-    sampler = KeyedPoissonSampler(
-        num_samples=len(data), sample_rate=1 / per_epoch, steps=per_epoch, stream=rand.sampling
-    )
-    loader = DataLoader(data, batch_sampler=sampler, collate_fn=keep_batch)
+    loader = _poisson_loader(data, per_epoch, steps=per_epoch, randomness=rand)
     dp = _make_private(
         model,
         _optimizer(model, lr, momentum),
@@ -151,32 +142,65 @@ def train_dp(
         grad_sample_mode="ghost" if fast else grad_sample_mode,
     )
     use_keyed_noise(dp.optimizer, rand.noise)
-    if abs(1 / len(dp.loader) - ledger.sample_rate) > 1e-12:
-        raise RuntimeError(
-            f"sample rate {1 / len(dp.loader)} differs from the calibrated {ledger.sample_rate}: "
-            "the node's data changed between rounds"
-        )
+    _check_sample_rate(dp, ledger)
     if steps:
         # Opacus took the sample rate from the one-epoch loader; the steps come from a
         # sampler of the same rate that stops after `steps` batches.
-        sampler = KeyedPoissonSampler(
-            num_samples=len(data), sample_rate=1 / per_epoch, steps=steps, stream=rand.sampling
-        )
-        batches: Iterable = DataLoader(data, batch_sampler=sampler, collate_fn=keep_batch)
+        batches: Iterable = _poisson_loader(data, per_epoch, steps=steps, randomness=rand)
     else:
         batches = _batches(dp.loader, epochs=epochs, steps=0)
     if fast:
         loss = _fast_epochs(dp, model, batches, max_grad_norm)
     else:
         loss = _dp_epochs(dp, batches, empty_batches_by_hand=grad_sample_mode == "ew")
+    taken = _steps_taken(dp, ledger, expected=steps or epochs * len(dp.loader))
+    dp.model._close()  # remove Opacus hooks and attributes; the caller keeps using `model`
+    return LocalResult(loss=loss, steps=taken)
+
+
+def _fast_path(model: nn.Module, grad_sample_mode: str) -> tuple[bool, str]:
+    """Whether `fast` covers the model, and the Opacus mode to fall back on when it does not."""
+    fast = grad_sample_mode == "fast" and clipped_grads.supports(model)
+    if grad_sample_mode == "fast" and not fast:
+        logging.getLogger(__name__).warning(
+            "grad-sample-mode=fast does not cover every layer of %s: using Opacus hooks",
+            type(model).__name__,
+        )
+        grad_sample_mode = "hooks"
+    return fast, grad_sample_mode
+
+
+def _poisson_loader(
+    data: TensorDataset, per_epoch: int, *, steps: int, randomness: PrivacyRandomness
+) -> DataLoader:
+    """`steps` keyed Poisson batches at sample rate 1/`per_epoch` (1/⌈n / batch⌉)."""
+    sampler = KeyedPoissonSampler(
+        num_samples=len(data),
+        sample_rate=1 / per_epoch,
+        steps=steps,
+        stream=randomness.sampling,
+    )
+    return DataLoader(data, batch_sampler=sampler, collate_fn=keep_batch)
+
+
+def _check_sample_rate(dp: _Private, ledger: PrivacyLedger) -> None:
+    """Refuse to train at another sample rate than the noise was calibrated for."""
+    if abs(1 / len(dp.loader) - ledger.sample_rate) > 1e-12:
+        raise RuntimeError(
+            f"sample rate {1 / len(dp.loader)} differs from the calibrated {ledger.sample_rate}: "
+            "the node's data changed between rounds"
+        )
+
+
+def _steps_taken(dp: _Private, ledger: PrivacyLedger, *, expected: int) -> int:
+    """The steps Opacus's accountant counted this round, which must be the ones planned."""
     taken = sum(n for _, _, n in dp.engine.accountant.history) - ledger.steps
-    if taken != (expected := steps or epochs * len(dp.loader)):
+    if taken != expected:
         raise RuntimeError(
             f"the accountant counted {taken} steps, expected {expected}: privacy accounting "
             "would be wrong"
         )
-    dp.model._close()  # remove Opacus hooks and attributes; the caller keeps using `model`
-    return LocalResult(loss=loss, steps=taken)
+    return taken
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from flwr.app import ArrayRecord
 from flower_app.audit import CONFIDENCE, audit_scores, joint_confidence
 from flower_app.config import RunConfig
 from flower_app.model import build_model
-from flower_app.node import canary_set
 from flower_app.results import write_json
+from flower_app.shards import canary_set
 
 AUDIT = "audit.json"
 _OBSERVER_STREAM = 0xD157
@@ -105,39 +105,76 @@ def run_audit(
     views = observer_assignments(canaries.owner, graph, cfg.audit_seed)
     joint = joint_confidence(len(views))
     for name, distance, scorer in views:
-        scores = np.full(len(labels), np.nan)
-        for node in np.unique(scorer):
-            if node == -1:
-                continue
-            arrays = shared_arrays if node == -2 else own_models.get(int(node))
-            if arrays is None:
-                continue  # a node that never trained holds nothing to score with
-            idx = np.flatnonzero(scorer == node)
-            scores[idx] = canary_scores(cfg, arrays, images[idx], labels[idx])
+        scores = _view_scores(cfg, scorer, own_models, shared_arrays, images, labels)
         keep = np.flatnonzero(~np.isnan(scores))
         if len(keep) == 0:
             continue
         owners = sorted({int(o) for o in canaries.owner[keep]})
         eps_accountant = max(node_eps.get(o, 0.0) for o in owners) if cfg.private else math.inf
-        result = audit_scores(scores[keep], canaries.included[keep], cfg.delta)
-        together = audit_scores(scores[keep], canaries.included[keep], cfg.delta, joint)
         observers.append(
             {
                 "observer": name,
                 "distance": distance,
-                "guesses": result["guesses"],
-                "correct": result["correct"],
-                "eps_lower": result["eps_lower"],
-                "eps_lower_joint": together["eps_lower"],
-                "eps_accountant": eps_accountant,
-                "canaries": result["canaries"],
-                "included": result["included"],
-                "k_plus": result["k_plus"],
-                "k_minus": result["k_minus"],
-                "mean_score_in": float(np.mean(scores[keep][canaries.included[keep]])),
-                "mean_score_out": float(np.mean(scores[keep][~canaries.included[keep]])),
+                **_observer_result(
+                    scores[keep], canaries.included[keep], cfg.delta, joint, eps_accountant
+                ),
             }
         )
+    return _audit_header(cfg, joint) | {"observers": observers}
+
+
+def _view_scores(
+    cfg: RunConfig,
+    scorer: np.ndarray,
+    own_models: Mapping[int, Sequence[np.ndarray]],
+    shared: Sequence[np.ndarray] | None,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> np.ndarray:
+    """Each canary's score under the model its scorer holds (NaN: no scorer, or no model).
+
+    `scorer` is -1 for a canary no node scores, -2 for the shared model (`shared`), else the
+    node whose own model scores it.
+    """
+    scores = np.full(len(labels), np.nan)
+    for node in np.unique(scorer):
+        if node == -1:
+            continue
+        arrays = shared if node == -2 else own_models.get(int(node))
+        if arrays is None:
+            continue  # a node that never trained holds nothing to score with
+        idx = np.flatnonzero(scorer == node)
+        scores[idx] = canary_scores(cfg, arrays, images[idx], labels[idx])
+    return scores
+
+
+def _observer_result(
+    scores: np.ndarray, included: np.ndarray, delta: float, joint: float, eps_accountant: float
+) -> dict[str, Any]:
+    """An observer's result: the best guessing rule's bound beside the accountant's ε.
+
+    The bound alone and at the joint confidence, the rule's counts, and the mean score of the
+    canaries in and out.
+    """
+    result = audit_scores(scores, included, delta)
+    together = audit_scores(scores, included, delta, joint)
+    return {
+        "guesses": result["guesses"],
+        "correct": result["correct"],
+        "eps_lower": result["eps_lower"],
+        "eps_lower_joint": together["eps_lower"],
+        "eps_accountant": eps_accountant,
+        "canaries": result["canaries"],
+        "included": result["included"],
+        "k_plus": result["k_plus"],
+        "k_minus": result["k_minus"],
+        "mean_score_in": float(np.mean(scores[included])),
+        "mean_score_out": float(np.mean(scores[~included])),
+    }
+
+
+def _audit_header(cfg: RunConfig, joint: float) -> dict[str, Any]:
+    """What the audit was: the method, the run's claim and the canaries."""
     return {
         "audit": True,
         "method": "Steinke, Nasr & Jagielski 2023, one run, Theorem 3.1 with delta",
@@ -152,7 +189,6 @@ def run_audit(
         "audit_seed": cfg.audit_seed,
         "canary": "an image of random sparse pixels with a random label",
         "score": "minus the cross-entropy at the canary's label",
-        "observers": observers,
     }
 
 

@@ -13,6 +13,7 @@ from flower_app.privacy import (
     replace_one_epsilon,
 )
 from flower_app.results import format_eps
+from flower_app.wire import NOISE_MULTIPLIER, SAMPLE_RATE, STEPS
 from strategies.base import Diagnostics
 
 MECHANISMS = {
@@ -134,11 +135,11 @@ def with_replace_one(nodes: dict[str, dict[str, Any]], cfg: RunConfig) -> dict[s
     out = {}
     for pid, node in nodes.items():
         out[pid] = dict(node)
-        if {"noise-multiplier", "sample-rate", "steps"} <= node.keys():
+        if {NOISE_MULTIPLIER, SAMPLE_RATE, STEPS} <= node.keys():
             out[pid]["eps-replace-one"] = replace_one_epsilon(
-                noise_multiplier=float(node["noise-multiplier"]),
-                sample_rate=float(node["sample-rate"]),
-                steps=int(node["steps"]),
+                noise_multiplier=float(node[NOISE_MULTIPLIER]),
+                sample_rate=float(node[SAMPLE_RATE]),
+                steps=int(node[STEPS]),
                 delta=cfg.delta,
             )
     return out

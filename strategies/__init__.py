@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from flower_app.config import ConfigError, RunConfig, claims_per_round
-from flower_app.node import plan
-from flower_app.privacy import epsilon, gaussian_sigma
 from flower_app.topology import TopologyError, build_topology
 from strategies.base import PrivacyBounds, RunStrategy
 from strategies.fedavg import CentralFedAvg
@@ -19,6 +17,11 @@ def privacy_bounds(cfg: RunConfig) -> PrivacyBounds:
     A dp-mode=update plan needs nothing from the nodes, so it is calibrated here first: an
     eps no noise meets stops the run before training (`ConfigError`), not in every node.
     """
+    # The ε maths is Opacus's: imported when a run starts, so that importing strategies
+    # loads neither torch nor Opacus.
+    from flower_app.node import plan
+    from flower_app.privacy import epsilon, gaussian_sigma
+
     if cfg.private and cfg.dp_mode == "update":
         plan(cfg, num_samples=0)
     if not cfg.private:

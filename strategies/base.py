@@ -15,18 +15,31 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from flower_app.privacy import epsilon
-from flower_app.records import METRICS, NUM_EXAMPLES, REFUSAL
+from flower_app.wire import (
+    EPS,
+    EPS_STRICT,
+    LIFETIME_EPS,
+    METRICS,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PLANNED_STEPS,
+    REASON,
+    REFUSAL,
+    ROUND_STEPS,
+    SAMPLE_RATE,
+    STEPS,
+)
 
 # What each node reports in `summary.json`'s privacy section, when it reported it.
 PRIVACY_KEYS = (
-    "eps",
-    "eps-strict",
-    "lifetime-eps",
-    "noise-multiplier",
-    "sample-rate",
-    "steps",
-    "planned-steps",
+    EPS,
+    EPS_STRICT,
+    LIFETIME_EPS,
+    NOISE_MULTIPLIER,
+    SAMPLE_RATE,
+    STEPS,
+    PLANNED_STEPS,
     NUM_EXAMPLES,
 )
 
@@ -76,7 +89,7 @@ def reply_order(reply: Message) -> tuple[int, int]:
     """Replies by partition id (error replies, which carry none, last by sender)."""
     if reply.has_error() or METRICS not in reply.content:
         return (1, reply.metadata.src_node_id)
-    return (0, int(reply.content[METRICS]["partition-id"]))
+    return (0, int(reply.content[METRICS][PARTITION_ID]))
 
 
 def registration_order(grid: Grid) -> list[int]:
@@ -117,8 +130,8 @@ def _stop_on_refusal(server_round: int, replies: list[Message]) -> None:
     if not refusals:
         return
     reasons = "; ".join(
-        f"partition-id={r.content[REFUSAL]['partition-id']}: {r.content[REFUSAL]['reason']}"
-        for r in sorted(refusals, key=lambda r: int(r.content[REFUSAL]["partition-id"]))
+        f"partition-id={r.content[REFUSAL][PARTITION_ID]}: {r.content[REFUSAL][REASON]}"
+        for r in sorted(refusals, key=lambda r: int(r.content[REFUSAL][PARTITION_ID]))
     )
     raise NodeRefused(f"round {server_round}: refused by its node(s): {reasons}")
 
@@ -169,7 +182,7 @@ class NodeReportsMixin:
         self.partition_of.update({node: pid for pid, node in bindings.items()})
 
     def _claim(self, server_round: int, reply: Message) -> bool:
-        node, pid = reply.metadata.src_node_id, int(reply.content[METRICS]["partition-id"])
+        node, pid = reply.metadata.src_node_id, int(reply.content[METRICS][PARTITION_ID])
         owner = self.node_of.setdefault(pid, node)
         held = self.partition_of.setdefault(node, pid)
         if owner == node and held == pid:
@@ -201,7 +214,7 @@ class NodeReportsMixin:
         self._check_quorum(server_round, ok)
         for r in ok:
             m = r.content[METRICS]
-            pid = int(m["partition-id"])
+            pid = int(m[PARTITION_ID])
             self.node_reports[pid] = dict(m)
             self.lost_rounds.pop(pid, None)
             self.lost_unknown.discard(r.metadata.src_node_id)
@@ -234,17 +247,21 @@ class NodeReportsMixin:
         `strict`: against the server (update mode: replacing the node's data, 2C).
         """
         m = self.node_reports[pid]
-        key = "eps-strict" if strict else "eps"
+        key = EPS_STRICT if strict else EPS
         lost = self.lost_rounds.get(pid, 0)
         if key not in m or not lost:
             return float(m.get(key, 0.0))
-        sigma = float(m["noise-multiplier"])
+        # Opacus's accountant, imported only when a reply was lost: importing strategies
+        # loads neither torch nor Opacus.
+        from flower_app.privacy import epsilon
+
+        sigma = float(m[NOISE_MULTIPLIER])
         if strict and self.bounds.dp_mode == "update":
             sigma /= 2
         return epsilon(
             noise_multiplier=sigma,
-            sample_rate=float(m["sample-rate"]),
-            steps=min(int(m["steps"]) + lost * int(m["round-steps"]), int(m["planned-steps"])),
+            sample_rate=float(m[SAMPLE_RATE]),
+            steps=min(int(m[STEPS]) + lost * int(m[ROUND_STEPS]), int(m[PLANNED_STEPS])),
             delta=self.bounds.delta,
             accountant=self.bounds.accountant,
         )

@@ -13,7 +13,18 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from flower_app.records import METRICS, NUM_EXAMPLES
+from flower_app.wire import (
+    ARRAYS,
+    CONFIG,
+    EPS,
+    EPS_MAX,
+    EPS_MEAN,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+)
 from strategies.base import (
     CentralEvaluationMixin,
     NodeReportsMixin,
@@ -30,13 +41,11 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
     """
     metrics = [r[METRICS] for r in replies]
     out: dict[str, float] = {}
-    if losses := [m for m in metrics if "train-loss" in m]:
+    if losses := [m for m in metrics if TRAIN_LOSS in m]:
         total = sum(float(m[weight_key]) for m in losses)
-        out["train-loss"] = (
-            sum(float(m["train-loss"]) * float(m[weight_key]) for m in losses) / total
-        )
-    if eps := [float(m["eps"]) for m in metrics if "eps" in m]:
-        out |= {"eps-max": max(eps), "eps-mean": sum(eps) / len(eps)}
+        out[TRAIN_LOSS] = sum(float(m[TRAIN_LOSS]) * float(m[weight_key]) for m in losses) / total
+    if eps := [float(m[EPS]) for m in metrics if EPS in m]:
+        out |= {EPS_MAX: max(eps), EPS_MEAN: sum(eps) / len(eps)}
     return MetricRecord(out)
 
 
@@ -67,6 +76,8 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
             min_train_nodes=min(min_available_nodes, num_nodes),
             min_available_nodes=min_available_nodes,
             weighted_by_key=NUM_EXAMPLES,
+            arrayrecord_key=ARRAYS,
+            configrecord_key=CONFIG,
             train_metrics_aggr_fn=aggregate_train_metrics,
         )
         self.num_nodes = num_nodes
@@ -90,10 +101,14 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
         size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
         node_ids = random.Random(f"{self.seed}:{server_round}").sample(nodes, size)
         log(INFO, "configure_train: sampled %d nodes (out of %d)", size, len(nodes))
-        config["server-round"] = server_round
+        config[SERVER_ROUND] = server_round
+        # One payload for every sampled node, as Flower's FedAvg sends it.
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
-        self.sent_to = frozenset(m.metadata.dst_node_id for m in messages)
+        messages = [
+            Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
+            for node in node_ids
+        ]
+        self.sent_to = frozenset(node_ids)
         return messages
 
     def aggregate_train(
@@ -107,16 +122,14 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
         ok = self.remember(server_round, replies)
         if self.keep_uploads:
             for r in ok:
-                pid = int(r.content[METRICS]["partition-id"])
+                pid = int(r.content[METRICS][PARTITION_ID])
                 self.uploads[pid] = r.content[self.arrayrecord_key].to_numpy_ndarrays()
         arrays, metrics = super().aggregate_train(server_round, ok)
         self.last_round = {
             "nodes_trained": len(ok),
             "nodes_failed": self.nodes_failed,
             # Only non-private nodes report a training loss.
-            "train_loss": float(metrics["train-loss"])
-            if metrics and "train-loss" in metrics
-            else None,
+            "train_loss": float(metrics[TRAIN_LOSS]) if metrics and TRAIN_LOSS in metrics else None,
             # Every node ends the round holding the same global model.
             "consensus_distance": 0.0,
             # Each trained node uploads its model once (downloads are not counted).

@@ -39,8 +39,16 @@ from flower_app.gossip import (
     random_edges,
     random_matching,
 )
-from flower_app.records import ARRAYS, CONFIG, METRICS, NUM_PARTITIONS
 from flower_app.topology import graph_facts
+from flower_app.wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+)
 from strategies.base import CentralEvaluationMixin, NodeReportsMixin, PrivacyBounds
 
 # Evaluates one model given as the list of its arrays: returns (loss, accuracy).
@@ -50,9 +58,7 @@ ArraysEvaluator = Callable[[list[np.ndarray]], tuple[float, float]]
 def _mean_loss(replies: list[Message]) -> float | None:
     """Mean training loss of the replies that carry one (only non-private nodes do)."""
     losses = [
-        float(r.content[METRICS]["train-loss"])
-        for r in replies
-        if "train-loss" in r.content[METRICS]
+        float(r.content[METRICS][TRAIN_LOSS]) for r in replies if TRAIN_LOSS in r.content[METRICS]
     ]
     return float(np.mean(losses)) if losses else None
 
@@ -171,7 +177,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         node_ids = list(grid.get_node_ids())
         self.sent_to = frozenset(node_ids)
-        config["server-round"] = server_round
+        config[SERVER_ROUND] = server_round
         return [
             Message(
                 content=RecordDict({ARRAYS: self._record_for(n), CONFIG: config}),
@@ -214,7 +220,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         }
         mean = self.layout.to_record(mean_model(self.models))
         loss = self.last_round["train_loss"]
-        return mean, MetricRecord({} if loss is None else {"train-loss": loss})
+        return mean, MetricRecord({} if loss is None else {TRAIN_LOSS: loss})
 
     def _vertex_of(self, server_round: int, reply: Message) -> int:
         """The reply's graph vertex: its partition id, of as many partitions as graph nodes.
@@ -223,7 +229,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         vertices unheard from forever, or share one with another node: the run stops.
         """
         m, n = reply.content[METRICS], self.graph.number_of_nodes()
-        vertex = int(m["partition-id"])
+        vertex = int(m[PARTITION_ID])
         # A node that does not report num-partitions has at least partition-id + 1.
         count = int(m[NUM_PARTITIONS]) if NUM_PARTITIONS in m else vertex + 1
         if vertex not in self.graph or (NUM_PARTITIONS in m and count != n):

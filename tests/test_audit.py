@@ -17,8 +17,9 @@ from flower_app.audit import (
     p_value,
 )
 from flower_app.config import RunConfig
-from flower_app.node import canary_set, plan, shard_for
+from flower_app.node import plan
 from flower_app.privacy import steps_per_epoch
+from flower_app.shards import canary_set, shard_for
 from server_app.audit import headline_bound, observer_assignments
 
 

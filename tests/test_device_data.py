@@ -9,8 +9,9 @@ import torch
 from flower_app.config import RunConfig
 from flower_app.data import DeviceDataError, load_device_data
 from flower_app.model import build_model
-from flower_app.node import canary_set, serve_train, shard_for
+from flower_app.node import serve_train
 from flower_app.policy import NodePolicy
+from flower_app.shards import canary_set, shard_for
 from tests.test_node_policy import MemoryStore
 
 

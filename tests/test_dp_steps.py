@@ -13,9 +13,10 @@ import torch
 from flower_app.config import RunConfig
 from flower_app.data import to_tensors
 from flower_app.model import build_model
-from flower_app.node import local_round, shard_for
+from flower_app.node import local_round
 from flower_app.privacy import PrivacyLedger, epsilon, plan_ledger, privatize_update
 from flower_app.rng import PrivacyRandomness
+from flower_app.shards import shard_for
 from flower_app.train import train_dp
 
 

@@ -46,7 +46,7 @@ class MemoryStore:
 
 def serve(cfg, policy, store, server_round, *, run_id="run-1", data=None):
     weights = build_model(cfg.model, seed=0).state_dict()
-    with mock.patch("flower_app.node.shard_for", return_value=data or shard()):
+    with mock.patch("flower_app.node.load_shard", return_value=data or shard()):
         return serve_train(
             cfg,
             policy,
@@ -190,7 +190,7 @@ def test_a_restarted_node_resumes_its_file_ledger(tmp_path):
 def test_a_round_is_written_to_the_ledger_before_it_trains(tmp_path):
     cfg = RunConfig(**SMALL)
     store = FileLedger(tmp_path)
-    with mock.patch("flower_app.node.local_round", side_effect=KeyboardInterrupt):
+    with mock.patch("flower_app.node.train_round", side_effect=KeyboardInterrupt):
         with pytest.raises(KeyboardInterrupt):  # killed mid-round
             serve(cfg, NodePolicy(), store, 1)
     assert store.runs()[KEY].steps == 3  # the round counts as spent
@@ -361,7 +361,7 @@ def test_a_node_with_a_policy_ignores_the_runs_data_dir():
         calls.append(cfg.data_dir)
         return shard()
 
-    with mock.patch("flower_app.node.shard_for", side_effect=fake_shard):
+    with mock.patch("flower_app.node.load_shard", side_effect=fake_shard):
         weights = build_model(cfg.model, seed=0).state_dict()
         kw = dict(run_id="r", partition_id=0, num_partitions=2, weights=weights, server_round=1)
         serve_train(cfg, NodePolicy(max_eps=math.inf, has_policy=True), MemoryStore(), **kw)
@@ -458,9 +458,9 @@ def test_two_concurrent_runs_cannot_both_pass_the_lifetime_check(tmp_path):
             results[run_id] = err
 
     with (
-        mock.patch("flower_app.node.shard_for", return_value=shard()),
+        mock.patch("flower_app.node.load_shard", return_value=shard()),
         mock.patch("flower_app.node.refusal", side_effect=slow_refusal),
-        mock.patch("flower_app.node.local_round", side_effect=fake_round),
+        mock.patch("flower_app.node.train_round", side_effect=fake_round),
     ):
         threads = [threading.Thread(target=serve_run, args=(r,)) for r in ("a", "b")]
         for t in threads:
@@ -516,7 +516,7 @@ def test_two_partitions_sharing_a_ledger_dir_keep_separate_entries(tmp_path):
     cfg = RunConfig(**SMALL)
     policy = NodePolicy(ledger_dir=str(tmp_path), max_eps=8, has_policy=True)
     weights = build_model(cfg.model, seed=0).state_dict()
-    with mock.patch("flower_app.node.shard_for", return_value=shard()):
+    with mock.patch("flower_app.node.load_shard", return_value=shard()):
         for pid in (0, 1):
             out = serve_train(
                 cfg,

@@ -40,7 +40,7 @@ def flat(state) -> torch.Tensor:
 
 def released_update(cfg, data, weights, partition_id=3, server_round=1) -> torch.Tensor:
     """The node's round, as its reply releases it: trained minus sent weights."""
-    with mock.patch("flower_app.node.shard_for", return_value=data):
+    with mock.patch("flower_app.node.load_shard", return_value=data):
         out = local_round(
             cfg,
             partition_id=partition_id,

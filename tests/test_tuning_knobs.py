@@ -11,10 +11,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import load_arrays, to_tensors, validation_split
 from flower_app.model import build_model
-from flower_app.node import local_round, plan, shard_for, shard_indices
+from flower_app.node import local_round, plan
 from flower_app.policy import round_steps
 from flower_app.privacy import epsilon, plan_ledger
 from flower_app.rng import PrivacyRandomness
+from flower_app.shards import ShardSpec, shard_for, shard_indices
 from flower_app.topology import build_topology
 from flower_app.train import train_dp, train_plain
 from server_app.evaluation import central_test_sets
@@ -45,26 +46,13 @@ def test_no_node_shard_holds_a_validation_example(partitioner):
     seen = []
     for seed in (7, 8):  # the split does not move with the run's seed
         for pid in range(20):
-            idx = shard_indices(
-                labels,
-                partitioner,
-                20,
-                pid,
-                seed=seed,
-                alpha=0.5,
-                shards_per_node=2,
-                samples_per_node=0,
-                validation_samples=5000,
-            )
+            cfg = RunConfig(partitioner=partitioner, seed=seed, validation_samples=5000)
+            idx = shard_indices(labels, ShardSpec.of(cfg, pid, 20))
             assert not np.intersect1d(idx, held).size, f"node {pid} holds validation examples"
             seen.append(idx)
     # Without the split the shards do use those examples: the carve-out is what keeps them out.
-    plain = [
-        shard_indices(
-            labels, partitioner, 20, pid, seed=7, alpha=0.5, shards_per_node=2, samples_per_node=0
-        )
-        for pid in range(20)
-    ]
+    cfg = RunConfig(partitioner=partitioner, seed=7)
+    plain = [shard_indices(labels, ShardSpec.of(cfg, pid, 20)) for pid in range(20)]
     assert np.intersect1d(np.concatenate(plain), held).size > 4000
 
 

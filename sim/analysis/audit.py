@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from flower_app.results import atomic_write_text, format_eps  # noqa: E402
-from sim.analysis.plots import MARKERS, PALETTE, STYLE, _save  # noqa: E402
+from sim.analysis.plots import MARKERS, PALETTE, STYLE, save_figure  # noqa: E402
 from sim.analysis.tidy import RUNS, read_manifest  # noqa: E402
 
 AUDIT_JSON = "audit.json"
@@ -117,7 +117,7 @@ def bound_vs_accountant(df: pd.DataFrame, out: Path) -> tuple[Path, ...]:
         ax.set_ylabel("audit's ε (95% lower bound)")
         ax.set_title("One-run audit vs accountant, DP runs")
         ax.legend(loc="upper left")
-        return _save(fig, out, AUDIT_FIGURES[0])
+        return save_figure(fig, out, AUDIT_FIGURES[0])
 
 
 def bound_vs_distance(df: pd.DataFrame, out: Path) -> tuple[Path, ...]:
@@ -167,7 +167,7 @@ def bound_vs_distance(df: pd.DataFrame, out: Path) -> tuple[Path, ...]:
         fig.supxlabel("observer's distance from the canary's owner (hops)")
         axes[0][0].set_ylabel("audit's ε (95% lower bound)")
         axes[0][0].legend(loc="upper right", fontsize=10)
-        return _save(fig, out, AUDIT_FIGURES[1])
+        return save_figure(fig, out, AUDIT_FIGURES[1])
 
 
 def write_audit_report(out: Path) -> tuple[pd.DataFrame, list[Path]]:

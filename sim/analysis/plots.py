@@ -196,7 +196,8 @@ def eps_label(eps: float) -> str:
     return "∞ (no DP)" if math.isinf(eps) else format_eps(eps)
 
 
-def _save(fig: Any, out: Path, name: str) -> tuple[Path, ...]:
+def save_figure(fig: Any, out: Path, name: str) -> tuple[Path, ...]:
+    """Write `fig` as `<out>/figures/<name>.png` and `.svg` and close it; return both paths."""
     folder = out / FIGURES
     folder.mkdir(parents=True, exist_ok=True)
     png, svg = folder / f"{name}.png", folder / f"{name}.svg"
@@ -261,7 +262,7 @@ def accuracy_vs_round(data: SweepData) -> Figure | Skipped:
         f"{data.split.capitalize()} accuracy per round",
         f"Central {data.split} accuracy after each round, one panel per privacy budget ε "
         f"(per node, δ = {data.delta_text()}). {data.seed_note()}",
-        _save(fig, data.out, "accuracy_vs_round"),
+        save_figure(fig, data.out, "accuracy_vs_round"),
     )
 
 
@@ -367,7 +368,7 @@ def final_accuracy_vs_eps(data: SweepData) -> Figure | Skipped:
         "Final accuracy against the privacy budget",
         f"{data.split.capitalize()} accuracy after the last round against ε (log scale; "
         f"∞ = no DP, placed right of the axis break). {data.seed_note()}",
-        _save(fig, data.out, "final_accuracy_vs_eps"),
+        save_figure(fig, data.out, "final_accuracy_vs_eps"),
     )
 
 
@@ -428,7 +429,7 @@ def rounds_to_target_vs_eps(data: SweepData, targets: Targets) -> Figure | Skipp
         f"Rounds until the seed-mean {data.split} accuracy first reaches the target, "
         f"{targets.how}. "
         f"× at “not reached”: the target was not reached within {ceiling - 1} rounds.",
-        _save(fig, data.out, name),
+        save_figure(fig, data.out, name),
     )
 
 
@@ -479,7 +480,7 @@ def consensus_vs_round(data: SweepData) -> Figure | Skipped:
         "Consensus distance of gossip",
         "How far the nodes' models are from their average after each round (as the gossip "
         f"strategy logs it), one line per ε. {data.seed_note()}",
-        _save(fig, data.out, name),
+        save_figure(fig, data.out, name),
     )
 
 
@@ -506,7 +507,7 @@ def eps_spent_vs_round(data: SweepData) -> Figure | Skipped:
         "Privacy spent per round",
         "Largest cumulative ε over the nodes after each round, as their accountant reports "
         "it; dashed lines are the targets the noise was calibrated to reach by the last round.",
-        _save(fig, data.out, name),
+        save_figure(fig, data.out, name),
     )
 
 
@@ -584,7 +585,7 @@ def topologies(data: SweepData) -> Figure | Skipped:
         "Gossip across topologies",
         f"Final {data.split} accuracy of the cells with a topology, per ε. {gap_note} "
         f"{data.seed_note()}",
-        _save(fig, data.out, name),
+        save_figure(fig, data.out, name),
     )
 
 
@@ -619,7 +620,7 @@ def accuracy_vs_bytes(data: SweepData) -> Figure | Skipped:
         "so far (FedAvg: its uploads; gossip: the models it sent to neighbours; downloads "
         f"are not counted), one panel per ε (per node, δ = {data.delta_text()}). "
         f"{data.seed_note()}",
-        _save(fig, data.out, "accuracy_vs_bytes"),
+        save_figure(fig, data.out, "accuracy_vs_bytes"),
     )
 
 

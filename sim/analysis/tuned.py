@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -81,6 +82,20 @@ def write_tune_report(out: Path) -> Path:
         "",
         f"Command: `{data.manifest.get('command', '')}`",
         "",
+        *_how_chosen(choices),
+        *_chosen_and_tested(choices, data),
+        *_at_equal_bytes(data),
+        *_figures(out),
+        *_cost(out),
+    ]
+    path = out / TUNE_REPORT
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _how_chosen(choices: dict[str, Any]) -> list[str]:
+    """The split, the search space, the seeds and the criterion; what no ε counts."""
+    return [
         "## How the hyperparameters were chosen",
         "",
         f"- Validation split: {choices['validation_samples']} training examples, carved off "
@@ -94,25 +109,17 @@ def write_tune_report(out: Path) -> Path:
         "",
         UNCOUNTED,
         "",
-        "## Chosen hyperparameters and test accuracy",
-        "",
     ]
+
+
+def _chosen_and_tested(choices: dict[str, Any], data: SweepData) -> list[str]:
+    """One row per (strategy, ε): what was chosen, its validation and its test accuracy."""
     summary = summarize(data.finals, [*data.by, "eps"]) if not data.tidy.empty else None
     header = ["strategy", "ε", "chosen", "validation (search)", "test accuracy", "seeds"]
     rows = []
     for c in choices["groups"]:
         coords = c["coords"]
-        test = "not run yet"
-        n = 0
-        if summary is not None:
-            match = summary
-            for k in [*data.by, "eps"]:
-                if k in coords:
-                    want = float(coords[k]) if k == "eps" else coords[k]
-                    match = match[match[k] == want]
-            if not match.empty:
-                test = format_accuracy(match.iloc[0]["mean"], match.iloc[0]["half"])
-                n = int(match.iloc[0]["n"])
+        test, n = _test_accuracy(summary, coords, [*data.by, "eps"])
         chosen = " ".join(f"{k}={v}" for k, v in c["chosen"].items())
         rows.append(
             [
@@ -124,48 +131,70 @@ def write_tune_report(out: Path) -> Path:
                 str(n),
             ]
         )
-    lines += [markdown_table(header, rows), ""]
-    lines += [
+    return [
+        "## Chosen hyperparameters and test accuracy",
+        "",
+        markdown_table(header, rows),
+        "",
         "Test accuracy is that of what a node holds (FedAvg: the global model; gossip: the "
         "mean over nodes of each node's own model), after the last round: mean ± 95% "
         "t-interval over the final seeds.",
         "",
     ]
-    if not data.tidy.empty and BYTES in data.tidy:
-        table = equal_bytes(data)
-        strategies = [s for s in ("fedavg", "gossip") if s in table]
-        lines += [
-            "## At equal communication",
-            "",
-            "Each strategy's accuracy at the last round in which a node has sent no more model "
-            "bytes than the thriftier strategy sends in its whole run (FedAvg: uploads; gossip: "
-            "models sent to neighbours; downloads not counted).",
-            "",
-            markdown_table(
-                ["ε", "budget (MB per node)", *strategies],
-                [
-                    [
-                        eps_label(float(r["eps"])),
-                        f"{r['budget_mb']:.3g}",
-                        *[str(r[s]) for s in strategies],
-                    ]
-                    for _, r in table.iterrows()
-                ],
-            ),
-            "",
-        ]
+
+
+def _test_accuracy(
+    summary: pd.DataFrame | None, coords: dict[str, Any], keys: list[str]
+) -> tuple[str, int]:
+    """The final runs' test accuracy at `coords` (mean ± half-width) and their seed count."""
+    if summary is None:
+        return "not run yet", 0
+    match = summary
+    for k in keys:
+        if k in coords:
+            want = float(coords[k]) if k == "eps" else coords[k]
+            match = match[match[k] == want]
+    if match.empty:
+        return "not run yet", 0
+    return format_accuracy(match.iloc[0]["mean"], match.iloc[0]["half"]), int(match.iloc[0]["n"])
+
+
+def _at_equal_bytes(data: SweepData) -> list[str]:
+    """Each strategy at the other's communication budget (`equal_bytes`), if bytes were kept."""
+    if data.tidy.empty or BYTES not in data.tidy:
+        return []
+    table = equal_bytes(data)
+    strategies = [s for s in ("fedavg", "gossip") if s in table]
+    rows = [
+        [eps_label(float(r["eps"])), f"{r['budget_mb']:.3g}", *[str(r[s]) for s in strategies]]
+        for _, r in table.iterrows()
+    ]
+    return [
+        "## At equal communication",
+        "",
+        "Each strategy's accuracy at the last round in which a node has sent no more model "
+        "bytes than the thriftier strategy sends in its whole run (FedAvg: uploads; gossip: "
+        "models sent to neighbours; downloads not counted).",
+        "",
+        markdown_table(["ε", "budget (MB per node)", *strategies], rows),
+        "",
+    ]
+
+
+def _figures(out: Path) -> list[str]:
+    """The final stage's figures, linked (none: no section)."""
     figures = sorted((out / FINAL_DIR / "figures").glob("*.png"))
-    if figures:
-        lines += ["## Figures", ""]
-        lines += [f"![{p.stem}]({FINAL_DIR}/figures/{p.name})" for p in figures]
-        lines += [""]
-    lines += [
+    if not figures:
+        return []
+    return ["## Figures", "", *[f"![{p.stem}]({FINAL_DIR}/figures/{p.name})" for p in figures], ""]
+
+
+def _cost(out: Path) -> list[str]:
+    """What the search and the final runs cost in run time."""
+    return [
         "## Cost",
         "",
         f"Search: {_hours(_wall(out / SEARCH_DIR))} of run time; final runs: "
         f"{_hours(_wall(out / FINAL_DIR))} (sums of the runs' wall times).",
         "",
     ]
-    path = out / TUNE_REPORT
-    atomic_write_text(path, "\n".join(lines))
-    return path

@@ -38,17 +38,19 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from rich.console import Console
 from rich.markdown import Markdown
 
-from flower_app.config import RunConfig
+from flower_app.config import GRAD_SAMPLE_MODES, RunConfig
 from flower_app.data import to_tensors
 from flower_app.gossip import apply_pairs, mean_model, random_matching
-from flower_app.model import GRAD_SAMPLE_MODES, build_model
-from flower_app.node import local_round, shard_for
+from flower_app.model import build_model
+from flower_app.node import local_round
 from flower_app.privacy import plan_ledger
-from flower_app.records import ARRAYS, NUM_EXAMPLES, train_reply
+from flower_app.records import train_reply
 from flower_app.results import write_json
 from flower_app.rng import PrivacyRandomness
+from flower_app.shards import shard_for
 from flower_app.topology import build_topology
 from flower_app.train import train_dp, train_plain
+from flower_app.wire import ARRAYS, NUM_EXAMPLES
 from server_app.evaluation import central_test_sets, model_evaluator
 from sim.launch.deployment import Deployment
 from sim.launch.simulation import SimulationLink
@@ -435,7 +437,7 @@ def run_bench(
     if fastest != cfg_default.opacus_mode:
         log(
             f"note: the fastest correct mode here is {fastest}, not the "
-            f"default {cfg_default.opacus_mode} (flower_app/model.py FASTEST_GRAD_SAMPLE_MODE)"
+            f"default {cfg_default.opacus_mode} (flower_app/config.py FASTEST_GRAD_SAMPLE_MODE)"
         )
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp, SimulationLink() as link:
         for strategy, key in (("fedavg", "flower_vs_raw"), ("gossip", "gossip_flower_vs_raw")):

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from sim.analysis.audit import violations, write_audit_report
-from sim.sweeps.cli import _add_run, _setup_logging, _sweep_folder, command_run, default_out
+from sim.sweeps.cli import add_run_parser, command_run, default_out, setup_logging, sweep_folder
 from sim.sweeps.runner import Runner
 from sim.sweeps.spec import SweepError
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gossip under DP-SGD: the ε lower bound per observer and graph distance.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = _add_run(sub)
+    run = add_run_parser(sub)
     run.description = (
         "Run an audit grid: fl-sweep run's options, with canaries in every node's data. "
         + (run.description or "")
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
     """Entry point of `fl-audit`; `runner` replaces Flower in tests."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    setup_logging()
     console = Console(stderr=True, log_path=False)
     try:
         if args.command == "run":
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
                 return code
             out = args.out.expanduser().resolve()
         else:
-            out = _sweep_folder(Path(args.results_dir))
+            out = sweep_folder(Path(args.results_dir))
         df, files = write_audit_report(out)
         console.log(f"audit of {df['cell'].nunique()} run(s): {out / 'audit.md'}", markup=False)
         Console().print((out / "audit.md").read_text(encoding="utf-8"), markup=False)

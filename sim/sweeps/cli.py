@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Privacy sweeps of FedAvg and gossip learning under DP-SGD, on Flower.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = _add_run(sub)
+    run = add_run_parser(sub)
     tune = _add_tune(sub)
     for name, text in (("plot", "draw the figures"), ("report", "write report.md (and figures)")):
         p = sub.add_parser(name, help=f"{text} from a sweep folder's stored results")
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_run(sub: Any) -> argparse.ArgumentParser:
+def add_run_parser(sub: Any) -> argparse.ArgumentParser:
+    """The `run` subcommand and its grid options (fl-audit's `run` adds its own to them)."""
     run = sub.add_parser(
         "run",
         help="run a sweep (resumable with the same --out)",
@@ -499,14 +500,16 @@ def _stderr(line: str) -> None:
     sys.stderr.write(f"fl-sweep: {line}\n")
 
 
-def _sweep_folder(path: Path) -> Path:
+def sweep_folder(path: Path) -> Path:
+    """`path` resolved, if it holds a sweep (its manifest and tidy table); else `SweepError`."""
     folder = path.expanduser().resolve()
     if not (folder / MANIFEST).exists() or not (folder / TIDY).exists():
         raise SweepError(f"{folder} is not a sweep folder (no {MANIFEST} and {TIDY})")
     return folder
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
+    """Log the harness's lines once each, through rich, to stderr."""
     for name in ("sim",):
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
@@ -519,14 +522,14 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
     """Entry point of `fl-sweep` and `python -m sim`; `runner` replaces Flower in tests."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    setup_logging()
     try:
         if args.command == "run":
             return command_run(args, argv, runner)
         if args.command == "tune":
             return command_tune(args, argv, runner)
         if args.command == "compare":
-            outs = [_sweep_folder(p) for p in args.results_dirs]
+            outs = [sweep_folder(p) for p in args.results_dirs]
             names = args.names.split(",") if args.names else None
             if names is not None and len(names) != len(outs):
                 raise SweepError(f"--names gives {len(names)} names for {len(outs)} folders")
@@ -534,7 +537,7 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
             if args.figure:
                 compare_figure(outs, names or [p.name for p in outs], args.figure)
             return 0
-        out = _sweep_folder(args.results_dir)
+        out = sweep_folder(args.results_dir)
         if args.command == "plot":
             figures, _ = plot_all(out, target=args.target_accuracy)
             for fig in figures:

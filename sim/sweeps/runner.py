@@ -268,68 +268,63 @@ class Sweep:
         todo = self.todo
         if skipped := len(self.cells) - len(todo):
             console.log(f"{skipped} of {len(self.cells)} cells already completed: skipped")
-        columns = (
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-        )
         self._stopping.clear()
-        with Progress(*columns, console=console) as progress:
-            cells_bar = progress.add_task("cells", total=len(self.cells), completed=skipped)
-            rounds_bar = progress.add_task("rounds", total=sum(c.rounds for c in todo))
-            running: dict[str, Cell] = {}
-            finished = 0
-
-            def poll() -> None:
-                if self._stopping.is_set():
-                    raise _Cancelled
-                with self._lock:
-                    now = sum(min(self.rounds_done(c), c.rounds) for c in running.values())
-                    progress.update(rounds_bar, completed=finished + now)
-
-            def one(cell: Cell) -> Cell:
-                slot = free.get()
-                try:
-                    with self._lock:
-                        running[cell.id] = cell
-                        progress.update(cells_bar, description=f"cell {', '.join(running)}")
-                    self._run_cell(cell, slot, poll)
-                    return cell
-                finally:
-                    with self._lock:
-                        running.pop(cell.id, None)
-                    free.put(slot)
-
-            free: queue.Queue[Runner] = queue.Queue()
-            for r in runners:
-                free.put(r)
-            pool = ThreadPoolExecutor(len(runners), thread_name_prefix="cell")
-            try:
-                futures = [pool.submit(one, cell) for cell in todo]
-                for i, future in enumerate(as_completed(futures), 1):
-                    cell = future.result()
-                    finished += cell.rounds
-                    progress.update(rounds_bar, completed=finished)
-                    progress.advance(cells_bar)
-                    entry = self.entries[cell.id]
-                    outcome = entry["status"]
-                    if entry["error"]:
-                        outcome += f": {entry['error'].splitlines()[0]}"
-                    console.log(
-                        f"[{i}/{len(todo)}] {cell.id} {outcome} ({entry['wall_s']:.0f}s)",
-                        markup=False,
-                        highlight=False,
-                    )
-            except BaseException:
-                self._stopping.set()  # the other cells stop at their next poll, pending
-                raise
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+        with Progress(*_progress_columns(), console=console) as progress:
+            bars = _Bars(progress, cells=len(self.cells), skipped=skipped, todo=todo)
+            self._run_all(todo, runners, bars, console)
         return self.failed
+
+    def _run_all(
+        self, todo: list[Cell], runners: list[Runner], bars: _Bars, console: Console
+    ) -> None:
+        """Run `todo`, each cell on the next free runner; log each as it finishes."""
+        free: queue.Queue[Runner] = queue.Queue()
+        for r in runners:
+            free.put(r)
+
+        def one(cell: Cell) -> Cell:
+            slot = free.get()
+            try:
+                with self._lock:
+                    bars.start(cell)
+                self._run_cell(cell, slot, lambda: self._poll(bars))
+                return cell
+            finally:
+                with self._lock:
+                    bars.stop(cell)
+                free.put(slot)
+
+        pool = ThreadPoolExecutor(len(runners), thread_name_prefix="cell")
+        try:
+            futures = [pool.submit(one, cell) for cell in todo]
+            for i, future in enumerate(as_completed(futures), 1):
+                cell = future.result()
+                bars.finish(cell)
+                self._log_outcome(console, cell, f"[{i}/{len(todo)}]")
+        except BaseException:
+            self._stopping.set()  # the other cells stop at their next poll, pending
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _poll(self, bars: _Bars) -> None:
+        """A running cell's poll: stop it if the sweep stops, else show the rounds done."""
+        if self._stopping.is_set():
+            raise _Cancelled
+        with self._lock:
+            bars.show_rounds(self.rounds_done)
+
+    def _log_outcome(self, console: Console, cell: Cell, counter: str) -> None:
+        """One line per finished cell: its status, its first error line, its wall time."""
+        entry = self.entries[cell.id]
+        outcome = entry["status"]
+        if entry["error"]:
+            outcome += f": {entry['error'].splitlines()[0]}"
+        console.log(
+            f"{counter} {cell.id} {outcome} ({entry['wall_s']:.0f}s)",
+            markup=False,
+            highlight=False,
+        )
 
     def _run_cell(self, cell: Cell, runner: Runner, on_poll: Callable[[], None]) -> None:
         entry = self.entries[cell.id]
@@ -364,6 +359,51 @@ class Sweep:
                 log.warning("could not save the log of %s: %s", cell.id, err)
         with self._lock:
             self.save()
+
+
+def _progress_columns() -> tuple[Any, ...]:
+    """A bar's columns: spinner, name, bar, done of total, elapsed, ETA."""
+    return (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+
+
+class _Bars:
+    """A sweep's two progress bars (cells, rounds) and the cells running now."""
+
+    def __init__(self, progress: Progress, *, cells: int, skipped: int, todo: list[Cell]) -> None:
+        """Add both bars; the rounds bar counts only the cells still to run."""
+        self.progress = progress
+        self.cells = progress.add_task("cells", total=cells, completed=skipped)
+        self.rounds = progress.add_task("rounds", total=sum(c.rounds for c in todo))
+        self.running: dict[str, Cell] = {}
+        self.finished = 0  # rounds of the cells finished so far
+
+    def start(self, cell: Cell) -> None:
+        """`cell` is running: name it on the cells bar."""
+        self.running[cell.id] = cell
+        self.progress.update(self.cells, description=f"cell {', '.join(self.running)}")
+
+    def stop(self, cell: Cell) -> None:
+        """`cell` is no longer running."""
+        self.running.pop(cell.id, None)
+
+    def show_rounds(self, rounds_done: Callable[[Cell], int]) -> None:
+        """The rounds of finished cells plus those the running cells have done so far."""
+        now = sum(min(rounds_done(c), c.rounds) for c in self.running.values())
+        self.progress.update(self.rounds, completed=self.finished + now)
+
+    def finish(self, cell: Cell) -> None:
+        """`cell` ended (completed or failed): all its rounds count, and one more cell."""
+        self.finished += cell.rounds
+        self.progress.update(self.rounds, completed=self.finished)
+        self.progress.advance(self.cells)
 
 
 class _Cancelled(BaseException):
