@@ -13,3 +13,15 @@ def _one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """Deployments run one after another on one xdist worker (`--dist loadgroup`).
+
+    They spend much of their time waiting on Flower's heartbeats, so the other worker runs
+    simulation and unit tests beside them.
+    """
+    for item in items:
+        if item.get_closest_marker("deploy"):
+            item.add_marker(pytest.mark.xdist_group("deploy"))

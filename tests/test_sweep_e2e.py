@@ -6,16 +6,12 @@ import pandas as pd
 import pytest
 
 import sim.sweeps.cli
-from flower_app.config import RunConfig
 from sim.launch.simulation import SimulationLink
 
 pytestmark = pytest.mark.e2e
 
-STRATEGIES = [
-    s
-    for s in ("fedavg", "gossip")
-    if s in RunConfig.__dataclass_fields__["strategy"].metadata["choices"]
-]
+# Gossip, the strategy with more moving parts (FedAvg's sweep cells run in the audit test).
+STRATEGIES = ["gossip"]
 
 
 def test_a_tiny_real_sweep_completes_every_cell_and_stops_its_superlink(

@@ -459,6 +459,7 @@ class Deployment:
     def wait_online(self, count: int, timeout: float | None = None) -> None:
         """Block until `count` SuperNodes are online (or one of ours exits)."""
         deadline = time.monotonic() + (timeout or self.startup_timeout)
+        pause = 1.0  # each check is a `flwr` process (~1.5 s of CPU): back off to 5 s
         while len(self.online()) < count:
             for i, proc in self.nodes.items():
                 if proc.poll() is not None:
@@ -468,7 +469,8 @@ class Deployment:
                     )
             if time.monotonic() > deadline:
                 raise FlowerRunError(f"fewer than {count} SuperNodes online after the timeout")
-            time.sleep(1)
+            time.sleep(pause)
+            pause = min(5.0, pause * 1.5)
 
     def superlink_running(self) -> bool:
         """Whether a SuperLink from this folder's pids.json still runs."""

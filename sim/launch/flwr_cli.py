@@ -238,18 +238,20 @@ class FlwrCli:
         Each `flwr list` is a new process costing about 1.5 s of CPU, which on two cores is
         taken from training. When the run's summary.json is known (`results-dir` and
         `run-name` given), the file is watched instead and Flower asked only once it appears,
-        or every `STATUS_EVERY_S` to catch a run that fails before writing it.
+        or at growing gaps (up to `STATUS_EVERY_S`) to catch a run that fails before writing it:
+        a refused run fails within seconds.
         """
         deadline = time.monotonic() + timeout
         marker = self._markers.pop(run_id, None)
-        next_status = 0.0
+        next_status, gap = 0.0, 1.0  # without the file yet: 1, 2, 4, ... up to STATUS_EVERY_S
         while True:
             now = time.monotonic()
             if marker is None or marker.fresh() or now >= next_status:
                 outcome = self.status(run_id)
                 if outcome.status.startswith(FINISHED):
                     return outcome
-                next_status = now + (poll_s if marker is None else STATUS_EVERY_S)
+                next_status = now + (poll_s if marker is None else gap)
+                gap = min(STATUS_EVERY_S, 2 * gap)
             if now > deadline:
                 self.flwr("stop", run_id, self.connection)
                 return RunOutcome(run_id, "finished:timeout", f"timed out after {timeout}s", 0)

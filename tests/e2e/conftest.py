@@ -13,3 +13,33 @@ def superlink(tmp_path_factory):
     assert link.ray_head is not None, "the link should share one Ray head across its runs"
     assert link.ray_head.process.poll() is not None, "the Ray head is still running"
     assert not processes_under(link.home), "processes of the link outlived it"
+
+
+class Borrowed:
+    """The session's SuperLink lent to a tool that would start its own: entering and
+    leaving it does nothing (its owner, the `superlink` fixture, stops it)."""
+
+    def __init__(self, link):
+        self._link = link
+
+    def __getattr__(self, name):
+        return getattr(self._link, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.fixture
+def lent_superlink(superlink, monkeypatch):
+    """fl-sweep / fl-audit run their cells through the session's SuperLink (one start-up
+    less each); the sweep test that checks a sweep starts and stops its own does not use this.
+    """
+    import sim.sweeps.cli
+
+    monkeypatch.setattr(
+        sim.sweeps.cli, "make_links", lambda k, addresses: [Borrowed(superlink)] * k
+    )
+    return superlink

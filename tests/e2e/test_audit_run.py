@@ -14,7 +14,7 @@ KEYS = {"observer", "distance", "guesses", "correct", "eps_lower", "eps_accounta
 
 
 def test_a_tiny_audit_finds_leakage_without_dp_and_never_more_than_the_accountant_with_it(
-    tmp_path, capsys
+    lent_superlink, tmp_path, capsys
 ):
     out = tmp_path / "audit"
     argv = ["run", "--strategies", "fedavg,gossip", "--eps", "inf,1", "--seeds", "7"]

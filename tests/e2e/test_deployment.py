@@ -24,7 +24,7 @@ from sim.launch.deployment import LAUNCHER_POLICY, Deployment, stop_from_pids
 from sim.launch.flwr_cli import PROJECT_DIR, inline_run_config
 from sim.launch.processes import alive, descendants, processes_under
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.deploy]
 
 SMALL = {
     "strategy": "gossip",

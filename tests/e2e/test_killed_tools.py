@@ -88,6 +88,7 @@ def test_a_sigkilled_sweep_leaves_nothing_running_and_its_rerun_writes_each_row_
     print(f"re-run: {len(rows)} rows in sweep.csv, each (cell, round) once")  # noqa: T201
 
 
+@pytest.mark.deploy
 def test_after_a_sigkilled_launcher_stop_leaves_nothing_running(tmp_path):
     root = tmp_path / "dep"
     launcher = subprocess.Popen(

@@ -10,7 +10,9 @@ import sim.sweeps.cli
 pytestmark = pytest.mark.e2e
 
 
-def test_a_tiny_real_tune_searches_on_validation_and_runs_the_choice_on_test(tmp_path):
+def test_a_tiny_real_tune_searches_on_validation_and_runs_the_choice_on_test(
+    lent_superlink, tmp_path
+):
     out = tmp_path / "tune"
     argv = [
         "tune",
