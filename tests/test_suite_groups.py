@@ -26,7 +26,8 @@ def test_deploy_tests_share_one_xdist_worker_in_turn(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    deploy = [line for line in proc.stdout.splitlines() if "::test_deploy[" in line]
+    lines = proc.stdout.splitlines()
+    deploy = [line for line in lines if "::test_deploy[" in line and "PASSED" in line]
     assert len(deploy) == 4, proc.stdout
     # xdist names a grouped test `...@deploy`; every one ran on the same worker.
     assert all(line.rstrip().endswith("@deploy") for line in deploy), deploy
