@@ -13,7 +13,8 @@ import pytest
 
 from flower_app.results import FolderLock, FolderLocked, RunFiles
 from sim.launch.processes import alive, processes_under
-from sim.sweeps.cli import LAUNCH_RECORD, SWEEP_LOCK, main, record_links, stop_leftovers
+from sim.sweeps.cli import main
+from sim.sweeps.folders import LAUNCH_RECORD, SWEEP_LOCK, record_links, stop_leftovers
 from tests.sweep_fakes import FakeRunner
 
 ROOT = Path(__file__).resolve().parent.parent

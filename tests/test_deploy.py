@@ -1,4 +1,4 @@
-"""sim.launch.deployment without a SuperLink: the commands parse with flwr 1.42's own parsers, the
+"""sim.launch's deployment without a SuperLink: the commands parse with flwr 1.42's own parsers, the
 certificate and key scripts write what Flower loads, and processes are stopped by PID."""
 
 import json
@@ -21,8 +21,9 @@ from flwr.common.config import parse_config_args
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-from sim.launch import deployment as deploy
-from sim.launch.deployment import node_config, stop_from_pids, superlink_command, supernode_command
+from sim.launch import deployment_folder as folder
+from sim.launch.deploy_commands import node_config, superlink_command, supernode_command
+from sim.launch.deployment_folder import stop_from_pids
 from sim.launch.flwr_cli import connection_config, inline_run_config
 from sim.launch.processes import alive, descendants, processes_under, stop_processes
 
@@ -77,7 +78,7 @@ def test_supernode_command_and_node_config():
 
 def test_the_launchers_node_policy_reaches_the_node_as_a_valid_policy():
     from flower_app.policy import NodePolicy
-    from sim.launch.deployment import LAUNCHER_POLICY
+    from sim.launch.deploy_commands import LAUNCHER_POLICY
 
     text = node_config(1, 3, policy={**LAUNCHER_POLICY, "ledger-dir": "/dev ice/ledger"})
     parsed = parse_config_args([text])
@@ -237,16 +238,16 @@ def test_orphans_are_found_by_their_flwr_home(tmp_path):
     proc.wait(timeout=5)
     assert descendants(proc.pid) == []
     assert sorted(processes_under(tmp_path)) == sorted(below)
-    (tmp_path / deploy.PIDS).write_text(json.dumps({"superlink": proc.pid, "supernodes": {}}))
+    (tmp_path / folder.PIDS).write_text(json.dumps({"superlink": proc.pid, "supernodes": {}}))
     stop_from_pids(tmp_path)
     assert processes_under(tmp_path) == []
-    assert not (tmp_path / deploy.PIDS).exists()
+    assert not (tmp_path / folder.PIDS).exists()
 
 
 def test_stop_from_pids_never_signals_foreign_processes(tmp_path):
     other = subprocess.Popen(["sleep", "300"])  # not Flower's, not under tmp_path
     try:
-        (tmp_path / deploy.PIDS).write_text(
+        (tmp_path / folder.PIDS).write_text(
             json.dumps({"superlink": other.pid, "supernodes": {"0": other.pid}})
         )
         assert stop_from_pids(tmp_path) == []
@@ -262,7 +263,7 @@ def test_cli_parser():
     parser = build_parser()
     start = parser.parse_args(["start", "3", "--dir", "/x", "--detach", "--data-dir", "/d"])
     assert (start.num_nodes, start.dir, start.detach, start.data_dir) == (3, Path("/x"), True, "/d")
-    assert parser.parse_args(["stop"]).dir == deploy.DEFAULT_DIR
+    assert parser.parse_args(["stop"]).dir == folder.DEFAULT_DIR
 
 
 def test_a_data_dir_template_gives_each_node_its_own_files():

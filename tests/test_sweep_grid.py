@@ -3,7 +3,9 @@ import math
 import pytest
 
 from flower_app.config import RunConfig
-from sim.sweeps.cli import build_parser, default_out, main, spec_from_args
+from sim.sweeps.cli import main
+from sim.sweeps.flags import build_parser, spec_from_args
+from sim.sweeps.folders import default_out
 from sim.sweeps.presets import PRESETS
 from sim.sweeps.spec import (
     SweepError,

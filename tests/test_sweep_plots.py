@@ -8,8 +8,10 @@ from sweep_fakes import FakeRunner
 
 from flower_app.config import RunConfig
 from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
-from sim.analysis.plots import FIGURE_NAMES, SweepData, choose_targets, plot_all, rounds_table
+from sim.analysis.final_figures import choose_targets, rounds_table
+from sim.analysis.plots import FIGURE_NAMES, plot_all
 from sim.analysis.report import format_accuracy, write_report
+from sim.analysis.sweep_data import SweepData
 from sim.analysis.tidy import t_interval
 from sim.sweeps.cli import main
 

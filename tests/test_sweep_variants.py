@@ -2,9 +2,11 @@
 
 import pytest
 
-from sim.analysis.plots import SweepData, bar_gaps
+from sim.analysis.final_figures import bar_gaps
+from sim.analysis.sweep_data import SweepData
 from sim.analysis.tidy import series_keys
-from sim.sweeps.cli import build_parser, main, spec_from_args
+from sim.sweeps.cli import main
+from sim.sweeps.flags import build_parser, spec_from_args
 from sim.sweeps.spec import SweepError, SweepSpec, expand, load_spec, parse_variant, swept_keys
 from tests.sweep_fakes import GAPS, MODE_GAP, FakeRunner
 

@@ -14,7 +14,7 @@ import torch
 from flwr.supercore.constant import TaskType
 
 import client_app.warm_superexec as warm
-from sim.launch.deployment import supernode_command, warm_executor_command
+from sim.launch.deploy_commands import supernode_command, warm_executor_command
 
 STATE = {"tasks_seen": 0}
 

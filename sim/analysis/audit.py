@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from flower_app.results import atomic_write_text, format_eps  # noqa: E402
-from sim.analysis.plots import MARKERS, PALETTE, STYLE, save_figure  # noqa: E402
+from sim.analysis.drawing import save_figure  # noqa: E402
+from sim.analysis.style import MARKERS, PALETTE, STYLE  # noqa: E402
 from sim.analysis.tidy import RUNS, read_manifest  # noqa: E402
 
 AUDIT_JSON = "audit.json"

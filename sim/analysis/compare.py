@@ -16,16 +16,11 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from sim.analysis.plots import (
-    TARGET_FRACTION,
-    SweepData,
-    choose_targets,
-    eps_label,
-    eps_lines,
-    panels,
-    rounds_table,
-)
+from sim.analysis.drawing import eps_lines, panels
+from sim.analysis.final_figures import TARGET_FRACTION, choose_targets, rounds_table
 from sim.analysis.report import final_summary, format_number, markdown_table
+from sim.analysis.style import eps_label
+from sim.analysis.sweep_data import SweepData
 from sim.analysis.tidy import eps_order, series_tuple, summarize
 
 # Ten classes (MNIST and Fashion-MNIST): what a model guessing one class scores.

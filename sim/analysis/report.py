@@ -17,16 +17,11 @@ import pandas as pd
 
 from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
 from flower_app.results import atomic_write_text, project_root
-from sim.analysis.plots import (
-    TARGET_FRACTION,
-    Figure,
-    Skipped,
-    SweepData,
-    choose_targets,
-    eps_label,
-    plot_all,
-    rounds_table,
-)
+from sim.analysis.drawing import Figure, Skipped
+from sim.analysis.final_figures import TARGET_FRACTION, choose_targets, rounds_table
+from sim.analysis.plots import plot_all
+from sim.analysis.style import eps_label
+from sim.analysis.sweep_data import SweepData
 from sim.analysis.tidy import eps_order, summarize
 
 REPORT = "report.md"

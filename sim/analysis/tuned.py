@@ -14,8 +14,10 @@ from typing import Any
 import pandas as pd
 
 from flower_app.results import atomic_write_text
-from sim.analysis.plots import BYTES, SweepData, eps_label
+from sim.analysis.curve_figures import BYTES
 from sim.analysis.report import format_accuracy, markdown_table
+from sim.analysis.style import eps_label
+from sim.analysis.sweep_data import SweepData
 from sim.analysis.tidy import HEADLINE, curve, summarize
 
 TUNE_REPORT = "tune.md"

@@ -1,7 +1,8 @@
 """The `flwr` CLI against one SuperLink connection: submit a run, ask its status, wait, read logs.
 
 One `FlwrCli` per FLWR_HOME and connection name. The owned simulation SuperLink
-(`sim.launch.simulation`) and the local deployment (`sim.launch.deployment`) each hold one.
+(`sim.launch.simulation`) and the local deployment (`sim.launch.deployment`) each hold one as
+a `sim.launch.connection.Connection`, which passes status, wait and logs on to it.
 """
 
 from __future__ import annotations

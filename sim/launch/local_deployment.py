@@ -14,13 +14,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sim.launch.deployment import (
-    DEFAULT_DIR,
-    LAUNCHER_POLICY,
-    Deployment,
-    console,
-    stop_from_pids,
-)
+from sim.launch.deploy_commands import LAUNCHER_POLICY
+from sim.launch.deployment import Deployment
+from sim.launch.deployment_folder import DEFAULT_DIR, console, stop_from_pids
 from sim.launch.flwr_cli import PROJECT_DIR, FlowerRunError, inline_run_config
 from sim.launch.processes import sigterm_as_interrupt
 

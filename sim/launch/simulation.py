@@ -10,10 +10,11 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sim.launch.connection import Connection
 from sim.launch.flwr_cli import (
     PROJECT_DIR,
     FlowerRunError,
@@ -36,10 +37,11 @@ from sim.launch.watchdog import start_watchdog, stop_watchdog
 CONNECTION = "owned"
 
 
-class SimulationLink:
-    """A `flower-superlink --simulation` started and stopped by this process."""
+class SimulationLink(Connection):
+    """A `flower-superlink --simulation` started and stopped by this process.
 
-    connection = CONNECTION  # the connection name `flwr` commands use (its config.toml)
+    Its `flwr` commands (status, wait, logs) are the `Connection`'s, named `CONNECTION`.
+    """
 
     def __init__(
         self,
@@ -68,12 +70,7 @@ class SimulationLink:
         self.ray_address = ray_address
         # ray.init() in the simulation joins RAY_ADDRESS when it is set.
         extra = {"RAY_ADDRESS": ray_address} if ray_address else {}
-        self.cli = FlwrCli(self.home, CONNECTION, extra)
-
-    @property
-    def env(self) -> dict[str, str]:
-        """Environment of the SuperLink (and so of the simulation) and the `flwr` commands."""
-        return flower_env(self.home, **self.cli.extra_env)
+        super().__init__(FlwrCli(self.home, CONNECTION, extra))
 
     @property
     def pid(self) -> int | None:
@@ -106,7 +103,7 @@ class SimulationLink:
                 "--database",
                 str(self.home / "state.db"),
             ],
-            env=self.env,
+            env=self.env,  # the CLI's: the same FLWR_HOME (and RAY_ADDRESS) as the simulation's
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so stop() reaches its children
@@ -149,11 +146,6 @@ class SimulationLink:
             self._staged, _ = stage_app(self.home / "app")
         return self._staged
 
-    # The `flwr` CLI against this SuperLink.
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run a `flwr` CLI command against this SuperLink."""
-        return self.cli.flwr(*args, timeout=timeout)
-
     def submit(
         self, run_config: Mapping[str, Any], *, num_nodes: int, app_dir: Path = PROJECT_DIR
     ) -> str:
@@ -164,25 +156,6 @@ class SimulationLink:
             federation_config=f"num-supernodes={num_nodes} client-resources-num-cpus=1 "
             "client-resources-num-gpus=0.0",
         )
-
-    def status(self, run_id: str) -> RunOutcome:
-        """The run's status from `flwr list`."""
-        return self.cli.status(run_id)
-
-    def wait(
-        self,
-        run_id: str,
-        *,
-        timeout: float = 3600,
-        poll_s: float = 2.0,
-        on_poll: Callable[[], None] | None = None,
-    ) -> RunOutcome:
-        """Block until the run finishes (see `FlwrCli.wait`)."""
-        return self.cli.wait(run_id, timeout=timeout, poll_s=poll_s, on_poll=on_poll)
-
-    def logs(self, run_id: str) -> str:
-        """The run's log as far as the SuperLink keeps it."""
-        return self.cli.logs(run_id)
 
     def run(
         self, run_config: Mapping[str, Any], *, num_nodes: int, timeout: float = 3600

@@ -16,7 +16,9 @@ from pathlib import Path
 from rich.console import Console
 
 from sim.analysis.audit import violations, write_audit_report
-from sim.sweeps.cli import add_run_parser, command_run, default_out, setup_logging, sweep_folder
+from sim.sweeps.cli import command_run, setup_logging
+from sim.sweeps.flags import add_run_parser
+from sim.sweeps.folders import default_out, sweep_folder
 from sim.sweeps.runner import Runner
 from sim.sweeps.spec import SweepError
 

@@ -9,14 +9,11 @@ cells and re-runs failed or interrupted ones, so killing the sweep loses no comp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shlex
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,43 +21,30 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from flower_app.results import (
-    FolderLock,
-    FolderLocked,
-    atomic_write_text,
-    resolve_results_dir,
-)
 from sim.analysis.compare import compare, compare_figure
-from sim.analysis.plots import TARGET_FRACTION, SweepData, plot_all
+from sim.analysis.plots import plot_all
 from sim.analysis.report import final_summary, summary_rows, write_report
-from sim.analysis.tidy import MANIFEST, TIDY
+from sim.analysis.sweep_data import SweepData
+from sim.analysis.tidy import MANIFEST
 from sim.analysis.tuned import write_tune_report
 from sim.launch.flwr_cli import RunOutcome
-from sim.launch.processes import (
-    command_line,
-    processes_under,
-    sigterm_as_interrupt,
-    stop_processes,
-)
+from sim.launch.processes import sigterm_as_interrupt
 from sim.launch.simulation import SimulationLink
+from sim.sweeps.flags import build_parser, cell_slots, spec_from_args, tune_spec_from_args
+from sim.sweeps.folders import (
+    only_writer,
+    out_and_command,
+    record_links,
+    stop_leftovers,
+    sweep_folder,
+)
 from sim.sweeps.presets import PRESETS
 from sim.sweeps.runner import COMPLETED, FlowerRunner, Runner, SuperLinkDown, Sweep
-from sim.sweeps.spec import (
-    Cell,
-    SweepError,
-    SweepSpec,
-    expand,
-    load_spec,
-    parse_assignment,
-    parse_value,
-    parse_values,
-    parse_variant,
-)
+from sim.sweeps.spec import Cell, SweepError, expand
 from sim.sweeps.tune import (
     CHOICES,
     FINAL,
     SEARCH,
-    TuneSpec,
     choose,
     describe,
     final_cells,
@@ -70,173 +54,6 @@ from sim.sweeps.tune import (
 )
 
 log = logging.getLogger(__name__)
-
-# In the sweep folder: the lock of its one writer, and where its SuperLink lived.
-SWEEP_LOCK = ".lock"
-LAUNCH_RECORD = ".launch.json"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `fl-sweep` command line: run, plot, report, compare."""
-    parser = argparse.ArgumentParser(
-        prog="fl-sweep",
-        description="Privacy sweeps of FedAvg and gossip learning under DP-SGD, on Flower.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = add_run_parser(sub)
-    tune = _add_tune(sub)
-    for name, text in (("plot", "draw the figures"), ("report", "write report.md (and figures)")):
-        p = sub.add_parser(name, help=f"{text} from a sweep folder's stored results")
-        p.add_argument("results_dir", type=Path, metavar="RESULTS_DIR")
-    _add_compare(sub)
-    for p in (run, tune, sub.choices["plot"], sub.choices["report"]):
-        p.add_argument(
-            "--target-accuracy",
-            type=float,
-            help="accuracy (0-1) for the rounds-to-target figure "
-            # argparse %-formats help texts: a literal percent sign is %%.
-            f"(default: {TARGET_FRACTION * 100:.0f}%% of each strategy's non-private final "
-            "accuracy)",
-        )
-    return parser
-
-
-def add_run_parser(sub: Any) -> argparse.ArgumentParser:
-    """The `run` subcommand and its grid options (fl-audit's `run` adds its own to them)."""
-    run = sub.add_parser(
-        "run",
-        help="run a sweep (resumable with the same --out)",
-        description="Expand the grid (strategies × ε × seeds × --sweep keys), validate every "
-        "cell, then run the cells one after another on one simulation SuperLink. Order of "
-        "precedence: preset < SPEC.toml < --nodes/--strategies/--eps/--seeds/--rounds < --set "
-        "< --sweep. Values parse like TOML (inf, 2, 0.5, true); bare words are strings. A key "
-        "may be scoped to one strategy: --set gossip:topology=ring.",
-    )
-    _grid_options(run, [n for n, p in PRESETS.items() if not p.search])
-    return run
-
-
-def _add_tune(sub: Any) -> argparse.ArgumentParser:
-    tune = sub.add_parser(
-        "tune",
-        help="choose each (strategy, ε) cell's hyperparameters on validation data, then run "
-        "the choice with the grid's seeds on the test set (resumable with the same --out)",
-        description="Stage 1 (<out>/search): every candidate of the --search space for every "
-        "(strategy, ε) cell of the grid, with evaluate-on=validation (the validation split "
-        "carved off the training set; the test set is never read). Each cell's candidate "
-        "with the best final validation accuracy of what a node holds is chosen "
-        "(<out>/tune.json). Stage 2 (<out>/final): each choice with every --seeds seed on the "
-        "test set. The grid options are those of `fl-sweep run`.",
-    )
-    _grid_options(tune, [n for n, p in PRESETS.items() if p.search])
-    tune.add_argument(
-        "--search",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="a hyperparameter and its candidates (repeatable; the space is their product; "
-        "scope with gossip:KEY); max-grad-norm is not searched at eps=inf",
-    )
-    tune.add_argument(
-        "--tune-seeds", help="seeds of the search runs (default: the first of --seeds)"
-    )
-    return tune
-
-
-def _grid_options(run: argparse.ArgumentParser, presets: Sequence[str]) -> None:
-    """The options `run` and `tune` share: the grid, where it runs, and the output folder."""
-    run.add_argument("spec", nargs="?", type=Path, help="SPEC.toml: nodes, [fixed], [grid]")
-    run.add_argument(
-        "--preset",
-        choices=sorted(presets),
-        help="; ".join(f"{k}: {PRESETS[k].description}" for k in presets),
-    )
-    run.add_argument("--eps", help="ε values, e.g. inf,8,4,2,1 (inf = no DP)")
-    run.add_argument("--strategies", help="strategies, e.g. fedavg,gossip")
-    run.add_argument("--seeds", help="seeds, e.g. 7,8,9")
-    run.add_argument("--rounds", type=int, help="num-server-rounds")
-    run.add_argument("--nodes", type=int, help="simulated nodes (SuperNodes)")
-    repeated = {"action": "append", "default": []}
-    run.add_argument("--set", **repeated, metavar="KEY=VALUE", help="fix a run-config key")
-    run.add_argument(
-        "--sweep", **repeated, metavar="KEY=V1,V2", help="sweep a run-config key over values"
-    )
-    run.add_argument(
-        "--variant",
-        **repeated,
-        metavar="'K1=V1 K2=V2'",
-        help="add a variant: keys set together (repeat for more); the grid is multiplied by "
-        "the variants, e.g. --variant 'gossip:gossip-mode=edges gossip:topology=ring'",
-    )
-    run.add_argument(
-        "--out",
-        type=Path,
-        help="sweep folder (default: results/sweeps/<preset or sweep>-<UTC time> in the "
-        "project); give the same folder again to resume",
-    )
-    run.add_argument(
-        "--ray-address",
-        metavar="ADDR[,ADDR...]",
-        help="run the cells on running Ray clusters (see `ray start --head`) instead of a "
-        "local one: one address per cell run at once",
-    )
-    run.add_argument(
-        "--parallel-cells",
-        type=int,
-        metavar="K",
-        help="run K cells at once, each on its own SuperLink and Ray cluster (default: 1, or "
-        "one per --ray-address); locally each cluster gets CPUs/K CPUs",
-    )
-    run.add_argument(
-        "--timeout", type=float, default=3600, help="stop a cell after S seconds (default 3600)"
-    )
-    run.add_argument(
-        "--dry-run", action="store_true", help="validate and list the cells; write nothing"
-    )
-
-
-def _add_compare(sub: Any) -> None:
-    cmp = sub.add_parser(
-        "compare",
-        help="print a Markdown table of several sweeps side by side (same series and ε)",
-    )
-    cmp.add_argument("results_dirs", type=Path, nargs="+", metavar="RESULTS_DIR")
-    cmp.add_argument("--names", help="column names, comma-separated (default: folder names)")
-    cmp.add_argument(
-        "--figure",
-        type=Path,
-        metavar="PNG",
-        help="also draw final accuracy vs ε, a panel per sweep",
-    )
-
-
-def spec_from_args(args: argparse.Namespace) -> SweepSpec:
-    """Preset, then SPEC.toml, then the flags: later ones override earlier ones."""
-    spec = PRESETS[args.preset].spec.copy() if args.preset else SweepSpec()
-    if args.spec:
-        spec = load_spec(args.spec, spec)
-    if args.nodes is not None:
-        spec.nodes = args.nodes
-    for key, text in (("strategy", args.strategies), ("eps", args.eps), ("seed", args.seeds)):
-        if text is not None:
-            spec.sweep(key, parse_values(text))
-    if args.rounds is not None:
-        spec.set("num-server-rounds", args.rounds)
-    for text in args.set:
-        key, value = parse_assignment(text, "--set")
-        spec.set(key, parse_value(value))
-    for text in args.sweep:
-        key, values = parse_assignment(text, "--sweep")
-        spec.sweep(key, parse_values(values))
-    for text in args.variant:
-        spec.vary(parse_variant(text))
-    return spec
-
-
-def default_out(name: str, now: datetime | None = None, root: str = "results/sweeps") -> Path:
-    """`<project>/<root>/<name>-<UTC timestamp>`."""
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
-    return resolve_results_dir(f"{root}/{name}-{stamp}")
 
 
 def summary_table(data: SweepData) -> Table:
@@ -294,9 +111,9 @@ def command_run(
         _print_cells(console, cells)
         console.print(f"{len(cells)} cells on {spec.nodes} nodes: all valid")
         return 0
-    out, command = _out_and_command(args, argv, prog, name, out_root)
+    out, command = out_and_command(args, argv, prog, name, out_root)
     description = PRESETS[args.preset].description if args.preset else ""
-    with _only_writer(out, f"sweep folder {out}"):
+    with only_writer(out, f"sweep folder {out}"):
         stop_leftovers(out, console.log)
         sweep = Sweep(out, spec, cells, name=name, command=command, description=description)
         return _run_sweep(sweep, args, runner, console, slots)
@@ -305,28 +122,6 @@ def command_run(
 def _print_cells(console: Console, cells: Sequence[Cell]) -> None:
     for cell in cells:
         console.print(f"{cell.id}  {cell.params}", soft_wrap=True, markup=False)
-
-
-def _out_and_command(
-    args: argparse.Namespace, argv: Sequence[str], prog: str, name: str, root: str
-) -> tuple[Path, str]:
-    """The folder (--out, else a new timestamped one under `root`) and the command resuming it."""
-    out = (args.out.expanduser().resolve()) if args.out else default_out(name, root=root)
-    return out, shlex.join([prog, *argv] + ([] if args.out else ["--out", str(out)]))
-
-
-@contextmanager
-def _only_writer(out: Path, what: str) -> Iterator[None]:
-    """Hold the folder's writer lock; a second writer gets one line naming the holder."""
-    lock = FolderLock(out / SWEEP_LOCK, what)
-    try:
-        lock.acquire()
-    except FolderLocked as err:
-        raise SweepError(str(err)) from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _run_sweep(
@@ -370,18 +165,6 @@ def _run_sweep(
     return 0
 
 
-def tune_spec_from_args(args: argparse.Namespace) -> TuneSpec:
-    """The grid as `fl-sweep run` reads it, the preset's search space, then --search flags."""
-    preset = PRESETS[args.preset] if args.preset else None
-    search = dict(preset.search) if preset else {}
-    for text in args.search:
-        key, values = parse_assignment(text, "--search")
-        search[key] = parse_values(values)
-    seeds = [int(s) for s in parse_values(args.tune_seeds)] if args.tune_seeds else []
-    seeds = seeds or (list(preset.tune_seeds) if preset else [])
-    return TuneSpec(spec_from_args(args), search, seeds)
-
-
 def command_tune(
     args: argparse.Namespace, argv: Sequence[str], runner: Runner | None = None
 ) -> int:
@@ -399,9 +182,9 @@ def command_tune(
             f"({len(groups(tune))} choices × {len(tune.final_seeds())} seeds): all valid"
         )
         return 0
-    out, command = _out_and_command(args, argv, "fl-sweep", name, "results/tune")
+    out, command = out_and_command(args, argv, "fl-sweep", name, "results/tune")
     description = PRESETS[args.preset].description if args.preset else ""
-    with _only_writer(out, f"tune folder {out}"):
+    with only_writer(out, f"tune folder {out}"):
         for stage in (SEARCH, FINAL):
             stop_leftovers(out / stage, console.log)
         search = Sweep(
@@ -435,61 +218,10 @@ def command_tune(
         return code
 
 
-def cell_slots(args: argparse.Namespace) -> tuple[int, list[str | None]]:
-    """How many cells run at once and the Ray address of each (None: a local head).
-
-    Flower 1.42 sizes every run's actor pool to its whole Ray cluster
-    (`pool_size_from_resources`), so two runs sharing one cluster compete for the same CPUs
-    and can each hold part of their pool while waiting for the rest: every concurrent cell
-    needs its own cluster.
-    """
-    addresses = [a.strip() for a in (args.ray_address or "").split(",") if a.strip()]
-    k = args.parallel_cells if args.parallel_cells is not None else max(1, len(addresses))
-    cpus = os.cpu_count() or 1
-    if addresses:
-        if k != len(addresses):
-            raise SweepError(
-                f"--parallel-cells {k} needs {k} Ray clusters in --ray-address, got "
-                f"{len(addresses)}: Flower sizes each run's actor pool to its whole cluster, so "
-                "cells run at once cannot share one"
-            )
-        return k, list(addresses)
-    if not 1 <= k <= cpus:
-        raise SweepError(
-            f"--parallel-cells {k} is not valid on this machine: 1 to {cpus} "
-            "(each cell's local Ray cluster needs at least one CPU)"
-        )
-    return k, [None] * k
-
-
 def make_links(k: int, addresses: Sequence[str | None]) -> list[SimulationLink]:
     """One SimulationLink per concurrent cell; local heads split the CPUs evenly."""
     cpus = max(1, (os.cpu_count() or 1) // k)
     return [SimulationLink(ray_address=a, ray_cpus=None if k == 1 else cpus) for a in addresses]
-
-
-def record_links(out: Path, homes: Sequence[Path]) -> None:
-    """Note the sweep's SuperLink homes: what a later run must stop if this one is killed."""
-    record = {"flwr_homes": [str(h) for h in homes]}
-    atomic_write_text(out / LAUNCH_RECORD, json.dumps(record) + "\n")
-
-
-def stop_leftovers(out: Path, log: Callable[[str], None]) -> list[int]:
-    """Stop what an earlier, killed run of this sweep left running; the PIDs stopped.
-
-    Its processes are the ones whose environment carries the FLWR_HOME it recorded (every
-    process its SuperLink, the simulation and Ray start inherits it), and that still run.
-    """
-    try:
-        record = json.loads((out / LAUNCH_RECORD).read_text(encoding="utf-8"))
-        homes = record["flwr_homes"] if "flwr_homes" in record else [record["flwr_home"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    leftovers = [pid for home in homes for pid in processes_under(Path(home)) if command_line(pid)]
-    if leftovers:
-        log(f"stopping {len(leftovers)} process(es) an earlier run of this sweep left: {leftovers}")
-        stop_processes(leftovers, grace=5.0)
-    return leftovers
 
 
 def _no_runner(run_config: dict[str, Any], **_: Any) -> RunOutcome:
@@ -498,14 +230,6 @@ def _no_runner(run_config: dict[str, Any], **_: Any) -> RunOutcome:
 
 def _stderr(line: str) -> None:
     sys.stderr.write(f"fl-sweep: {line}\n")
-
-
-def sweep_folder(path: Path) -> Path:
-    """`path` resolved, if it holds a sweep (its manifest and tidy table); else `SweepError`."""
-    folder = path.expanduser().resolve()
-    if not (folder / MANIFEST).exists() or not (folder / TIDY).exists():
-        raise SweepError(f"{folder} is not a sweep folder (no {MANIFEST} and {TIDY})")
-    return folder
 
 
 def setup_logging() -> None:

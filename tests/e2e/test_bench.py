@@ -9,7 +9,9 @@ from contextlib import nullcontext
 import pytest
 
 from flower_app.config import GRAD_SAMPLE_MODES
-from sim.bench.benchmarks import Sizes, main, markdown
+from sim.bench.benchmarks import main
+from sim.bench.sizes import Sizes
+from sim.bench.table import markdown
 
 pytestmark = [pytest.mark.e2e, pytest.mark.deploy]  # it starts a deployment too
 

@@ -20,7 +20,9 @@ import pytest
 import tomli_w
 
 from flower_app.data import load_arrays
-from sim.launch.deployment import LAUNCHER_POLICY, Deployment, stop_from_pids
+from sim.launch.deploy_commands import LAUNCHER_POLICY
+from sim.launch.deployment import Deployment
+from sim.launch.deployment_folder import stop_from_pids
 from sim.launch.flwr_cli import PROJECT_DIR, inline_run_config
 from sim.launch.processes import alive, descendants, processes_under
 

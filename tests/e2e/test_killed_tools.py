@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.launch.deployment import read_pids
+from sim.launch.deployment_folder import read_pids
 from sim.launch.processes import alive, descendants, processes_under
 from tests.e2e.test_deployment import LAUNCHER
 

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from sim.launch.deployment import LAUNCHER_POLICY, Deployment
+from sim.launch.deploy_commands import LAUNCHER_POLICY
+from sim.launch.deployment import Deployment
 from sim.launch.processes import alive, processes_under
 from tests.e2e.netns import NetnsUnavailable, Network, unavailable_reason
 from tests.e2e.test_deployment import all_pids, own_data

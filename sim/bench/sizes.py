@@ -1,0 +1,60 @@
+"""How big each of `fl-bench`'s measurements is: the full sizes and `--quick`'s."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each measurement is."""
+
+    nodes: int = 20
+    rounds: int = 5
+    eps: float = 8.0
+    run_config: Mapping[str, Any] = field(default_factory=dict)
+    epoch_repeats: int = 3
+    scale_nodes: tuple[int, ...] = (20, 100, 1000)
+    scale_rounds: int = 3
+    scale_config: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "samples-per-node": 20,
+            "test-samples": 500,
+            "node-eval-samples": 100,
+        }
+    )
+    deploy_config: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "strategy": "fedavg",
+            "eps": 8.0,
+            "num-server-rounds": 5,
+            "samples-per-node": 500,
+            "test-samples": 1000,
+        }
+    )
+    # Also time Flower's own subprocess isolation (a fresh process per message).
+    deploy_subprocess: bool = True
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    nodes=20,
+    rounds=3,
+    run_config={"samples-per-node": 300, "test-samples": 2000},
+    epoch_repeats=2,
+    scale_nodes=(10, 20, 40),
+    scale_rounds=3,
+    deploy_subprocess=False,
+)
+
+
+def run_config_for(sizes: Sizes, strategy: str) -> dict[str, Any]:
+    """The run config of the main measurements for `strategy`."""
+    return {
+        "strategy": strategy,
+        "eps": sizes.eps,
+        "num-server-rounds": sizes.rounds,
+        **sizes.run_config,
+    }

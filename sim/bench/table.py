@@ -1,0 +1,89 @@
+"""`fl-bench`'s results as the Markdown table it prints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def deploy_lines(results: Mapping[str, Any]) -> list[str]:
+    """The deployment rows of the table (none when not measured)."""
+    if "deploy" not in results["details"]:
+        return []
+    d = results["details"]["deploy"]
+    lines = [
+        f"| deploy_round_vs_sim_round (3 SuperNodes, warm fdg-superexec) | "
+        f"{results['deploy_round_vs_sim_round']:.2f} ({d['deploy_round_s_steady']:.2f} s / "
+        f"{d['sim_round_s_steady']:.2f} s) | <= 1.5 |",
+    ]
+    if "subprocess_vs_sim" in d:
+        lines.append(
+            f"| the same with Flower's subprocess isolation | {d['subprocess_vs_sim']:.2f} "
+            f"({d['deploy_subprocess_round_s_steady']:.2f} s) | |"
+        )
+    return lines
+
+
+def randomness_lines(results: Mapping[str, Any]) -> list[str]:
+    """The keyed-randomness row, when measured."""
+    if "keyed_randomness_share" not in results:
+        return []
+    k = results["details"]["keyed_randomness"]
+    return [
+        f"| keyed_randomness_share (ChaCha20 noise + Poisson masks, one DP epoch) "
+        f"| {results['keyed_randomness_share']:.1%} ({k['randomness_s']:.3f} s / "
+        f"{k['dp_epoch_s']:.3f} s, {k['steps']} steps) | small |"
+    ]
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """The results as a Markdown table (what `fl-bench` prints)."""
+    if "flower_vs_raw" not in results:  # --only deploy / randomness
+        return "\n".join(["| measurement | value | target |", "| --- | --- | --- |",
+                          *deploy_lines(results), *randomness_lines(results)])  # fmt: skip
+    d = results["details"]
+    lines = [
+        "| measurement | value | target |",
+        "| --- | --- | --- |",
+        f"| flower_vs_raw (FedAvg, whole run) | {results['flower_vs_raw']:.2f} "
+        f"({d['fedavg']['flower_wall_s']:.1f} s / {d['fedavg']['raw_wall_s']:.1f} s) | <= 0.8 |",
+        f"| gossip_flower_vs_raw (whole run) | {results['gossip_flower_vs_raw']:.2f} "
+        f"({d['gossip']['flower_wall_s']:.1f} s / {d['gossip']['raw_wall_s']:.1f} s) | <= 0.8 |",
+        f"| dp_vs_plain (one epoch, default mode) | {results['dp_vs_plain']:.2f} | <= 1.5 |",
+        f"| dp_round_vs_plain_round (FedAvg steady round, eps={results['sizes']['eps']:g} vs inf) "
+        f"| {results['dp_round_vs_plain_round']:.2f} "
+        f"({d['fedavg']['flower_round_s_steady']:.2f} s / "
+        f"{d['fedavg_plain_round_s_steady']:.2f} s) | <= 1.5 |",
+        f"| gossip per-node round cost, {results['scale'][-1]['nodes']} vs "
+        f"{results['scale'][1]['nodes']} nodes | {results['scale_per_node_growth']:+.0%} "
+        "| <= +20% |",
+        f"| eval_share (gossip, rounds 2+) | {results['eval_share']:.1%} | small |",
+        *randomness_lines(results),
+    ]
+    for mode, r in d["epoch"].items():
+        extra = ""
+        if "diff" in r:
+            empty = "ok" if r["empty_batches_ok"] else "FAILS"
+            extra = f"; Δ vs hooks {r['diff']:.0e}; empty batches {empty}"
+        lines.append(f"| one epoch, {mode} | {r['s']:.3f} s (x{r['ratio']:.2f}{extra}) | |")
+    lines.append(
+        f"| fastest correct Opacus mode | {d['fastest_correct_mode']} "
+        f"(default: {d['default_mode']}) | default |"
+    )
+    for strategy in ("fedavg", "gossip"):
+        r = d[strategy]
+        lines.append(
+            f"| {strategy} Flower round, steady / first | {r['flower_round_s_steady']:.2f} s / "
+            f"{r['flower_first_round_s']:.1f} s | |"
+        )
+        lines.append(
+            f"| {strategy} Flower vs loop per steady round | {r['flower_vs_raw_per_round']:.2f} "
+            f"({r['flower_round_s_steady']:.2f} s / {r['raw_round_s_steady']:.2f} s) | |"
+        )
+    lines += deploy_lines(results)
+    for s in results["scale"]:
+        lines.append(
+            f"| gossip {s['nodes']} nodes | {s['s_per_round']:.2f} s/round, "
+            f"peak {s['peak_rss_mb']:.0f} MB | linear |"
+        )
+    return "\n".join(lines)
