@@ -166,7 +166,7 @@ class SealedGossip(Gossip):
             "train_loss": _mean_loss(ok),
             "consensus_distance": None,  # needs every model: gossip-relay=open only
             "bytes_sent_per_node": sent / self.graph.number_of_nodes(),
-            "exchanges": len(exchanges),
+            "gossip_exchanges": len(exchanges),
         }
         loss = self.last_round["train_loss"]
         return None, MetricRecord({} if loss is None else {"train-loss": loss})

@@ -141,7 +141,7 @@ def test_sealed_and_open_give_the_same_node_models_every_round(mode):
             np.testing.assert_array_equal(seen[("sealed", r)][v], seen[("open", r)][v])
         assert seen[("sealed-acc", r)] == seen[("open-acc", r)]
     # The models moved: gossip happened, and they are not all equal (no trivial identity).
-    assert sealed.last_round["exchanges"] >= 2
+    assert sealed.last_round["gossip_exchanges"] >= 2
     assert len({m.tobytes() for m in seen[("sealed", 2)]}) > 1
 
 
