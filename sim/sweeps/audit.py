@@ -75,6 +75,8 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
                 *args.set,
                 f"audit-canaries={args.canaries}",
                 f"audit-seed={args.audit_seed}",
+                # The audit scores models the server holds: only the open relay has them.
+                "gossip-relay=open",
             ]
             if args.out is None:  # fixed here, so the report below finds it
                 args.out = default_out(args.preset or "audit", root="results/audits")
