@@ -19,7 +19,7 @@ from flwr.common import log
 from flower_app.config import RunConfig
 from flower_app.model import build_model
 from flower_app.node import NodeRound
-from flower_app.policy import torch_threads
+from flower_app.policy import NodePolicy, node_run_config, torch_threads
 from flower_app.records import ARRAYS, METRICS, train_reply
 from flower_app.sealed import NodeKeys
 from flower_app.sealed_node import (
@@ -185,7 +185,9 @@ def gossip_step(msg: Message, context: Context) -> Message:
 def evaluate_own(msg: Message, context: Context) -> Message:
     """Apply the round's last deliveries, then score the node's own model (counts only)."""
     torch.set_num_threads(torch_threads(context.node_config))
-    cfg = RunConfig.from_run_config(context.run_config)
+    # As for training: a node with a policy reads the images from the dataset's own place.
+    policy = NodePolicy.from_node_config(context.node_config)
+    cfg = node_run_config(policy, RunConfig.from_run_config(context.run_config))
     state = SealedState(context)
     rec = msg.content[SEALED]
     refused = _apply(state, rec, int(rec[SERVER_ROUND]))
