@@ -8,7 +8,13 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client_app.sealed import SealedState, evaluate_own, gossip_step, sealed_train_reply
+from client_app.sealed import (
+    SealedState,
+    evaluate_own,
+    gossip_step,
+    score_canaries,
+    sealed_train_reply,
+)
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import DeviceDataError
 from flower_app.ledger import FileLedger, LedgerError
@@ -21,6 +27,7 @@ app = ClientApp()
 # gossip-relay=sealed: a gossip exchange (seal for partners, open and mix), and node accuracy.
 app.train("gossip")(gossip_step)
 app.evaluate()(evaluate_own)
+app.query("audit")(score_canaries)  # an audit: the node scores canaries on its own model
 
 
 def shard_of(node_config: dict[str, Any]) -> tuple[int, int]:

@@ -16,9 +16,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import log
 
+from flower_app.canary_scores import canary_scores
 from flower_app.config import RunConfig
 from flower_app.model import build_model
-from flower_app.node import NodeRound
+from flower_app.node import NodeRound, canary_set
 from flower_app.policy import NodePolicy, node_run_config, torch_threads
 from flower_app.records import ARRAYS, METRICS, train_reply
 from flower_app.sealed import NodeKeys
@@ -30,9 +31,11 @@ from flower_app.sealed_node import (
     APPLY_STEP,
     APPLY_WEIGHTS,
     BLOBS,
+    CANARIES,
     CORRECT,
     PUBLIC_KEY,
     REFUSED,
+    SCORES,
     SEAL_KEYS,
     SEAL_STEP,
     SEAL_TO,
@@ -99,6 +102,14 @@ class SealedState:
             k: torch.from_numpy(np.ascontiguousarray(a.astype(d)))
             for k, a, d in zip(names, arrays, dtypes, strict=True)
         }
+
+    def trained_arrays(self) -> list[np.ndarray] | None:
+        """The node's model in its training dtypes (what the open relay's server holds)."""
+        held = self.model
+        if held is None:
+            return None
+        dtypes = list(self.meta[_DTYPES])
+        return [a.astype(d) for a, d in zip(held[1], dtypes, strict=True)]
 
     def check_fresh(self, server_round: int, step: int) -> str | None:
         """One line if (round, step) is not after the last exchange applied (a replay)."""
@@ -192,13 +203,13 @@ def evaluate_own(msg: Message, context: Context) -> Message:
     rec = msg.content[SEALED]
     refused = _apply(state, rec, int(rec[SERVER_ROUND]))
     metrics: dict[str, Any] = {"partition-id": int(context.node_config["partition-id"])}
-    if (held := state.model) is not None:
+    if (arrays := state.trained_arrays()) is not None:
         model = build_model(cfg.model)
-        dtypes = list(state.meta[_DTYPES])
+        names = list(model.state_dict())
         model.load_state_dict(
             {
-                k: torch.from_numpy(np.ascontiguousarray(a.astype(d)))
-                for k, a, d in zip(*held, dtypes, strict=True)
+                k: torch.from_numpy(np.ascontiguousarray(a))
+                for k, a in zip(names, arrays, strict=True)
             }
         )
         test = node_test_set(cfg)
@@ -210,3 +221,21 @@ def evaluate_own(msg: Message, context: Context) -> Message:
         ),
         reply_to=msg,
     )
+
+
+def score_canaries(msg: Message, context: Context) -> Message:
+    """An audit under the sealed relay: score the canaries asked on the node's own model.
+
+    The node is the observer (the server holds no model); it replies scores, never a model.
+    """
+    torch.set_num_threads(torch_threads(context.node_config))
+    policy = NodePolicy.from_node_config(context.node_config)
+    cfg = node_run_config(policy, RunConfig.from_run_config(context.run_config))
+    idx = np.asarray(list(msg.content[SEALED][CANARIES]), dtype=np.int64)
+    arrays = SealedState(context).trained_arrays()
+    scores: list[float] = []
+    if arrays is not None:
+        _, data = canary_set(cfg, int(context.node_config["num-partitions"]))
+        images, labels = data.tensors
+        scores = [float(x) for x in canary_scores(cfg.model, arrays, images[idx], labels[idx])]
+    return Message(content=RecordDict({SEALED: ConfigRecord({SCORES: scores})}), reply_to=msg)

@@ -219,13 +219,6 @@ class RunConfig:
                 f"strategy={self.strategy!r}; only fedavg samples nodes (use 1.0)"
             )
 
-        if self.audited and self.sealed_relay:
-            raise ConfigError(
-                "audit-canaries > 0 is not valid with gossip-relay='sealed' yet: the audit "
-                "scores models the server holds, and a sealed relay's server holds none; use "
-                "gossip-relay='open'"
-            )
-
     def _check_calibration(self) -> None:
         """An eps that no noise can meet at this delta fails here, not in every node."""
         if not self.private or claims_per_round(self):

@@ -49,6 +49,8 @@ REFUSED = "refused"  # a node's reply: one line per exchange it did not apply
 SERVER_ROUND = "server-round"
 CORRECT = "correct"  # node accuracy as counts, on the public node test set
 TOTAL = "total"
+CANARIES = "canaries"  # an audit query: which canaries the node scores on its own model
+SCORES = "scores"  # its reply: one score per canary asked
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ model every node holds or the network's average):
 - Gossip: `owner` (its own model), `distance-d` for d = 1 .. diameter (for each canary one
   node at exactly d hops from its owner, drawn from `audit-seed`, so guesses stay
   independent), `average` (the mean of all node models, which no node holds).
+- Gossip under `gossip-relay=sealed`: the server holds no model, so each node scores the
+  canaries it observes on its own model and sends the scores (`sealed_audit_scores`); the
+  same `owner` and `distance-d` views, and no `average`.
 """
 
 from __future__ import annotations
@@ -22,36 +25,21 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from flower_app.audit import CONFIDENCE, audit_scores, joint_confidence
+from flower_app.audit import CONFIDENCE, audit_scores, joint_confidence, make_canaries
+from flower_app.canary_scores import canary_scores as model_canary_scores
 from flower_app.config import RunConfig
-from flower_app.model import build_model
 from flower_app.node import canary_set
 from flower_app.results import write_json
 
 AUDIT = "audit.json"
 _OBSERVER_STREAM = 0xD157
-BATCH = 1024
 
 
 def canary_scores(
     cfg: RunConfig, arrays: Sequence[np.ndarray], images: torch.Tensor, labels: torch.Tensor
 ) -> np.ndarray:
     """Minus each canary's cross-entropy at its label under the model: high = "in"."""
-    model = build_model(cfg.model)
-    keys = list(model.state_dict())
-    model.load_state_dict(
-        {k: torch.tensor(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)}
-    )
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(labels), BATCH):
-            logits = model(images[start : start + BATCH])
-            loss = torch.nn.functional.cross_entropy(
-                logits, labels[start : start + BATCH], reduction="none"
-            )
-            out.append(-loss.double().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    return model_canary_scores(cfg.model, arrays, images, labels)
 
 
 def observer_assignments(
@@ -80,6 +68,29 @@ def observer_assignments(
     return views
 
 
+def audit_requests(
+    owners: np.ndarray, graph: nx.Graph | None, audit_seed: int
+) -> dict[int, np.ndarray]:
+    """Under a sealed relay: which canaries each node scores on its own model, by node.
+
+    Exactly the canaries `observer_assignments` gives it in any view (owner, distance-d);
+    the shared view has no observer (no one holds the average model).
+    """
+    wanted: dict[int, set[int]] = {}
+    for _, _, scorer in observer_assignments(owners, graph, audit_seed):
+        for i, node in enumerate(scorer):
+            if node >= 0:
+                wanted.setdefault(int(node), set()).add(i)
+    return {node: np.array(sorted(idx), dtype=np.int64) for node, idx in wanted.items()}
+
+
+def sealed_audit_scores(cfg: RunConfig, strategy: Any, num_nodes: int) -> dict[int, np.ndarray]:
+    """Under a sealed relay the nodes are the observers: ask each for its canaries' scores."""
+    owners = make_canaries(num_nodes, cfg.audit_canaries, cfg.audit_seed).owner
+    requests = audit_requests(owners, strategy.graph, cfg.audit_seed)
+    return strategy.canary_scores(requests, len(owners))
+
+
 def _by_distance(lengths: Mapping[Any, int]) -> dict[int, list[int]]:
     rings: dict[int, list[int]] = {}
     for node, d in sorted(lengths.items()):
@@ -96,24 +107,33 @@ def run_audit(
     shared: ArrayRecord | None,
     graph: nx.Graph | None,
     node_eps: Mapping[int, float],
+    scores_by_node: Mapping[int, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """audit.json's content: one entry per observer with the bound beside the accountant's ε."""
+    """audit.json's content: one entry per observer with the bound beside the accountant's ε.
+
+    `scores_by_node` (gossip-relay=sealed): each node's scores of the canaries it observes,
+    computed by the node on its own model (`audit_requests`); the server scores nothing.
+    """
     canaries, data = canary_set(cfg, num_nodes)
     images, labels = data.tensors
     shared_arrays = shared.to_numpy_ndarrays() if shared is not None else None
+
+    def score(node: int, idx: np.ndarray) -> np.ndarray | None:
+        if scores_by_node is not None:  # sealed: no one holds the shared (average) model
+            return scores_by_node[node][idx] if node in scores_by_node else None
+        arrays = shared_arrays if node == -2 else own_models.get(node)
+        # A node that never trained holds nothing to score with.
+        return None if arrays is None else canary_scores(cfg, arrays, images[idx], labels[idx])
+
     observers = []
     views = observer_assignments(canaries.owner, graph, cfg.audit_seed)
     joint = joint_confidence(len(views))
     for name, distance, scorer in views:
         scores = np.full(len(labels), np.nan)
         for node in np.unique(scorer):
-            if node == -1:
-                continue
-            arrays = shared_arrays if node == -2 else own_models.get(int(node))
-            if arrays is None:
-                continue  # a node that never trained holds nothing to score with
             idx = np.flatnonzero(scorer == node)
-            scores[idx] = canary_scores(cfg, arrays, images[idx], labels[idx])
+            if node != -1 and (got := score(int(node), idx)) is not None:
+                scores[idx] = got
         keep = np.flatnonzero(~np.isnan(scores))
         if len(keep) == 0:
             continue

@@ -21,7 +21,7 @@ columns empty; `summary.json`'s topology says why).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -42,9 +42,11 @@ from flower_app.sealed_node import (
     APPLY_STEP,
     APPLY_WEIGHTS,
     BLOBS,
+    CANARIES,
     CORRECT,
     PUBLIC_KEY,
     REFUSED,
+    SCORES,
     SEAL_KEYS,
     SEAL_STEP,
     SEAL_TO,
@@ -55,6 +57,7 @@ from flower_app.sealed_node import (
 from strategies.gossip import Gossip, _mean_loss
 
 GOSSIP_STEP = f"{MessageType.TRAIN}.gossip"  # a ClientApp action: client_app/app.py
+AUDIT_QUERY = f"{MessageType.QUERY}.audit"
 UNAVAILABLE = (
     "consensus_distance, the average model and its central accuracy: under "
     "gossip-relay=sealed the server holds no node model (use gossip-relay=open for them)"
@@ -311,6 +314,34 @@ class SealedGossip(Gossip):
             len(accs),
         )
         return MetricRecord({"node-acc-mean": float(np.mean(accs))})
+
+    def canary_scores(
+        self, requests: Mapping[int, np.ndarray], total: int
+    ) -> dict[int, np.ndarray]:
+        """An audit: each node scores the canaries asked (by vertex) on its own model.
+
+        One round trip after the last round; by vertex, `total` scores, NaN where not asked.
+        """
+        msgs = [
+            Message(
+                content=RecordDict({SEALED: ConfigRecord({CANARIES: [int(i) for i in idx]})}),
+                message_type=AUDIT_QUERY,
+                dst_node_id=self.node_of[v],
+            )
+            for v, idx in requests.items()
+            if v in self.node_of
+        ]
+        assert self.grid is not None, "configure_train keeps the run's grid"
+        out: dict[int, np.ndarray] = {}
+        for r in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            v = self.partition_of.get(r.metadata.src_node_id)
+            got = [] if r.has_error() or v is None else list(r.content[SEALED][SCORES])
+            if v is None or len(got) != len(requests[v]):
+                log(WARNING, "audit: no canary scores from node %s", r.metadata.src_node_id)
+                continue
+            out[v] = np.full(total, np.nan)
+            out[v][requests[v]] = got
+        return out
 
     def round_diagnostics(self) -> dict[str, Any]:
         """The round's columns: node accuracy from the nodes' counts, no consensus."""

@@ -185,3 +185,38 @@ def test_nodes_score_on_the_servers_node_test_set():
     node = node_test_set(cfg)
     for a, b in zip(server.tensors, node.tensors, strict=True):
         assert bool((a == b).all())
+
+
+def test_a_sealed_audit_is_scored_by_the_nodes_and_matches_the_open_one():
+    """Under sealed the nodes are the observers (their own models); the server scores
+    nothing and receives scores only. Same seeds: the same bounds as the open relay's."""
+    from flower_app.records import ARRAYS
+    from server_app.audit import run_audit, sealed_audit_scores
+
+    audit = {**TINY, "num-server-rounds": 1, "audit-canaries": 6, "audit-seed": 3}
+    results = {}
+    for relay in ("open", "sealed"):
+        raw = {**audit, "gossip-relay": relay}
+        strategy, grid = run_gossip(raw, NODES)
+        cfg = RunConfig.from_run_config(raw)
+        before = len(grid.sent)
+        scores = sealed_audit_scores(cfg, strategy, NODES) if relay == "sealed" else None
+        if relay == "sealed":
+            queries, replies = grid.sent[before:], grid.received[before:]
+            assert {m.metadata.message_type for m in queries} == {"query.audit"}
+            assert not any(ARRAYS in m.content for m in queries + replies)
+            assert strategy.own_models() == {}  # the server had nothing to score with
+        results[relay] = run_audit(
+            cfg,
+            num_nodes=NODES,
+            own_models=strategy.own_models(),
+            shared=None,
+            graph=strategy.graph,
+            node_eps={p: strategy.node_eps(p) for p in range(NODES)},
+            scores_by_node=scores,
+        )["observers"]
+    names = [o["observer"] for o in results["sealed"]]
+    assert names[0] == "owner" and "distance-1" in names and "average" not in names
+    assert results["sealed"] == results["open"]
+    # Scored canaries, compared through their exact mean scores (no guess needs to be made).
+    assert all(o["canaries"] > 0 and np.isfinite(o["mean_score_in"]) for o in results["sealed"])

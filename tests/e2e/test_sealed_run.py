@@ -50,3 +50,18 @@ def test_sealed_and_open_runs_report_the_same_node_accuracy(superlink, tmp_path)
     assert [(r["gossip_exchanges"], r["exchanges_refused"]) for r in sealed_rows] == [
         ("2", "0")
     ] * 2
+
+
+def test_a_sealed_run_is_audited_by_its_nodes(superlink, tmp_path):
+    """audit-canaries under sealed: nodes score the canaries on their own models."""
+    cfg = {**SMALL, "gossip-relay": "sealed", "audit-canaries": 20, "eps": 8.0}
+    outcome = superlink.run(
+        {**cfg, "results-dir": str(tmp_path), "run-name": "audit"}, num_nodes=NODES, timeout=600
+    )
+    assert outcome.completed, f"{outcome.status}: {outcome.details}"
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    names = [o["observer"] for o in audit["observers"]]
+    assert names == ["owner", "distance-1"], names  # a 3-ring; no one holds an average
+    assert all(
+        o["canaries"] > 0 and o["eps_lower"] <= o["eps_accountant"] for o in audit["observers"]
+    )
