@@ -157,6 +157,9 @@ class SealedGossip(Gossip):
         active: set[int] = set()
         for r in ok:
             vertex = self._vertex_of(server_round, r)
+            if SEALED not in r.content:  # it kept no model of its own to gossip with
+                log(WARNING, "round %d: partition-id=%d sent no public key", server_round, vertex)
+                continue
             self.public_keys[vertex] = bytes(r.content[SEALED][PUBLIC_KEY])
             self.holding.add(r.metadata.src_node_id)
             active.add(vertex)
