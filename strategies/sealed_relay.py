@@ -13,6 +13,10 @@ Here each node keeps its own model (`client_app/sealed.py`) and the server only 
   one; it opens and mixes, then replies one blob per partner.
 - `evaluate`, one round trip: the last exchange's blobs; each node mixes, then scores its
   own model on the public node test set and replies counts (correct, total).
+- A node that does not answer a message is not sent another in that round (each wait costs
+  a `round-timeout`); its partners find no model from it and keep their own share.
+- After the last round of an audit run, `query.audit`: each node scores the canaries it
+  observes on its own model (`canary_scores`).
 
 The server never holds a model after the initial one, so consensus distance, the average
 model and its central accuracy do not exist under this relay (`rounds.csv` leaves those
@@ -128,6 +132,7 @@ class SealedGossip(Gossip):
         self.holding: set[int] = set()  # node ids that hold a model of their own
         self.grid: Grid | None = None
         self.pending: dict[int, _Pending] = {}
+        self.answering: set[int] = set()
         self.refused = 0
 
     def configure_train(
@@ -163,6 +168,7 @@ class SealedGossip(Gossip):
             self.public_keys[vertex] = bytes(r.content[SEALED][PUBLIC_KEY])
             self.holding.add(r.metadata.src_node_id)
             active.add(vertex)
+        self.answering = set(active)  # vertices still answering this round
         exchanges = [ex for _ in range(self.steps_per_round) for ex in self._draw(active)]
         self.refused = 0
         sent = self._relay(server_round, exchanges)
@@ -190,15 +196,18 @@ class SealedGossip(Gossip):
         """Run the exchanges, one round trip each; returns the ciphertext bytes routed."""
         self.pending, routed = {}, 0
         for step, exchange in enumerate(exchanges):
-            targets = sorted(set(exchange) | set(self.pending))
+            targets = sorted((set(exchange) | set(self.pending)) & self.answering)
             msgs = [self._step_message(server_round, step, v, exchange) for v in targets]
-            msgs = [m for m in msgs if m is not None]
             assert self.grid is not None, "configure_train keeps the round's grid"
             replies = self.grid.send_and_receive(msgs, timeout=self.timeout)
             self.pending = {
                 v: _Pending(step, w_self, senders) for v, (w_self, senders) in exchange.items()
             }
-            routed += self._collect(server_round, replies, exchange)
+            sent, answered = self._collect(server_round, replies, exchange)
+            routed += sent
+            # A node that did not answer is not waited for again this round: its partners
+            # find no model from it and keep their own share.
+            self.answering -= set(targets) - answered
         return routed
 
     def _node_and_key(self, vertex: int) -> tuple[int, bytes]:
@@ -221,7 +230,7 @@ class SealedGossip(Gossip):
 
     def _step_message(
         self, server_round: int, step: int, vertex: int, exchange: Exchange
-    ) -> Message | None:
+    ) -> Message:
         fields_: dict[str, Any] = {SERVER_ROUND: server_round, **self._apply_fields(vertex)}
         if vertex in exchange:
             partners = [self._node_and_key(s) for s, _ in exchange[vertex][1]]
@@ -236,9 +245,14 @@ class SealedGossip(Gossip):
             dst_node_id=self.node_of[vertex],
         )
 
-    def _collect(self, server_round: int, replies: Iterable[Message], exchange: Exchange) -> int:
-        """File each reply's blobs under their receivers; log refusals; the bytes routed."""
-        routed = 0
+    def _collect(
+        self, server_round: int, replies: Iterable[Message], exchange: Exchange
+    ) -> tuple[int, set[int]]:
+        """File each reply's blobs under their receivers; log refusals.
+
+        Returns the bytes routed and the vertices that answered.
+        """
+        routed, answered = 0, set()
         for r in replies:
             vertex = self.partition_of.get(r.metadata.src_node_id)
             if r.has_error() or vertex is None or SEALED not in r.content:
@@ -250,6 +264,7 @@ class SealedGossip(Gossip):
                 )
                 continue
             rec = r.content[SEALED]
+            answered.add(vertex)
             self._log_refused(server_round, r.metadata.src_node_id, rec)
             partners = [s for s, _ in exchange.get(vertex, (0.0, []))[1]]
             blobs = [bytes(b) for b in rec[BLOBS]] if BLOBS in rec else []
@@ -258,7 +273,7 @@ class SealedGossip(Gossip):
             for receiver, blob in zip(partners, blobs, strict=True):
                 self.pending[receiver].blobs[vertex] = blob
                 routed += len(blob)
-        return routed
+        return routed, answered
 
     def _log_refused(self, server_round: int, node: int, rec: ConfigRecord) -> None:
         for line in rec[REFUSED] if REFUSED in rec else []:
@@ -268,7 +283,11 @@ class SealedGossip(Gossip):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Deliver the last exchange; every node holding a model scores it (counts only)."""
+        """Deliver the last exchange; every node that answered this round scores its model.
+
+        Counts only. A node that did not answer is not waited for (it would cost a whole
+        `round-timeout`): node accuracy is over the nodes that answered the round.
+        """
         return [
             Message(
                 content=RecordDict(
@@ -277,8 +296,7 @@ class SealedGossip(Gossip):
                 message_type=MessageType.EVALUATE,
                 dst_node_id=self.node_of[v],
             )
-            for v in sorted(self.node_of)
-            if self.node_of[v] in self.holding
+            for v in sorted(self.answering)
         ]
 
     def aggregate_evaluate(

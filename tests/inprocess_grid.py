@@ -29,6 +29,7 @@ class InProcessGrid:
         run_config: dict,
         num_nodes: int,
         tamper: Callable[[Message], Message] | None = None,
+        drop: Callable[[Message], bool] | None = None,
     ) -> None:
         self.node_ids = [10_000 + 37 * i for i in range(num_nodes)]
         self.contexts = {
@@ -42,6 +43,7 @@ class InProcessGrid:
             for i, node in enumerate(self.node_ids)
         }
         self.tamper = tamper
+        self.drop = drop  # a message it returns True for never reaches its node: no reply
         self.sent: list[Message] = []
         self.received: list[Message] = []
 
@@ -59,6 +61,8 @@ class InProcessGrid:
         replies = []
         for msg in messages:
             self.sent.append(msg)
+            if self.drop and self.drop(msg):
+                continue
             delivered = self.tamper(msg) if self.tamper else msg
             reply = app(delivered, self.contexts[msg.metadata.dst_node_id])
             self.received.append(reply)
@@ -73,10 +77,10 @@ class InProcessGrid:
         )
 
 
-def run_gossip(run_config: dict, num_nodes: int, *, tamper=None, after_round=None):
+def run_gossip(run_config: dict, num_nodes: int, *, tamper=None, drop=None, after_round=None):
     """Run STRATEGIES['gossip'] for the config's rounds against an InProcessGrid."""
     cfg = RunConfig.from_run_config(run_config)
-    grid = InProcessGrid(run_config, num_nodes, tamper)
+    grid = InProcessGrid(run_config, num_nodes, tamper, drop)
     _, node_test = central_test_sets(cfg)
     strategy = STRATEGIES["gossip"](cfg, num_nodes, model_evaluator(cfg, node_test))
 

@@ -18,7 +18,7 @@ from flower_app.sealed_node import (
     node_test_set,
 )
 from server_app.evaluation import central_test_sets
-from strategies.sealed_relay import SealedGossip, disjoint_batches
+from strategies.sealed_relay import GOSSIP_STEP, SealedGossip, disjoint_batches
 from tests.inprocess_grid import RUN_ID, run_gossip
 
 NODES = 4
@@ -167,6 +167,26 @@ def test_a_tampered_blob_is_refused_and_the_round_goes_on(caplog):
     refusals = [r.getMessage() for r in caplog.records if "failed authentication" in r.getMessage()]
     assert refusals and all("\n" not in line for line in refusals)
     assert strategy.last_round["nodes_trained"] == NODES  # round 2 ran with every node
+
+
+def test_a_node_that_stops_answering_is_not_waited_for_again_that_round(caplog):
+    """Node 1 answers round 1's train, then no gossip message: its partners keep their own
+    share, it gets no further message that round (each wait is a round-timeout), and round 2
+    has it back."""
+    silent = 10_037  # partition 1's node id in InProcessGrid
+
+    def drop(msg):
+        return msg.metadata.dst_node_id == silent and msg.metadata.message_type == GOSSIP_STEP
+
+    with caplog.at_level(logging.WARNING):
+        strategy, grid = run_gossip(
+            {**TINY, "gossip-relay": "sealed", "gossip-mode": "metropolis"}, NODES, drop=drop
+        )
+    to_silent = [m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == silent]
+    # Each round: train, one gossip message (unanswered), and nothing more that round.
+    assert to_silent == ["train", GOSSIP_STEP] * 2
+    assert any("no model arrived node 10037" in r.getMessage() for r in caplog.records)
+    assert strategy.last_round["nodes_trained"] == NODES
 
 
 def test_edge_batches_are_disjoint_and_keep_the_order():
