@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from flower_app.audit import CONFIDENCE, audit_scores, joint_confidence, make_canaries
+from flower_app.audit import (
+    CONFIDENCE,
+    Canaries,
+    audit_scores,
+    joint_confidence,
+    make_canaries,
+)
 from flower_app.canary_scores import canary_scores as model_canary_scores
 from flower_app.config import RunConfig
 from flower_app.node import canary_set
@@ -134,30 +140,8 @@ def run_audit(
             idx = np.flatnonzero(scorer == node)
             if node != -1 and (got := score(int(node), idx)) is not None:
                 scores[idx] = got
-        keep = np.flatnonzero(~np.isnan(scores))
-        if len(keep) == 0:
-            continue
-        owners = sorted({int(o) for o in canaries.owner[keep]})
-        eps_accountant = max(node_eps.get(o, 0.0) for o in owners) if cfg.private else math.inf
-        result = audit_scores(scores[keep], canaries.included[keep], cfg.delta)
-        together = audit_scores(scores[keep], canaries.included[keep], cfg.delta, joint)
-        observers.append(
-            {
-                "observer": name,
-                "distance": distance,
-                "guesses": result["guesses"],
-                "correct": result["correct"],
-                "eps_lower": result["eps_lower"],
-                "eps_lower_joint": together["eps_lower"],
-                "eps_accountant": eps_accountant,
-                "canaries": result["canaries"],
-                "included": result["included"],
-                "k_plus": result["k_plus"],
-                "k_minus": result["k_minus"],
-                "mean_score_in": float(np.mean(scores[keep][canaries.included[keep]])),
-                "mean_score_out": float(np.mean(scores[keep][~canaries.included[keep]])),
-            }
-        )
+        if (entry := _observer(cfg, name, distance, scores, canaries, node_eps, joint)) is not None:
+            observers.append(entry)
     return {
         "audit": True,
         "method": "Steinke, Nasr & Jagielski 2023, one run, Theorem 3.1 with delta",
@@ -173,6 +157,40 @@ def run_audit(
         "canary": "an image of random sparse pixels with a random label",
         "score": "minus the cross-entropy at the canary's label",
         "observers": observers,
+    }
+
+
+def _observer(
+    cfg: RunConfig,
+    name: str,
+    distance: int | None,
+    scores: np.ndarray,
+    canaries: Canaries,
+    node_eps: Mapping[int, float],
+    joint: float,
+) -> dict[str, Any] | None:
+    """One observer's audit.json entry from its scores (NaN: not scored); None if none."""
+    keep = np.flatnonzero(~np.isnan(scores))
+    if len(keep) == 0:
+        return None
+    owners = sorted({int(o) for o in canaries.owner[keep]})
+    eps_accountant = max(node_eps.get(o, 0.0) for o in owners) if cfg.private else math.inf
+    result = audit_scores(scores[keep], canaries.included[keep], cfg.delta)
+    together = audit_scores(scores[keep], canaries.included[keep], cfg.delta, joint)
+    return {
+        "observer": name,
+        "distance": distance,
+        "guesses": result["guesses"],
+        "correct": result["correct"],
+        "eps_lower": result["eps_lower"],
+        "eps_lower_joint": together["eps_lower"],
+        "eps_accountant": eps_accountant,
+        "canaries": result["canaries"],
+        "included": result["included"],
+        "k_plus": result["k_plus"],
+        "k_minus": result["k_minus"],
+        "mean_score_in": float(np.mean(scores[keep][canaries.included[keep]])),
+        "mean_score_out": float(np.mean(scores[keep][~canaries.included[keep]])),
     }
 
 
