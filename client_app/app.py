@@ -8,6 +8,13 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client_app.sealed import (
+    SealedState,
+    evaluate_own,
+    gossip_step,
+    score_canaries,
+    sealed_train_reply,
+)
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import DeviceDataError
 from flower_app.ledger import FileLedger, LedgerError
@@ -18,6 +25,10 @@ from flower_app.train import GradientCheckError, quiet_opacus_logging
 from flower_app.wire import ARRAYS, CONFIG, SERVER_ROUND
 
 app = ClientApp()
+# gossip-relay=sealed: a gossip exchange (seal for partners, open and mix), and node accuracy.
+app.train("gossip")(gossip_step)
+app.evaluate()(evaluate_own)
+app.query("audit")(score_canaries)  # an audit: the node scores canaries on its own model
 
 
 def shard_of(node_config: dict[str, Any]) -> tuple[int, int]:
@@ -38,6 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train if the node's policy accepts the run; otherwise reply why, having trained nothing."""
     quiet_opacus_logging()
     pid = -1
+    sealed: SealedState | None = None
     try:
         pid, num_partitions = shard_of(dict(context.node_config))  # first: refusals name it
         policy = NodePolicy.from_node_config(context.node_config)
@@ -47,6 +59,7 @@ def train(msg: Message, context: Context) -> Message:
         own_data = str(context.node_config.get("data-dir", ""))  # the device's own files
         run_id = str(context.run_id)
         store = FileLedger(policy.ledger_dir) if policy.ledger_dir else StateLedger(context.state)
+        sealed = SealedState(context) if cfg.sealed_relay else None  # keeps the node's model
         out = serve_train(
             cfg,
             policy,
@@ -54,7 +67,9 @@ def train(msg: Message, context: Context) -> Message:
             run_id=run_id,
             partition_id=pid,
             num_partitions=num_partitions,
-            weights=msg.content[ARRAYS].to_torch_state_dict(),
+            weights=(
+                sealed.start_weights(msg) if sealed else msg.content[ARRAYS].to_torch_state_dict()
+            ),
             server_round=int(msg.content[CONFIG][SERVER_ROUND]),
             own_data=own_data,
         )
@@ -64,4 +79,6 @@ def train(msg: Message, context: Context) -> Message:
         out = Refused(str(err))
     if isinstance(out, Refused):
         return Message(content=refusal_reply(out, pid), reply_to=msg)
+    if sealed:
+        return Message(content=sealed_train_reply(out, pid, sealed), reply_to=msg)
     return Message(content=train_reply(out, pid), reply_to=msg)

@@ -141,6 +141,16 @@ class RunConfig:
     gossip_edges: int = field(default=10, metadata=_ints(1, 10_000))
     # Gossip iterations per round, each a fresh matching / set of edges / Metropolis step.
     gossip_steps: int = field(default=1, metadata=_ints(1, 1_000))
+    # Who can read the models gossip exchanges (strategy=gossip). `sealed` (the default, in
+    # simulation as on real SuperNodes): each node seals its model for one partner
+    # (flower_app/sealed.py) and the server only routes ciphertexts, so the server never
+    # holds a model after round 1's public initial one; node accuracy is measured by each
+    # node on its own model, and consensus distance and the average model do not exist.
+    # `open`: the server holds and averages every node's model (the old relay: FedAvg's
+    # trust model), an explicit opt-in for the diagnostics that need every model.
+    # One default everywhere: a run config cannot tell a simulation from a deployment, and
+    # a diagnostic is worth less than a guarantee that silently changes with the backend.
+    gossip_relay: str = field(default="sealed", metadata=_choice("sealed", "open"))
     degree: int = field(default=4, metadata=_ints(1, 10_000))
     edge_prob: float = field(
         default=0.3, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
@@ -252,6 +262,11 @@ class RunConfig:
     def audited(self) -> bool:
         """Whether this is an audit run (canaries in the nodes' training data)."""
         return self.audit_canaries > 0
+
+    @property
+    def sealed_relay(self) -> bool:
+        """Whether gossip runs sealed: the server routes ciphertexts and holds no model."""
+        return self.strategy == "gossip" and self.gossip_relay == "sealed"
 
     @property
     def private(self) -> bool:

@@ -40,6 +40,9 @@ ROUND_COLUMNS = (
     "bytes_sent_cum_per_node",
     "nodes_trained",
     "nodes_failed",
+    # gossip-relay=sealed: round trips of gossip exchanges, and exchanges a node refused.
+    "gossip_exchanges",
+    "exchanges_refused",
     "eval_s",
     "round_s",
     "wall_s",

@@ -37,3 +37,23 @@ PLANNED_STEPS = "planned-steps"
 # Train metrics FedAvg aggregates over a round's replies.
 EPS_MAX = "eps-max"
 EPS_MEAN = "eps-mean"
+
+# gossip-relay=sealed: a node's public key; a gossip step's routing and sealed blobs; node
+# accuracy as counts; an audit query's canaries and their scores.
+SEALED = "sealed"  # ConfigRecord: a node's public key; a gossip step's routing and blobs
+PUBLIC_KEY = "public-key"
+APPLY_STEP = "apply-step"
+APPLY_SELF_WEIGHT = "apply-self-weight"
+APPLY_FROM = "apply-from"  # sender node ids, in the order the mean sums them
+APPLY_KEYS = "apply-keys"  # their public keys
+APPLY_WEIGHTS = "apply-weights"
+APPLY_BLOBS = "apply-blobs"  # b"" where the sender's blob did not arrive
+SEAL_STEP = "seal-step"
+SEAL_TO = "seal-to"  # receiver node ids
+SEAL_KEYS = "seal-keys"
+BLOBS = "blobs"  # a node's reply: one blob per SEAL_TO entry
+REFUSED = "refused"  # a node's reply: one line per exchange it did not apply
+CORRECT = "correct"  # node accuracy as counts, on the public node test set
+TOTAL = "total"
+CANARIES = "canaries"  # an audit query: which canaries the node scores on its own model
+SCORES = "scores"  # its reply: one score per canary asked

@@ -25,7 +25,13 @@ from flower_app.results import (
     resolve_results_dir,
 )
 from flower_app.train import quiet_opacus_logging
-from server_app.audit import AUDIT, headline_bound, run_audit, write_audit
+from server_app.audit import (
+    AUDIT,
+    headline_bound,
+    run_audit,
+    sealed_audit_scores,
+    write_audit,
+)
 from server_app.evaluation import RoundRecorder, central_test_sets, model_evaluator
 from server_app.polling import PromptGrid
 from server_app.privacy_report import privacy_line, privacy_summary
@@ -141,6 +147,7 @@ def audit_and_write(
     """Score the canaries from every observer's view; audit.json; summary.json's `audit`."""
     t0 = time.monotonic()
     pids = range(num_nodes)
+    node_scores = sealed_audit_scores(cfg, strategy, num_nodes) if cfg.sealed_relay else None
     audit = run_audit(
         cfg,
         num_nodes=num_nodes,
@@ -148,6 +155,7 @@ def audit_and_write(
         shared=recorder.last_arrays,
         graph=getattr(strategy, "graph", None),
         node_eps={p: strategy.node_eps(p) for p in pids if p in strategy.node_reports},
+        scores_by_node=node_scores,
     )
     write_audit(files.folder, audit)
     for o in audit["observers"]:

@@ -9,6 +9,9 @@ model every node holds or the network's average):
 - Gossip: `owner` (its own model), `distance-d` for d = 1 .. diameter (for each canary one
   node at exactly d hops from its owner, drawn from `audit-seed`, so guesses stay
   independent), `average` (the mean of all node models, which no node holds).
+- Gossip under `gossip-relay=sealed`: the server holds no model, so each node scores the
+  canaries it observes on its own model and sends the scores (`sealed_audit_scores`); the
+  same `owner` and `distance-d` views, and no `average`.
 """
 
 from __future__ import annotations
@@ -22,36 +25,27 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from flower_app.audit import CONFIDENCE, audit_scores, joint_confidence
+from flower_app.audit import (
+    CONFIDENCE,
+    Canaries,
+    audit_scores,
+    joint_confidence,
+    make_canaries,
+)
+from flower_app.canary_scores import canary_scores as model_canary_scores
 from flower_app.config import RunConfig
-from flower_app.model import build_model
 from flower_app.results import write_json
 from flower_app.shards import canary_set
 
 AUDIT = "audit.json"
 _OBSERVER_STREAM = 0xD157
-BATCH = 1024
 
 
 def canary_scores(
     cfg: RunConfig, arrays: Sequence[np.ndarray], images: torch.Tensor, labels: torch.Tensor
 ) -> np.ndarray:
     """Minus each canary's cross-entropy at its label under the model: high = "in"."""
-    model = build_model(cfg.model)
-    keys = list(model.state_dict())
-    model.load_state_dict(
-        {k: torch.tensor(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)}
-    )
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(labels), BATCH):
-            logits = model(images[start : start + BATCH])
-            loss = torch.nn.functional.cross_entropy(
-                logits, labels[start : start + BATCH], reduction="none"
-            )
-            out.append(-loss.double().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    return model_canary_scores(cfg.model, arrays, images, labels)
 
 
 def observer_assignments(
@@ -80,6 +74,29 @@ def observer_assignments(
     return views
 
 
+def audit_requests(
+    owners: np.ndarray, graph: nx.Graph | None, audit_seed: int
+) -> dict[int, np.ndarray]:
+    """Under a sealed relay: which canaries each node scores on its own model, by node.
+
+    Exactly the canaries `observer_assignments` gives it in any view (owner, distance-d);
+    the shared view has no observer (no one holds the average model).
+    """
+    wanted: dict[int, set[int]] = {}
+    for _, _, scorer in observer_assignments(owners, graph, audit_seed):
+        for i, node in enumerate(scorer):
+            if node >= 0:
+                wanted.setdefault(int(node), set()).add(i)
+    return {node: np.array(sorted(idx), dtype=np.int64) for node, idx in wanted.items()}
+
+
+def sealed_audit_scores(cfg: RunConfig, strategy: Any, num_nodes: int) -> dict[int, np.ndarray]:
+    """Under a sealed relay the nodes are the observers: ask each for its canaries' scores."""
+    owners = make_canaries(num_nodes, cfg.audit_canaries, cfg.audit_seed).owner
+    requests = audit_requests(owners, strategy.graph, cfg.audit_seed)
+    return strategy.canary_scores(requests, len(owners))
+
+
 def _by_distance(lengths: Mapping[Any, int]) -> dict[int, list[int]]:
     rings: dict[int, list[int]] = {}
     for node, d in sorted(lengths.items()):
@@ -96,85 +113,35 @@ def run_audit(
     shared: ArrayRecord | None,
     graph: nx.Graph | None,
     node_eps: Mapping[int, float],
+    scores_by_node: Mapping[int, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """audit.json's content: one entry per observer with the bound beside the accountant's ε."""
+    """audit.json's content: one entry per observer with the bound beside the accountant's ε.
+
+    `scores_by_node` (gossip-relay=sealed): each node's scores of the canaries it observes,
+    computed by the node on its own model (`audit_requests`); the server scores nothing.
+    """
     canaries, data = canary_set(cfg, num_nodes)
     images, labels = data.tensors
     shared_arrays = shared.to_numpy_ndarrays() if shared is not None else None
+
+    def score(node: int, idx: np.ndarray) -> np.ndarray | None:
+        if scores_by_node is not None:  # sealed: no one holds the shared (average) model
+            return scores_by_node[node][idx] if node in scores_by_node else None
+        arrays = shared_arrays if node == -2 else own_models.get(node)
+        # A node that never trained holds nothing to score with.
+        return None if arrays is None else canary_scores(cfg, arrays, images[idx], labels[idx])
+
     observers = []
     views = observer_assignments(canaries.owner, graph, cfg.audit_seed)
     joint = joint_confidence(len(views))
     for name, distance, scorer in views:
-        scores = _view_scores(cfg, scorer, own_models, shared_arrays, images, labels)
-        keep = np.flatnonzero(~np.isnan(scores))
-        if len(keep) == 0:
-            continue
-        owners = sorted({int(o) for o in canaries.owner[keep]})
-        eps_accountant = max(node_eps.get(o, 0.0) for o in owners) if cfg.private else math.inf
-        observers.append(
-            {
-                "observer": name,
-                "distance": distance,
-                **_observer_result(
-                    scores[keep], canaries.included[keep], cfg.delta, joint, eps_accountant
-                ),
-            }
-        )
-    return _audit_header(cfg, joint) | {"observers": observers}
-
-
-def _view_scores(
-    cfg: RunConfig,
-    scorer: np.ndarray,
-    own_models: Mapping[int, Sequence[np.ndarray]],
-    shared: Sequence[np.ndarray] | None,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-) -> np.ndarray:
-    """Each canary's score under the model its scorer holds (NaN: no scorer, or no model).
-
-    `scorer` is -1 for a canary no node scores, -2 for the shared model (`shared`), else the
-    node whose own model scores it.
-    """
-    scores = np.full(len(labels), np.nan)
-    for node in np.unique(scorer):
-        if node == -1:
-            continue
-        arrays = shared if node == -2 else own_models.get(int(node))
-        if arrays is None:
-            continue  # a node that never trained holds nothing to score with
-        idx = np.flatnonzero(scorer == node)
-        scores[idx] = canary_scores(cfg, arrays, images[idx], labels[idx])
-    return scores
-
-
-def _observer_result(
-    scores: np.ndarray, included: np.ndarray, delta: float, joint: float, eps_accountant: float
-) -> dict[str, Any]:
-    """An observer's result: the best guessing rule's bound beside the accountant's ε.
-
-    The bound alone and at the joint confidence, the rule's counts, and the mean score of the
-    canaries in and out.
-    """
-    result = audit_scores(scores, included, delta)
-    together = audit_scores(scores, included, delta, joint)
-    return {
-        "guesses": result["guesses"],
-        "correct": result["correct"],
-        "eps_lower": result["eps_lower"],
-        "eps_lower_joint": together["eps_lower"],
-        "eps_accountant": eps_accountant,
-        "canaries": result["canaries"],
-        "included": result["included"],
-        "k_plus": result["k_plus"],
-        "k_minus": result["k_minus"],
-        "mean_score_in": float(np.mean(scores[included])),
-        "mean_score_out": float(np.mean(scores[~included])),
-    }
-
-
-def _audit_header(cfg: RunConfig, joint: float) -> dict[str, Any]:
-    """What the audit was: the method, the run's claim and the canaries."""
+        scores = np.full(len(labels), np.nan)
+        for node in np.unique(scorer):
+            idx = np.flatnonzero(scorer == node)
+            if node != -1 and (got := score(int(node), idx)) is not None:
+                scores[idx] = got
+        if (entry := _observer(cfg, name, distance, scores, canaries, node_eps, joint)) is not None:
+            observers.append(entry)
     return {
         "audit": True,
         "method": "Steinke, Nasr & Jagielski 2023, one run, Theorem 3.1 with delta",
@@ -189,6 +156,41 @@ def _audit_header(cfg: RunConfig, joint: float) -> dict[str, Any]:
         "audit_seed": cfg.audit_seed,
         "canary": "an image of random sparse pixels with a random label",
         "score": "minus the cross-entropy at the canary's label",
+        "observers": observers,
+    }
+
+
+def _observer(
+    cfg: RunConfig,
+    name: str,
+    distance: int | None,
+    scores: np.ndarray,
+    canaries: Canaries,
+    node_eps: Mapping[int, float],
+    joint: float,
+) -> dict[str, Any] | None:
+    """One observer's audit.json entry from its scores (NaN: not scored); None if none."""
+    keep = np.flatnonzero(~np.isnan(scores))
+    if len(keep) == 0:
+        return None
+    owners = sorted({int(o) for o in canaries.owner[keep]})
+    eps_accountant = max(node_eps.get(o, 0.0) for o in owners) if cfg.private else math.inf
+    result = audit_scores(scores[keep], canaries.included[keep], cfg.delta)
+    together = audit_scores(scores[keep], canaries.included[keep], cfg.delta, joint)
+    return {
+        "observer": name,
+        "distance": distance,
+        "guesses": result["guesses"],
+        "correct": result["correct"],
+        "eps_lower": result["eps_lower"],
+        "eps_lower_joint": together["eps_lower"],
+        "eps_accountant": eps_accountant,
+        "canaries": result["canaries"],
+        "included": result["included"],
+        "k_plus": result["k_plus"],
+        "k_minus": result["k_minus"],
+        "mean_score_in": float(np.mean(scores[keep][canaries.included[keep]])),
+        "mean_score_out": float(np.mean(scores[keep][~canaries.included[keep]])),
     }
 
 

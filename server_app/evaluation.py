@@ -65,7 +65,14 @@ def model_evaluator(
 
 def round_line(cfg: RunConfig, row: Mapping[str, Any]) -> str:
     """The one log line of a round, from its rounds.csv row."""
-    if cfg.strategy == "gossip":
+    if cfg.sealed_relay:  # the server holds no model: only the nodes' own counts
+        quality = "node accuracy " + (
+            f"{row['node_acc_mean']:.4f} ({row['node_acc_min']:.3f}..{row['node_acc_max']:.3f})"
+            if row.get("node_acc_mean") is not None
+            else "unknown (no node answered)"
+        )
+        quality += "  (sealed relay: no consensus or avg-model)"
+    elif cfg.strategy == "gossip":
         # No global model exists: lead with the nodes' own models.
         quality = (
             f"node accuracy {row['node_acc_mean']:.4f} "
@@ -106,6 +113,9 @@ class RoundRecorder:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower's `evaluate_fn`: called with round 0 before training, then after each round."""
         t_eval = time.monotonic()
+        if server_round > 0 and self.cfg.sealed_relay:
+            # The server holds no model (`arrays` is still the initial one): nothing central.
+            return self._record(server_round, t_eval, None, None)
         self.last_arrays = arrays
         model = build_model(self.cfg.model)
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -114,6 +124,12 @@ class RoundRecorder:
             self.initial = {"accuracy": accuracy, "loss": loss}
             self.t0 = self.t_last = time.monotonic()
             return MetricRecord(self.initial)
+        return self._record(server_round, t_eval, accuracy, loss)
+
+    def _record(
+        self, server_round: int, t_eval: float, accuracy: float | None, loss: float | None
+    ) -> MetricRecord:
+        """Append the round's row, log its line; None: no central model was evaluated."""
         row = self._row(server_round, accuracy, loss)
         now = time.monotonic()  # after the per-node evaluation, which is part of the round
         row |= {
@@ -124,11 +140,14 @@ class RoundRecorder:
         self.t_last = now
         self.files.add_round(row)
         self.last_row = row
-        self._check_divergence(server_round, loss)
+        if loss is not None:
+            self._check_divergence(server_round, loss)
         log(INFO, "%s", round_line(self.cfg, row))
+        if accuracy is None or loss is None:
+            return MetricRecord({})
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    def _row(self, server_round: int, accuracy: float, loss: float) -> dict[str, Any]:
+    def _row(self, server_round: int, accuracy: float | None, loss: float | None) -> dict[str, Any]:
         """The round's rounds.csv columns but its timings (the strategy's diagnostics last)."""
         row = {
             "round": server_round,

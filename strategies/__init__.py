@@ -9,6 +9,7 @@ from flower_app.topology import TopologyError, build_topology
 from strategies.base import PrivacyBounds, RunStrategy
 from strategies.fedavg import CentralFedAvg
 from strategies.gossip import ArraysEvaluator, Gossip
+from strategies.sealed_relay import SealedGossip
 
 
 def privacy_bounds(cfg: RunConfig) -> PrivacyBounds:
@@ -65,8 +66,10 @@ def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
         )
     except TopologyError as err:
         raise ConfigError(str(err)) from None
-    strategy = Gossip(
+    relay = {"timeout": cfg.round_timeout} if cfg.sealed_relay else {}
+    strategy = (SealedGossip if cfg.sealed_relay else Gossip)(
         graph,
+        **relay,
         mode=cfg.gossip_mode,
         edges_per_round=cfg.gossip_edges,
         steps_per_round=cfg.gossip_steps,

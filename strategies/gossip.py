@@ -55,7 +55,7 @@ from strategies.base import CentralEvaluationMixin, NodeReportsMixin, PrivacyBou
 ArraysEvaluator = Callable[[list[np.ndarray]], tuple[float, float]]
 
 
-def _mean_loss(replies: list[Message]) -> float | None:
+def mean_loss(replies: list[Message]) -> float | None:
     """Mean training loss of the replies that carry one (only non-private nodes do)."""
     losses = [
         float(r.content[METRICS][TRAIN_LOSS]) for r in replies if TRAIN_LOSS in r.content[METRICS]
@@ -214,7 +214,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         self.last_round = {
             "nodes_trained": len(trained),
             "nodes_failed": self.nodes_failed,
-            "train_loss": _mean_loss(ok),
+            "train_loss": mean_loss(ok),
             "consensus_distance": consensus_distance(self.models),
             "bytes_sent_per_node": messages_sent * self.layout.nbytes / len(self.models),
         }

@@ -16,7 +16,7 @@ from server_app.app import summarize
 from server_app.evaluation import RoundRecorder, round_line
 
 
-def _recorder(tmp_path):
+def _recorder(tmp_path, cfg=None):
     rng = np.random.default_rng(0)
     test = to_tensors(
         "fashion-mnist",
@@ -27,7 +27,30 @@ def _recorder(tmp_path):
     files.start({})
     strategy = Mock()
     strategy.round_diagnostics.return_value = {"eps_spent": 0.0, "nodes_trained": 2}
-    return RoundRecorder(RunConfig(model="mlp"), files, strategy, test), files
+    return RoundRecorder(cfg or RunConfig(model="mlp"), files, strategy, test), files
+
+
+def test_a_sealed_relay_evaluates_no_central_model(tmp_path):
+    """The server holds no model under gossip-relay=sealed: `arrays` is still the initial
+    one, so scoring it would report the initial model's accuracy as the round's."""
+    cfg = RunConfig(model="mlp", strategy="gossip")
+    recorder, files = _recorder(tmp_path, cfg)
+    recorder.strategy.round_diagnostics.return_value = {
+        "eps_spent": 0.0,
+        "node_acc_mean": 0.5,
+        "node_acc_min": 0.4,
+        "node_acc_max": 0.6,
+        "consensus_distance": None,
+    }
+    model = build_model("mlp", seed=0)
+    recorder(0, ArrayRecord(model.state_dict()))
+    assert recorder(1, ArrayRecord(model.state_dict())).keys() == set()
+    broken = {k: torch.full_like(v, math.nan) for k, v in model.state_dict().items()}
+    recorder(2, ArrayRecord(broken))  # never evaluated, so never "diverged"
+    assert recorder.diverged_at is None and recorder.last_arrays is not None
+    rows = list(csv.DictReader((files.folder / "rounds.csv").open()))
+    assert [(r["accuracy"], r["loss"], r["consensus_distance"]) for r in rows] == [("", "", "")] * 2
+    assert [r["node_acc_mean"] for r in rows] == ["0.5", "0.5"]
 
 
 def test_a_diverged_model_is_flagged_once_at_its_first_round(tmp_path):
@@ -61,8 +84,15 @@ def test_the_round_line_leads_with_node_accuracy_under_gossip():
     assert fedavg == "round 2/5  accuracy 0.5000  loss 1.2500  ε spent 0.750 of 2 " + (
         "(δ=1e-05, sample-level)  1.3s"
     )
-    gossip = round_line(RunConfig(strategy="gossip", eps=2.0, num_server_rounds=5), row)
+    gossip = round_line(
+        RunConfig(strategy="gossip", gossip_relay="open", eps=2.0, num_server_rounds=5), row
+    )
     assert gossip.startswith("round 2/5  node accuracy 0.4000 (0.300..0.500)  consensus 0.01")
+    sealed_row = row | {"accuracy": None, "loss": None, "consensus_distance": None}
+    sealed = round_line(RunConfig(strategy="gossip", eps=2.0, num_server_rounds=5), sealed_row)
+    assert sealed.startswith(
+        "round 2/5  node accuracy 0.4000 (0.300..0.500)  (sealed relay: no consensus or avg-model)"
+    )
     audited = round_line(RunConfig(eps=2.0, num_server_rounds=5, audit_canaries=50), row)
     assert "(δ=1e-05, sample-level, AUDIT: 50 canaries per node)" in audited
 

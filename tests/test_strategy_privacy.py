@@ -110,8 +110,8 @@ def test_a_node_racing_to_claim_a_registered_partition_first_is_refused():
     binds each vertex to the node id its operator registered, before any reply."""
     from strategies import STRATEGIES
 
-    cfg = RunConfig(strategy="gossip", eps=math.inf, partition_nodes="0:10,1:11,2:12",
-                    min_available_nodes=1)  # fmt: skip
+    cfg = RunConfig(strategy="gossip", gossip_relay="open", eps=math.inf,
+                    partition_nodes="0:10,1:11,2:12", min_available_nodes=1)  # fmt: skip
     strategy = STRATEGIES["gossip"](cfg, 3, lambda arrays: {})
     list(strategy.configure_train(1, INITIAL, ConfigRecord(), mock_grid([10, 11, 12])))
     strategy.aggregate_train(1, [reply(12, 0, value=-100.0), reply(11, 1), reply(10, 0)])

@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 
 from sim.bench.plain_loop import raw_run
-from sim.bench.sizes import Sizes, run_config_for
+from sim.bench.sizes import OPEN_RELAY, Sizes, run_config_for
 from sim.launch.deployment import Deployment
 from sim.launch.simulation import SimulationLink
 
@@ -130,6 +130,7 @@ def scale(
             "eps": sizes.eps,
             "num-server-rounds": sizes.scale_rounds,
             **sizes.scale_config,
+            **OPEN_RELAY,
         }
         timing = flower_run(link, run_config, n, out)
         rows.append(

@@ -74,6 +74,9 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
             if args.audit_seed < 0:
                 raise SweepError(f"--audit-seed {args.audit_seed} is not valid; expected >= 0")
             args.set = [
+                # The open relay's server holds the average model too, one more observer;
+                # `--set gossip-relay=sealed` audits from the nodes' own views only.
+                "gossip-relay=open",
                 *args.set,
                 f"audit-canaries={args.canaries}",
                 f"audit-seed={args.audit_seed}",

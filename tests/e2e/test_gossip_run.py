@@ -17,6 +17,7 @@ SMALL = {
     "samples-per-node": 600,
     "test-samples": 1000,
     "node-eval-samples": 500,
+    "gossip-relay": "open",  # consensus and the average model: tests/e2e/test_sealed_run.py
 }
 
 
