@@ -32,7 +32,14 @@ from rich.markdown import Markdown
 
 from flower_app.config import RunConfig
 from flower_app.results import write_json
-from sim.bench.flower_runs import deploy_vs_sim, flower_run, flower_vs_raw, scale, steady
+from sim.bench.flower_runs import (
+    deploy_vs_sim,
+    flower_run,
+    flower_vs_raw,
+    scale,
+    sealed_vs_open,
+    steady,
+)
 from sim.bench.local_epoch import epoch_ratios, fastest_correct, keyed_randomness
 from sim.bench.sizes import FULL, QUICK, Sizes, run_config_for
 from sim.bench.table import markdown
@@ -78,6 +85,11 @@ def run_bench(
             if strategy == "gossip":
                 results["eval_share"] = share
             results["details"][strategy] = details
+        sealed = sealed_vs_open(
+            sizes, link, Path(tmp), log, results["details"]["gossip"]["flower_round_s_steady"]
+        )
+        results["sealed_vs_open_round"] = sealed.pop("ratio")
+        results["details"]["gossip"] |= sealed
         log(f"fedavg: {sizes.nodes} nodes x {sizes.rounds} rounds through Flower without DP")
         no_dp = {**run_config_for(sizes, "fedavg"), "eps": float("inf")}
         plain = flower_run(link, no_dp, sizes.nodes, Path(tmp))

@@ -118,6 +118,20 @@ def flower_vs_raw(
     }
 
 
+def sealed_vs_open(
+    sizes: Sizes, link: SimulationLink, out: Path, log: Callable[[str], None], open_round: float
+) -> dict[str, float]:
+    """Gossip's steady round with the sealed relay against the open one (same run config).
+
+    `open_round` is the open relay's steady round from `flower_vs_raw`. Sealed rounds add one
+    Flower round trip per gossip exchange and the nodes' sealing; the ratio is that cost.
+    """
+    log(f"gossip: {sizes.nodes} nodes x {sizes.rounds} rounds through the sealed relay")
+    config = {**run_config_for(sizes, "gossip"), "gossip-relay": "sealed"}
+    sealed = steady(flower_run(link, config, sizes.nodes, out).rows)
+    return {"ratio": sealed / open_round, "sealed_round_s_steady": sealed}
+
+
 def scale(
     sizes: Sizes, link: SimulationLink, out: Path, log: Callable[[str], None]
 ) -> list[dict[str, float]]:

@@ -55,8 +55,12 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"({d['fedavg']['flower_round_s_steady']:.2f} s / "
         f"{d['fedavg_plain_round_s_steady']:.2f} s) | <= 1.5 |",
         f"| gossip per-node round cost, {results['scale'][-1]['nodes']} vs "
-        f"{results['scale'][1]['nodes']} nodes | {results['scale_per_node_growth']:+.0%} "
-        "| <= +20% |",
+        f"{results['scale'][1 if len(results['scale']) > 2 else 0]['nodes']} nodes "
+        f"| {results['scale_per_node_growth']:+.0%} | <= +20% |",
+        f"| sealed_vs_open_round (gossip steady round, sealed relay vs open) "
+        f"| {results['sealed_vs_open_round']:.2f} "
+        f"({d['gossip']['sealed_round_s_steady']:.2f} s / "
+        f"{d['gossip']['flower_round_s_steady']:.2f} s) | <= 1.1 |",
         f"| eval_share (gossip, rounds 2+) | {results['eval_share']:.1%} | small |",
         *randomness_lines(results),
     ]

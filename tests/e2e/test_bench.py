@@ -50,6 +50,7 @@ def test_bench_reports_every_ratio(superlink, tmp_path, monkeypatch):
         "dp_round_vs_plain_round",
         "eval_share",
         "deploy_round_vs_sim_round",
+        "sealed_vs_open_round",
     ):
         assert results[key] > 0, key
     assert results["eval_share"] < 1
