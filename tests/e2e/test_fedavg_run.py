@@ -70,7 +70,8 @@ def test_bad_run_config_fails_the_run_with_one_clear_line_and_writes_nothing(sup
 
 
 def test_dp_noise_is_secret_unless_noise_seed_is_set(superlink, tmp_path):
-    """Same run config twice: different models; same noise-seed twice: identical models."""
+    """Same run config twice: different models. (Same noise-seed twice gives identical
+    models: tests/e2e/test_sealed_run.py, whose two runs share one noise-seed.)"""
     tiny = {
         "num-server-rounds": 1,
         "samples-per-node": 200,
@@ -79,15 +80,11 @@ def test_dp_noise_is_secret_unless_noise_seed_is_set(superlink, tmp_path):
         "results-dir": str(tmp_path),
     }
     losses = {}
-    for name, extra in (("a", {}), ("b", {}), ("s1", {"noise-seed": 3}), ("s2", {"noise-seed": 3})):
+    for name, extra in (("a", {}), ("b", {})):
         outcome = superlink.run({**tiny, **extra, "run-name": name}, num_nodes=2, timeout=600)
         assert outcome.completed, f"{outcome.status}: {outcome.details}"
         rows, summary = read_run(tmp_path / name)
         losses[name] = rows[-1]["loss"]  # full float repr of the evaluated global model
-        seeded = summary["privacy"]["noise_seed"] is not None
-        assert ("SEEDED" in summary["privacy"]["noise"]) == seeded
-        assert "NOT private" in summary["privacy"]["noise"] or not seeded
+        assert summary["privacy"]["noise_seed"] is None
+        assert "SEEDED" not in summary["privacy"]["noise"]
     assert losses["a"] != losses["b"], "two runs drew the same noise from the same run config"
-    assert losses["s1"] == losses["s2"], "the same noise-seed did not repeat the run"
-    logs = superlink.logs(outcome.run_id)
-    assert "SEEDED (noise-seed=3)" in logs and "NOT private against anyone" in logs

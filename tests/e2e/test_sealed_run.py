@@ -30,10 +30,17 @@ def _run(superlink, tmp_path, relay):
     )
     assert outcome.completed, f"{outcome.status}: {outcome.details}"
     rows = list(csv.DictReader((tmp_path / name / "rounds.csv").open()))
-    return rows, json.loads((tmp_path / name / "summary.json").read_text())
+    summary = json.loads((tmp_path / name / "summary.json").read_text())
+    # A seeded run says so wherever its privacy is stated.
+    assert "SEEDED" in summary["privacy"]["noise"] and "NOT private" in summary["privacy"]["noise"]
+    logs = superlink.logs(outcome.run_id)
+    assert "SEEDED (noise-seed=5)" in logs and "NOT private against anyone" in logs
+    return rows, summary
 
 
 def test_sealed_and_open_runs_report_the_same_node_accuracy(superlink, tmp_path):
+    """Two runs with one noise-seed replay the same noise: identical node models (so the
+    same accuracies), whichever relay carries them."""
     sealed_rows, sealed = _run(superlink, tmp_path, "sealed")
     open_rows, opened = _run(superlink, tmp_path, "open")
     keys = ("node_acc_mean", "node_acc_min", "node_acc_max", "nodes_trained", "eps_spent")
