@@ -193,6 +193,30 @@ def validation_split(num_train: int, validation_samples: int) -> tuple[np.ndarra
     return np.sort(order[validation_samples:]), held
 
 
+def evaluation_sets(
+    arrays: Arrays,
+    *,
+    evaluate_on: str,
+    validation_samples: int,
+    test_samples: int,
+    node_eval_samples: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, central indices, per-node-model indices) of the evaluation set.
+
+    `evaluate_on="test"`: the test set capped at `test_samples`; `"validation"`: the
+    validation split carved off the training set. The per-node subset is a fixed cap of the
+    central one: the server scores open-relay node models on it, sealed nodes themselves.
+    """
+    _, held = validation_split(len(arrays.y_train), validation_samples)
+    if evaluate_on == "validation":
+        x, y, idx = arrays.x_train, arrays.y_train, held
+    else:
+        x, y = arrays.x_test, arrays.y_test
+        idx = cap(np.arange(len(y)), test_samples, seed)
+    return x, y, idx, cap(idx, node_eval_samples, seed + 1)
+
+
 class DeviceDataError(ValueError):
     """A device's own training files are missing or malformed: one line naming the path."""
 

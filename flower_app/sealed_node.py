@@ -26,7 +26,12 @@ from functools import lru_cache
 import numpy as np
 
 from flower_app.config import RunConfig
-from flower_app.data import BatchTensorDataset, cap, load_arrays, to_tensors, validation_split
+from flower_app.data import (
+    BatchTensorDataset,
+    evaluation_sets,
+    load_arrays,
+    to_tensors,
+)
 from flower_app.sealed import NodeKeys, Route, SealError, open_sealed, seal
 
 logger = logging.getLogger(__name__)
@@ -153,12 +158,12 @@ def node_test_set(cfg: RunConfig) -> BatchTensorDataset:
     The same set `server_app.evaluation.central_test_sets` scores the open relay's node
     models on (a test checks they agree), so both relays report the same node accuracy.
     """
-    arrays = load_arrays(cfg.dataset, cfg.data_dir)
-    _, held = validation_split(len(arrays.y_train), cfg.validation_samples)
-    if cfg.evaluate_on == "validation":
-        x, y, idx = arrays.x_train, arrays.y_train, held
-    else:
-        x, y = arrays.x_test, arrays.y_test
-        idx = cap(np.arange(len(y)), cfg.test_samples, cfg.seed)
-    node_idx = cap(idx, cfg.node_eval_samples, cfg.seed + 1)
+    x, y, _, node_idx = evaluation_sets(
+        load_arrays(cfg.dataset, cfg.data_dir),
+        evaluate_on=cfg.evaluate_on,
+        validation_samples=cfg.validation_samples,
+        test_samples=cfg.test_samples,
+        node_eval_samples=cfg.node_eval_samples,
+        seed=cfg.seed,
+    )
     return to_tensors(cfg.dataset, x[node_idx], y[node_idx], cfg.normalize)

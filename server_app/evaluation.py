@@ -14,7 +14,12 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common import log
 
 from flower_app.config import ConfigError, RunConfig, claims_per_round
-from flower_app.data import BatchTensorDataset, cap, load_arrays, to_tensors, validation_split
+from flower_app.data import (
+    BatchTensorDataset,
+    evaluation_sets,
+    load_arrays,
+    to_tensors,
+)
 from flower_app.model import build_model
 from flower_app.results import RunFiles, format_eps
 from flower_app.train import evaluate
@@ -30,21 +35,24 @@ def central_test_sets(cfg: RunConfig) -> tuple[BatchTensorDataset, BatchTensorDa
     `evaluate-on=test`: the test set (capped at `test-samples`). `evaluate-on=validation`:
     the validation split carved off the training set, and nothing of the test set.
     """
-    arrays = load_arrays(cfg.dataset, cfg.data_dir)
     try:  # checked in every run: the nodes carve the same split
-        _, held = validation_split(len(arrays.y_train), cfg.validation_samples)
+        x, y, idx, node_idx = evaluation_sets(load_arrays(cfg.dataset, cfg.data_dir), **_sizes(cfg))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cfg.evaluate_on == "validation":
-        x, y, idx = arrays.x_train, arrays.y_train, held
-    else:
-        x, y = arrays.x_test, arrays.y_test
-        idx = cap(np.arange(len(y)), cfg.test_samples, cfg.seed)
-    node_idx = cap(idx, cfg.node_eval_samples, cfg.seed + 1)
     return (
         to_tensors(cfg.dataset, x[idx], y[idx], cfg.normalize),
         to_tensors(cfg.dataset, x[node_idx], y[node_idx], cfg.normalize),
     )
+
+
+def _sizes(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "evaluate_on": cfg.evaluate_on,
+        "validation_samples": cfg.validation_samples,
+        "test_samples": cfg.test_samples,
+        "node_eval_samples": cfg.node_eval_samples,
+        "seed": cfg.seed,
+    }
 
 
 def model_evaluator(
