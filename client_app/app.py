@@ -8,6 +8,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client_app.cell import run_of
 from client_app.sealed import (
     SealedState,
     evaluate_own,
@@ -55,11 +56,11 @@ def train(msg: Message, context: Context) -> Message:
         policy = NodePolicy.from_node_config(context.node_config)
         # One thread per simulated node: two nodes on two cores beat one with two threads.
         torch.set_num_threads(torch_threads(context.node_config))
-        cfg = RunConfig.from_run_config(context.run_config)
+        run_config, run_id = run_of(msg, context)  # a sweep cell's config and key, or the run's
+        cfg = RunConfig.from_run_config(run_config)
         own_data = str(context.node_config.get("data-dir", ""))  # the device's own files
-        run_id = str(context.run_id)
         store = FileLedger(policy.ledger_dir) if policy.ledger_dir else StateLedger(context.state)
-        sealed = SealedState(context) if cfg.sealed_relay else None  # keeps the node's model
+        sealed = SealedState(context, run_id) if cfg.sealed_relay else None  # the node's model
         out = serve_train(
             cfg,
             policy,

@@ -16,6 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import log
 
+from client_app.cell import run_of
 from flower_app.canary_scores import canary_scores
 from flower_app.config import RunConfig
 from flower_app.model import build_model
@@ -64,10 +65,9 @@ _APPLIED = "applied"  # [round, step] of the last exchange applied
 class SealedState:
     """The node's sealed-relay entry in `context.state` for the context's run."""
 
-    def __init__(self, context: Context) -> None:
-        """Load (or, on first use in this run, make) the node's key pair for the run."""
+    def __init__(self, context: Context, run: str) -> None:
+        """Load (or, on first use in `run`, make) the node's key pair for it (`cell.run_of`)."""
         self.context = context
-        run = context.run_id
         self.meta_key, self.model_key = f"sealed-node:{run}", f"sealed-model:{run}"
         if self.meta_key not in context.state:
             keys = NodeKeys.generate()
@@ -177,7 +177,7 @@ def _apply(state: SealedState, rec: ConfigRecord, server_round: int) -> list[str
 
 def gossip_step(msg: Message, context: Context) -> Message:
     """Apply the previous exchange's deliveries, then seal the node's model for this one."""
-    state = SealedState(context)
+    state = SealedState(context, run_of(msg, context)[1])
     rec = msg.content[SEALED]
     server_round = int(rec[SERVER_ROUND])
     refused = _apply(state, rec, server_round)
@@ -203,8 +203,9 @@ def evaluate_own(msg: Message, context: Context) -> Message:
     torch.set_num_threads(torch_threads(context.node_config))
     # As for training: a node with a policy reads the images from the dataset's own place.
     policy = NodePolicy.from_node_config(context.node_config)
-    cfg = node_run_config(policy, RunConfig.from_run_config(context.run_config))
-    state = SealedState(context)
+    run_config, run = run_of(msg, context)
+    cfg = node_run_config(policy, RunConfig.from_run_config(run_config))
+    state = SealedState(context, run)
     rec = msg.content[SEALED]
     refused = _apply(state, rec, int(rec[SERVER_ROUND]))
     metrics: dict[str, Any] = {"partition-id": int(context.node_config["partition-id"])}
@@ -235,9 +236,10 @@ def score_canaries(msg: Message, context: Context) -> Message:
     """
     torch.set_num_threads(torch_threads(context.node_config))
     policy = NodePolicy.from_node_config(context.node_config)
-    cfg = node_run_config(policy, RunConfig.from_run_config(context.run_config))
+    run_config, run = run_of(msg, context)
+    cfg = node_run_config(policy, RunConfig.from_run_config(run_config))
     idx = np.asarray(list(msg.content[SEALED][CANARIES]), dtype=np.int64)
-    arrays = SealedState(context).trained_arrays()
+    arrays = SealedState(context, run).trained_arrays()
     scores: list[float] = []
     if arrays is not None:
         _, data = canary_set(cfg, int(context.node_config["num-partitions"]))

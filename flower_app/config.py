@@ -169,6 +169,9 @@ class RunConfig:
     audit_canaries: int = field(default=0, metadata=_ints(0, 10_000, " (0 = no audit)"))
     audit_seed: int = field(default=0, metadata=_SEED)
     results_dir: str = ""
+    # A sweep's cell list (flower_app/cells.py, written by fl-sweep): the ServerApp runs each
+    # cell in turn in this one Flower run. "" = this run is one experiment.
+    cells: str = ""
     # Which Flower node id may hold each partition id ("0:<node-id>,1:<node-id>"; the ids
     # `flwr supernode register` printed): a reply from any other node claiming it is refused.
     # "" binds each partition id to the first node that reports it.

@@ -57,3 +57,9 @@ CORRECT = "correct"  # node accuracy as counts, on the public node test set
 TOTAL = "total"
 CANARIES = "canaries"  # an audit query: which canaries the node scores on its own model
 SCORES = "scores"  # its reply: one score per canary asked
+
+# One cell of a sweep run (flower_app/cells.py): the cell's id and its run-config keys, on
+# every message of that cell (a ConfigRecord under CELL). A message without it belongs to
+# the run itself.
+CELL = "cell"
+CELL_ID = "cell-id"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from logging import INFO
 from typing import Any, cast
@@ -32,6 +33,7 @@ from server_app.audit import (
     sealed_audit_scores,
     write_audit,
 )
+from server_app.cells import run_cells
 from server_app.evaluation import RoundRecorder, central_test_sets, model_evaluator
 from server_app.polling import PromptGrid
 from server_app.privacy_report import privacy_line, privacy_summary
@@ -56,10 +58,12 @@ def wait_for_nodes(grid: Grid, want: int, timeout: float) -> list[int]:
     return list(grid.get_node_ids())
 
 
-def prepare(grid: Grid, context: Context) -> tuple[RunConfig, int, RunStrategy, BatchTensorDataset]:
+def prepare(
+    grid: Grid, run_config: Mapping[str, Any]
+) -> tuple[RunConfig, int, RunStrategy, BatchTensorDataset]:
     """The run config, the node count, the strategy and the central test set, all checked."""
     try:
-        cfg = RunConfig.from_run_config(context.run_config)
+        cfg = RunConfig.from_run_config(run_config)
         random.seed(cfg.seed)  # for anything that draws from the global `random`
         num_nodes = len(wait_for_nodes(grid, cfg.num_nodes, cfg.round_timeout))
         if cfg.min_available_nodes > num_nodes:
@@ -179,13 +183,9 @@ def audit_and_write(
     }
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run `strategy` for `num-server-rounds` rounds and write the run's results folder."""
-    torch.set_num_threads(1)  # the simulated nodes use the cores; see client_app
-    quiet_opacus_logging()
-    one_line_rejections()
-    cfg, num_nodes, strategy, test = prepare(grid, context)
+def run_experiment(grid: Grid, run_config: Mapping[str, Any]) -> None:
+    """One experiment: `strategy` for `num-server-rounds` rounds, then its results folder."""
+    cfg, num_nodes, strategy, test = prepare(grid, run_config)
     run_name, files = run_folder(cfg)
     log(INFO, "%s", privacy_line(cfg))
     log(INFO, "Results: %s", files.folder)
@@ -208,3 +208,16 @@ def main(grid: Grid, context: Context) -> None:
         recorder.last_row.get("accuracy", float("nan")),
         files.folder,
     )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the experiment the run config names, or each cell of its `cells` list in turn."""
+    torch.set_num_threads(1)  # the simulated nodes use the cores; see client_app
+    quiet_opacus_logging()
+    one_line_rejections()
+    run_config = dict(context.run_config)
+    if run_config.get("cells"):
+        run_cells(grid, run_config, run_experiment)
+    else:
+        run_experiment(grid, run_config)

@@ -7,6 +7,7 @@ a SuperNode would, optionally through a `tamper` hook that plays a malicious rel
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from uuid import uuid4
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, RecordDict
@@ -56,6 +57,20 @@ class InProcessGrid:
             NodeInfo(node_id=n, registered_at=(start + timedelta(milliseconds=i)).isoformat())
             for i, n in enumerate(self.node_ids)
         ]
+
+    def push_messages(self, messages):
+        """Deliver now (as `send_and_receive`); `pull_messages` hands the replies back."""
+        self._replies = getattr(self, "_replies", {})
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
+            for reply in self.send_and_receive([msg]):
+                self._replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []

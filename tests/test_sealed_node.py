@@ -162,7 +162,7 @@ def _step_message(dst, fields):
 def test_a_replayed_delivery_of_an_applied_step_is_refused_by_the_node(identity):
     """The relay delivers the same (round, step) twice: the node mixes it once."""
     ctx_a, ctx_b = _context(A), _context(B)
-    state_a, state_b = SealedState(ctx_a), SealedState(ctx_b)
+    state_a, state_b = SealedState(ctx_a, str(ctx_a.run_id)), SealedState(ctx_b, str(ctx_b.run_id))
     names = ["w", "b"]
     state_a.store(names, model(1.0))
     state_b.store(names, model(3.0))
@@ -182,8 +182,8 @@ def test_a_replayed_delivery_of_an_applied_step_is_refused_by_the_node(identity)
     }
     first = gossip_step(_step_message(A, apply), ctx_a)
     assert list(first.content[SEALED][REFUSED]) == []
-    assert_model(SealedState(ctx_a).model[1], model(2.0))
+    assert_model(SealedState(ctx_a, str(ctx_a.run_id)).model[1], model(2.0))
     again = gossip_step(_step_message(A, apply), ctx_a)
     (line,) = again.content[SEALED][REFUSED]
     assert "already applied round 1 step 0" in line
-    assert_model(SealedState(ctx_a).model[1], model(2.0))  # not mixed twice
+    assert_model(SealedState(ctx_a, str(ctx_a.run_id)).model[1], model(2.0))  # not mixed twice

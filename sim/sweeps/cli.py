@@ -9,6 +9,7 @@ cells and re-runs failed or interrupted ones, so killing the sweep loses no comp
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -30,6 +31,7 @@ from sim.analysis.tuned import write_tune_report
 from sim.launch.flwr_cli import RunOutcome
 from sim.launch.processes import sigterm_as_interrupt
 from sim.launch.simulation import SimulationLink
+from sim.sweeps.batches import BATCHES, BatchedRunner
 from sim.sweeps.flags import build_parser, cell_slots, spec_from_args, tune_spec_from_args
 from sim.sweeps.folders import (
     only_writer,
@@ -39,7 +41,14 @@ from sim.sweeps.folders import (
     sweep_folder,
 )
 from sim.sweeps.presets import PRESETS
-from sim.sweeps.runner import COMPLETED, FlowerRunner, Runner, SuperLinkDown, Sweep
+from sim.sweeps.runner import (
+    COMPLETED,
+    FlowerRunner,
+    Runner,
+    SuperLinkDown,
+    Sweep,
+    ensure_running,
+)
 from sim.sweeps.spec import Cell, SweepError, expand
 from sim.sweeps.tune import (
     CHOICES,
@@ -119,6 +128,15 @@ def command_run(
         return _run_sweep(sweep, args, runner, console, slots)
 
 
+def cell_runner(link: SimulationLink, args: argparse.Namespace, out: Path) -> Runner:
+    """The cells' runner on `link`: all in one Flower run, or one run each (--run-per-cell)."""
+    if getattr(args, "run_per_cell", False):
+        return FlowerRunner(link, args.timeout)
+    return BatchedRunner(
+        link, out / BATCHES, args.timeout, check_link=functools.partial(ensure_running, link)
+    )
+
+
 def _print_cells(console: Console, cells: Sequence[Cell]) -> None:
     for cell in cells:
         console.print(f"{cell.id}  {cell.params}", soft_wrap=True, markup=False)
@@ -146,7 +164,7 @@ def _run_sweep(
                 with ExitStack() as stack:
                     for link in links:
                         stack.enter_context(link)
-                    sweep.run([FlowerRunner(link, args.timeout) for link in links], console)
+                    sweep.run([cell_runner(link, args, out) for link in links], console)
     except KeyboardInterrupt:
         done = sum(sweep.status(c.id) == COMPLETED for c in cells)
         _stderr(f"interrupted: {done} of {len(cells)} cells completed; resume with: {command}")

@@ -140,6 +140,12 @@ def _grid_options(run: argparse.ArgumentParser, presets: Sequence[str]) -> None:
         "--timeout", type=float, default=3600, help="stop a cell after S seconds (default 3600)"
     )
     run.add_argument(
+        "--run-per-cell",
+        action="store_true",
+        help="start one Flower run per cell (each pays its own start-up) instead of running "
+        "all cells one after another in one Flower run (the default)",
+    )
+    run.add_argument(
         "--dry-run", action="store_true", help="validate and list the cells; write nothing"
     )
 

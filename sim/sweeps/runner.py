@@ -72,6 +72,12 @@ class SuperLinkDown(RuntimeError):
     """The SuperLink is gone, so every further cell would fail: stop the sweep."""
 
 
+def ensure_running(link: SimulationLink) -> None:
+    """Raise SuperLinkDown if `link`'s SuperLink process has ended."""
+    if link.process is None or link.process.poll() is not None:
+        raise SuperLinkDown(f"the SuperLink (PID {link.pid}) is no longer running")
+
+
 class FlowerRunner:
     """Submits each cell to a running SimulationLink and waits for it."""
 
@@ -83,8 +89,7 @@ class FlowerRunner:
         self, run_config: dict[str, Any], *, num_nodes: int, on_poll: Callable[[], None]
     ) -> RunOutcome:
         """`flwr run` the cell and poll `flwr list` until it finishes."""
-        if self.link.process is None or self.link.process.poll() is not None:
-            raise SuperLinkDown(f"the SuperLink (PID {self.link.pid}) is no longer running")
+        ensure_running(self.link)
         run_id = self.link.submit(run_config, num_nodes=num_nodes)
         return self.link.wait(run_id, timeout=self.timeout, on_poll=on_poll)
 
@@ -268,6 +273,8 @@ class Sweep:
         todo = self.todo
         if skipped := len(self.cells) - len(todo):
             console.log(f"{skipped} of {len(self.cells)} cells already completed: skipped")
+        for cell in todo:  # a failed or interrupted attempt's folder
+            shutil.rmtree(self.folder(cell.id), ignore_errors=True)
         self._stopping.clear()
         with Progress(*_progress_columns(), console=console) as progress:
             bars = _Bars(progress, cells=len(self.cells), skipped=skipped, todo=todo)
@@ -281,9 +288,10 @@ class Sweep:
         free: queue.Queue[Runner] = queue.Queue()
         for r in runners:
             free.put(r)
+        lanes = self._lanes(todo, runners)
 
         def one(cell: Cell) -> Cell:
-            slot = free.get()
+            slot = lanes[cell.id] if lanes else free.get()
             try:
                 with self._lock:
                     bars.start(cell)
@@ -292,11 +300,16 @@ class Sweep:
             finally:
                 with self._lock:
                     bars.stop(cell)
-                free.put(slot)
+                if not lanes:
+                    free.put(slot)
 
-        pool = ThreadPoolExecutor(len(runners), thread_name_prefix="cell")
+        # One thread per lane (its cells in order), or a shared pool taking the free runner.
+        workers, count = (1, len(runners)) if lanes else (len(runners), 1)
+        pools = [ThreadPoolExecutor(workers, thread_name_prefix="cell") for _ in range(count)]
         try:
-            futures = [pool.submit(one, cell) for cell in todo]
+            futures = [
+                pools[runners.index(lanes[c.id]) if lanes else 0].submit(one, c) for c in todo
+            ]
             for i, future in enumerate(as_completed(futures), 1):
                 cell = future.result()
                 bars.finish(cell)
@@ -305,7 +318,25 @@ class Sweep:
             self._stopping.set()  # the other cells stop at their next poll, pending
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for pool in pools:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _lanes(self, todo: list[Cell], runners: list[Runner]) -> dict[str, Runner]:
+        """Each cell's runner when the runners plan ahead (`BatchedRunner`), else {}.
+
+        A planning runner gets a fixed share of `todo`, in order; other runners take the next
+        cell whenever they are free.
+        """
+        if not all(hasattr(r, "plan") for r in runners):
+            return {}
+        lanes = {c.id: runners[i % len(runners)] for i, c in enumerate(todo)}
+        for r in runners:
+            r.plan([self.run_config(c) for c in todo if lanes[c.id] is r])  # type: ignore[attr-defined]
+        return lanes
+
+    def run_config(self, cell: Cell) -> dict[str, Any]:
+        """The run-config keys of `cell`: its parameters, its folder under `<out>/runs`."""
+        return {**cell.params, "results-dir": str(self.out / RUNS), "run-name": cell.id}
 
     def _poll(self, bars: _Bars) -> None:
         """A running cell's poll: stop it if the sweep stops, else show the rounds done."""
@@ -329,12 +360,10 @@ class Sweep:
     def _run_cell(self, cell: Cell, runner: Runner, on_poll: Callable[[], None]) -> None:
         entry = self.entries[cell.id]
         folder = self.folder(cell.id)
-        if folder.exists():  # a failed or interrupted attempt
-            shutil.rmtree(folder)
         with self._lock:
             entry |= {"status": PENDING, "error": None, "run_id": None, "wall_s": None}
             self.save()
-        run_config = {**cell.params, "results-dir": str(self.out / RUNS), "run-name": cell.id}
+        run_config = self.run_config(cell)
         t0 = time.monotonic()
         try:
             outcome = runner(run_config, num_nodes=self.spec.nodes, on_poll=on_poll)

@@ -26,7 +26,8 @@ from flower_app.results import format_eps
 from sim.analysis.tidy import CORE
 
 SCOPE = ":"
-RESERVED = ("results-dir", "run-name")  # the sweep sets these: <out>/runs and the cell id
+# The sweep sets these: <out>/runs, the cell id, and the cell list of its Flower runs.
+RESERVED = ("results-dir", "run-name", "cells")
 DEFAULT_NODES = 10
 
 
@@ -132,7 +133,8 @@ def _check_key(key: str) -> None:
         raise SweepError(f"bad key {key!r}: expected a run-config key, or strategy:key")
     if name in RESERVED:
         raise SweepError(
-            f"{name} is set by the sweep (results-dir = <out>/runs, run-name = cell id); remove it"
+            f"{name} is set by the sweep (results-dir = <out>/runs, run-name = cell id, cells = "
+            "the cell list of its Flower run); remove it"
         )
     if scope is not None and name == "strategy":
         raise SweepError(f"{key}: strategy cannot be scoped to a strategy")

@@ -37,22 +37,23 @@ def cell_status(out):
         return {}
 
 
+def rows_written(folder):
+    try:
+        return len((folder / "rounds.csv").read_text().strip().splitlines()) - 1
+    except OSError:
+        return 0
+
+
 def test_a_sigkilled_sweep_leaves_nothing_running_and_its_rerun_writes_each_row_once(tmp_path):
+    """Both cells run in one Flower run; the sweep is killed in the middle of the second."""
     out = tmp_path / "sweep"
     argv = [str(BIN / "fl-sweep"), "run", "--strategies", "fedavg", "--eps", "2"]
-    argv += ["--seeds", "7,8", "--rounds", "2", "--nodes", "2", "--out", str(out)]
+    argv += ["--seeds", "7,8", "--rounds", "8", "--nodes", "2", "--out", str(out)]
     argv += ["--set", "samples-per-node=200", "--set", "test-samples=300"]
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        second_cell = out / "runs" / "fedavg-eps2-seed8" / "config.json"
-        wait_until(
-            lambda: (
-                cell_status(out).get("fedavg-eps2-seed7") == "completed" and second_cell.exists()
-            ),
-            600,
-            "the second cell to start",
-        )
+        wait_until(lambda: (out / "runs" / "fedavg-eps2-seed7").exists(), 600, "the first cell")
         # A second writer on the same folder is refused at once, naming the first.
         rival = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert rival.returncode == 2
@@ -60,6 +61,9 @@ def test_a_sigkilled_sweep_leaves_nothing_running_and_its_rerun_writes_each_row_
         (home,) = map(Path, json.loads((out / ".launch.json").read_text())["flwr_homes"])
         running = processes_under(home)
         assert running, "the cell's SuperLink, simulation and Ray should be running"
+        second = out / "runs" / "fedavg-eps2-seed8"
+        wait_until(lambda: rows_written(second) >= 1, 600, "the second cell's first round")
+        assert not (second / "summary.json").exists(), "the second cell ended before the kill"
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
         killed_at = time.monotonic()
@@ -81,9 +85,10 @@ def test_a_sigkilled_sweep_leaves_nothing_running_and_its_rerun_writes_each_row_
             first.wait()
     rerun = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "1 of 2 cells already completed: skipped" in rerun.stderr, rerun.stderr[-3000:]
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     counts = Counter((r["cell"], r["round"]) for r in rows)
-    assert set(counts.values()) == {1} and len(counts) == 2 * 2, counts
+    assert set(counts.values()) == {1} and len(counts) == 2 * 8, counts
     assert set(cell_status(out).values()) == {"completed"}
     print(f"re-run: {len(rows)} rows in sweep.csv, each (cell, round) once")  # noqa: T201
 
