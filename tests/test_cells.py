@@ -8,14 +8,16 @@ import json
 import threading
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from client_app.app import app
 from client_app.cell import run_of
 from flower_app.cells import Cell, read_cells, read_status, write_cells
 from flower_app.config import ConfigError, RunConfig
+from flower_app.model import build_model
 from flower_app.results import RunSummary
-from flower_app.wire import CELL, CELL_ID, LEDGER
+from flower_app.wire import ARRAYS, CELL, CELL_ID, CONFIG, LEDGER, REASON, REFUSAL, SERVER_ROUND
 from server_app.app import run_experiment
 from server_app.cells import CellGrid, run_cells
 from server_app.rejections import RunRejected
@@ -208,3 +210,34 @@ def test_a_sweep_runs_all_its_cells_in_one_flower_run_and_resumes_after_a_crash(
     entries = json.loads((tmp_path / "manifest.json").read_text())["cells"]
     assert [e["status"] for e in entries] == [COMPLETED] * 4
     assert FAILED not in {e["status"] for e in entries}
+
+
+def _train_message(cell_keys, model="mlp"):
+    content = RecordDict(
+        {
+            ARRAYS: ArrayRecord(build_model(model, seed=0).state_dict()),
+            CONFIG: ConfigRecord({SERVER_ROUND: 1}),
+            CELL: ConfigRecord({CELL_ID: "c", **cell_keys}),
+        }
+    )
+    return Message(content=content, dst_node_id=5, message_type="train")
+
+
+def test_a_cell_cannot_carry_a_config_past_the_nodes_floor(tmp_path):
+    """The attack: a run config within the node's max-eps, a cell's keys far past it."""
+    node_config = {"partition-id": 0, "num-partitions": 2, "max-eps": 4.0,
+                   "ledger-dir": str(tmp_path / "ledger")}  # fmt: skip
+    context = Context(run_id=9, node_id=5, node_config=node_config, state=RecordDict(),
+                      run_config=RunConfig(eps=2.0, model="mlp").to_dict())  # fmt: skip
+    for keys, why in (
+        ({"eps": 100.0}, "eps=100 exceeds this node's max-eps=4"),
+        ({"eps": float("inf")}, "eps=inf (no DP) exceeds this node's max-eps=4"),
+        ({"noise-seed": 3}, "noise-seed"),
+    ):
+        reply = app(_train_message(keys), context)
+        assert REFUSAL in reply.content, keys
+        assert why in str(reply.content[REFUSAL][REASON])
+    ledger = tmp_path / "ledger"
+    assert not ledger.exists() or "partition" not in "".join(
+        p.read_text() for p in ledger.glob("*.json")
+    )
