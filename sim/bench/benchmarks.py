@@ -42,6 +42,7 @@ from sim.bench.flower_runs import (
 )
 from sim.bench.local_epoch import epoch_ratios, fastest_correct, keyed_randomness
 from sim.bench.sizes import FULL, QUICK, Sizes, run_config_for
+from sim.bench.sweep_timing import sweep_vs_cells
 from sim.bench.table import markdown
 from sim.launch.simulation import SimulationLink
 
@@ -59,6 +60,8 @@ def run_bench(
         results["deploy_round_vs_sim_round"] = details.pop("ratio")
         results["details"]["deploy"] = details
         return results | environment(sizes)
+    if only == "sweep":
+        return results | sweep_results(sizes, log) | environment(sizes)
     cfg_default = RunConfig.from_run_config(dict(sizes.run_config))
     log("one DP epoch: the share its keyed randomness (ChaCha20) takes")
     keyed = keyed_randomness(cfg_default, sizes.epoch_repeats)
@@ -106,7 +109,16 @@ def run_bench(
         results["scale_per_node_growth"] = (large["s_per_round"] / large["nodes"]) / (
             small["s_per_round"] / small["nodes"]
         ) - 1
-    return results | environment(sizes)
+    sweep = sweep_results(sizes, log)
+    results["details"] |= sweep.pop("details")
+    return results | sweep | environment(sizes)
+
+
+def sweep_results(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
+    """`sweep_vs_cells` and its details (a fresh SuperLink for each way of running it)."""
+    with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
+        details = sweep_vs_cells(sizes, Path(tmp), log)
+    return {"sweep_vs_cells": details.pop("ratio"), "details": {"sweep": details}}
 
 
 def environment(sizes: Sizes) -> dict[str, Any]:
@@ -142,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument(
         "--only",
-        choices=["deploy", "randomness"],
-        help="only this measurement (deploy: a few minutes; randomness: seconds)",
+        choices=["deploy", "randomness", "sweep"],
+        help="only this measurement (deploy: a few minutes; randomness: seconds; sweep: "
+        "sweep_vs_cells, minutes)",
     )
     args = parser.parse_args(argv)
     results = run_bench(QUICK if args.quick else FULL, only=args.only or "")

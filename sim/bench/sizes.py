@@ -36,6 +36,11 @@ class Sizes:
     )
     # Also time Flower's own subprocess isolation (a fresh process per message).
     deploy_subprocess: bool = True
+    # sweep_vs_cells: the reference shape (both strategies x these ε), nodes and rounds.
+    sweep_eps: tuple[float, ...] = (float("inf"), 2.0)
+    sweep_nodes: int = 20
+    sweep_rounds: int = 10
+    sweep_config: Mapping[str, Any] = field(default_factory=dict)
 
 
 FULL = Sizes()
@@ -47,6 +52,9 @@ QUICK = Sizes(
     scale_nodes=(10, 20, 40),
     scale_rounds=3,
     deploy_subprocess=False,
+    sweep_nodes=6,
+    sweep_rounds=4,
+    sweep_config={"samples-per-node": 300, "test-samples": 1000},
 )
 
 

@@ -24,6 +24,21 @@ def deploy_lines(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def sweep_lines(results: Mapping[str, Any]) -> list[str]:
+    """The sweep rows (one Flower run vs a run per cell), when measured."""
+    if "sweep_vs_cells" not in results:
+        return []
+    d = results["details"]["sweep"]
+    return [
+        f"| sweep_vs_cells (same grid: one Flower run vs a run per cell) "
+        f"| {results['sweep_vs_cells']:.2f} ({d['one_run_wall_s']:.0f} s / "
+        f"{d['run_per_cell_wall_s']:.0f} s) | < 1 |",
+        f"| sweep wall vs its cells' steady rounds, one Flower run "
+        f"| {d['one_run_vs_steady_rounds']:.2f} ({d['one_run_steady_rounds_s']:.0f} s) | <= 1.1 |",
+        f"| the same, a run per cell | {d['run_per_cell_vs_steady_rounds']:.2f} | (was 1.43) |",
+    ]
+
+
 def randomness_lines(results: Mapping[str, Any]) -> list[str]:
     """The keyed-randomness row, when measured."""
     if "keyed_randomness_share" not in results:
@@ -38,9 +53,10 @@ def randomness_lines(results: Mapping[str, Any]) -> list[str]:
 
 def markdown(results: Mapping[str, Any]) -> str:
     """The results as a Markdown table (what `fl-bench` prints)."""
-    if "flower_vs_raw" not in results:  # --only deploy / randomness
+    if "flower_vs_raw" not in results:  # --only deploy / randomness / sweep
         return "\n".join(["| measurement | value | target |", "| --- | --- | --- |",
-                          *deploy_lines(results), *randomness_lines(results)])  # fmt: skip
+                          *deploy_lines(results), *randomness_lines(results),
+                          *sweep_lines(results)])  # fmt: skip
     d = results["details"]
     lines = [
         "| measurement | value | target |",
@@ -63,6 +79,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"{d['gossip']['flower_round_s_steady']:.2f} s) | <= 1.1 |",
         f"| eval_share (gossip, rounds 2+) | {results['eval_share']:.1%} | small |",
         *randomness_lines(results),
+        *sweep_lines(results),
     ]
     for mode, r in d["epoch"].items():
         extra = ""

@@ -31,15 +31,21 @@ TINY = Sizes(
         "test-samples": 200,
     },
     deploy_subprocess=False,
+    sweep_eps=(2.0,),
+    sweep_nodes=3,
+    sweep_rounds=2,
+    sweep_config={"samples-per-node": 60, "test-samples": 200, "node-eval-samples": 50},
 )
 
 
 def test_bench_reports_every_ratio(superlink, tmp_path, monkeypatch):
     import sim.bench.benchmarks
+    import sim.bench.sweep_timing
 
     monkeypatch.setattr(sim.bench.benchmarks, "QUICK", TINY)
     # The session's SuperLink instead of one of its own (its owner starts and stops it).
-    monkeypatch.setattr(sim.bench.benchmarks, "SimulationLink", lambda: nullcontext(superlink))
+    for module in (sim.bench.benchmarks, sim.bench.sweep_timing):
+        monkeypatch.setattr(module, "SimulationLink", lambda: nullcontext(superlink))
     out = tmp_path / "bench.json"
     assert main(["--quick", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
@@ -51,6 +57,7 @@ def test_bench_reports_every_ratio(superlink, tmp_path, monkeypatch):
         "eval_share",
         "deploy_round_vs_sim_round",
         "sealed_vs_open_round",
+        "sweep_vs_cells",
     ):
         assert results[key] > 0, key
     assert results["eval_share"] < 1
@@ -67,4 +74,7 @@ def test_bench_reports_every_ratio(superlink, tmp_path, monkeypatch):
     assert results["details"]["epoch"]["fast"]["empty_batches_ok"]
     assert results["details"]["fastest_correct_mode"] in GRAD_SAMPLE_MODES
     assert results["details"]["deploy"]["deploy_round_s_steady"] > 0
-    assert "flower_vs_raw" in markdown(results) and "deploy_round_vs_sim_round" in markdown(results)
+    sweep = results["details"]["sweep"]
+    assert sweep["one_run_vs_steady_rounds"] > 0 and sweep["run_per_cell_vs_steady_rounds"] > 0
+    table = markdown(results)
+    assert all(k in table for k in ("flower_vs_raw", "deploy_round_vs_sim_round", "sweep_vs_cells"))
