@@ -69,17 +69,7 @@ def run_bench(
     results["details"]["keyed_randomness"] = keyed
     if only == "randomness":
         return results | environment(sizes)
-    log("one local epoch: plain SGD vs every Opacus mode")
-    epochs = epoch_ratios(cfg_default, sizes.epoch_repeats)
-    results["dp_vs_plain"] = epochs[cfg_default.opacus_mode]["ratio"]
-    results["details"]["epoch"] = epochs
-    results["details"]["default_mode"] = cfg_default.opacus_mode
-    fastest = results["details"]["fastest_correct_mode"] = fastest_correct(epochs)
-    if fastest != cfg_default.opacus_mode:
-        log(
-            f"note: the fastest correct mode here is {fastest}, not the "
-            f"default {cfg_default.opacus_mode} (flower_app/config.py FASTEST_GRAD_SAMPLE_MODE)"
-        )
+    epoch_results(cfg_default, sizes, log, results)
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp, SimulationLink() as link:
         for strategy, key in (("fedavg", "flower_vs_raw"), ("gossip", "gossip_flower_vs_raw")):
             details = flower_vs_raw(sizes, strategy, link, Path(tmp), log)
@@ -112,6 +102,23 @@ def run_bench(
     sweep = sweep_results(sizes, log)
     results["details"] |= sweep.pop("details")
     return results | sweep | environment(sizes)
+
+
+def epoch_results(
+    cfg: RunConfig, sizes: Sizes, log: Callable[[str], None], results: dict[str, Any]
+) -> None:
+    """One local epoch, plain against every Opacus mode: `dp_vs_plain` and the details."""
+    log("one local epoch: plain SGD vs every Opacus mode")
+    epochs = epoch_ratios(cfg, sizes.epoch_repeats)
+    results["dp_vs_plain"] = epochs[cfg.opacus_mode]["ratio"]
+    results["details"]["epoch"] = epochs
+    results["details"]["default_mode"] = cfg.opacus_mode
+    fastest = results["details"]["fastest_correct_mode"] = fastest_correct(epochs)
+    if fastest != cfg.opacus_mode:
+        log(
+            f"note: the fastest correct mode here is {fastest}, not the "
+            f"default {cfg.opacus_mode} (flower_app/config.py FASTEST_GRAD_SAMPLE_MODE)"
+        )
 
 
 def sweep_results(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
