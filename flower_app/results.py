@@ -296,6 +296,8 @@ class RunSummary:
     topology: dict[str, Any] | None = None
     # An audit run (canaries in the nodes' data): its settings and where audit.json is.
     audit: dict[str, Any] | None = None
+    # Gossip: ε against each observer by graph distance, and the server's (network_privacy.json).
+    network_privacy: dict[str, Any] | None = None
     error: str | None = None  # failed runs only: "<ExceptionType>: <message>"
 
     @classmethod
@@ -314,7 +316,7 @@ class RunSummary:
             return {"status": self.status, "error": self.error}
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         del out["error"]
-        for optional in ("topology", "audit"):
+        for optional in ("topology", "audit", "network_privacy"):
             if out[optional] is None:
                 del out[optional]
         return out

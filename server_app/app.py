@@ -35,6 +35,7 @@ from server_app.audit import (
 )
 from server_app.cells import run_cells
 from server_app.evaluation import RoundRecorder, central_test_sets, model_evaluator
+from server_app.network_privacy import network_line, network_privacy, write_network_privacy
 from server_app.polling import PromptGrid
 from server_app.privacy_report import privacy_line, privacy_summary
 from server_app.rejections import fail, one_line_rejections
@@ -200,14 +201,17 @@ def run_experiment(grid: Grid, run_config: Mapping[str, Any]) -> None:
     )
     if cfg.audited and summary.completed:
         summary = replace(summary, audit=audit_and_write(cfg, strategy, recorder, files, num_nodes))
+    if cfg.strategy == "gossip" and summary.completed:
+        doc = network_privacy(cfg, strategy)
+        summary = replace(summary, network_privacy=write_network_privacy(files.folder, doc))
+        log(INFO, "%s", network_line(doc))
     files.finish(summary)
-    log(
-        INFO,
-        "Done: %d rounds, final accuracy %.4f; results in %s",
-        len(files.rows),
-        recorder.last_row.get("accuracy", float("nan")),
-        files.folder,
-    )
+    accuracy = summary.final_accuracy
+    which = "final accuracy"
+    if accuracy is None:  # sealed gossip: no central model, the nodes' own accuracy
+        accuracy, which = summary.final_node_accuracy, "final node accuracy (mean)"
+    shown = "n/a" if accuracy is None else f"{accuracy:.4f}"
+    log(INFO, "Done: %d rounds, %s %s; results in %s", len(files.rows), which, shown, files.folder)
 
 
 @app.main()

@@ -39,6 +39,7 @@ from flower_app.gossip import (
     random_edges,
     random_matching,
 )
+from flower_app.gossip_schedule import ScheduleLog
 from flower_app.topology import graph_facts
 from flower_app.wire import (
     ARRAYS,
@@ -131,6 +132,8 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         # Binds each vertex (partition id) to the first Flower node that reports it.
         self.init_reports(bounds or PrivacyBounds())
         self.last_round: dict[str, Any] = {}
+        # Who trained and every step applied, for the network accountant (network_dp).
+        self.schedule_log = ScheduleLog(graph.number_of_nodes())
 
     def summary(self) -> None:
         """Log the topology and the gossip mode."""
@@ -210,6 +213,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
             start = self.layout.flatten(self.initial)
             self.models = {v: start for v in self.graph.nodes}
         self.models.update(trained)
+        self.schedule_log.start_round(trained)
         messages_sent = sum(self._gossip(set(trained)) for _ in range(self.steps_per_round))
         self.last_round = {
             "nodes_trained": len(trained),
@@ -247,13 +251,16 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
             w = metropolis_weights(self.graph, active)
             mixed = apply_metropolis({v: self.models[v] for v in active}, w)
             self.models.update(mixed)
+            self.schedule_log.metropolis(w)
             return sum(1 for (i, j) in w if i != j)
         if self.mode == "matching":
             pairs = random_matching(self.graph, self.rng, active)
             self.models = apply_pairs(self.models, pairs, sequential=False)
+            self.schedule_log.pairs(pairs)
         else:
             pairs = random_edges(self.graph, self.edges_per_round, self.rng, active)
             self.models = apply_pairs(self.models, pairs, sequential=True)
+            self.schedule_log.edges(pairs)
         return 2 * len(pairs)
 
     def round_diagnostics(self) -> dict[str, Any]:

@@ -171,6 +171,7 @@ class SealedGossip(Gossip):
             self.holding.add(r.metadata.src_node_id)
             active.add(vertex)
         self.answering = set(active)  # vertices still answering this round
+        self.schedule_log.start_round(active)
         exchanges = [ex for _ in range(self.steps_per_round) for ex in self._draw(active)]
         self.refused = 0
         sent = self._relay(server_round, exchanges)
@@ -188,10 +189,15 @@ class SealedGossip(Gossip):
     def _draw(self, active: set[int]) -> list[Exchange]:
         """One gossip step's exchanges, drawn with the open relay's rng and calls."""
         if self.mode == "metropolis":
-            return [metropolis_exchange(metropolis_weights(self.graph, active), active)]
+            w = metropolis_weights(self.graph, active)
+            self.schedule_log.metropolis(w)
+            return [metropolis_exchange(w, active)]
         if self.mode == "matching":
-            return [pair_exchange(random_matching(self.graph, self.rng, active))]
+            pairs = random_matching(self.graph, self.rng, active)
+            self.schedule_log.pairs(pairs)
+            return [pair_exchange(pairs)]
         pairs = random_edges(self.graph, self.edges_per_round, self.rng, active)
+        self.schedule_log.edges(pairs)  # the batches apply them in this order
         return [pair_exchange(batch) for batch in disjoint_batches(pairs)]
 
     def _relay(self, server_round: int, exchanges: list[Exchange]) -> int:
@@ -209,7 +215,9 @@ class SealedGossip(Gossip):
             routed += sent
             # A node that did not answer is not waited for again this round: its partners
             # find no model from it and keep their own share.
-            self.answering -= set(targets) - answered
+            if missing := set(targets) - answered:
+                self.schedule_log.broken(f"round {server_round}: {len(missing)} node(s) left out")
+            self.answering -= missing
         return routed
 
     def _node_and_key(self, vertex: int) -> tuple[int, bytes]:
@@ -271,6 +279,7 @@ class SealedGossip(Gossip):
             partners = [s for s, _ in exchange.get(vertex, (0.0, []))[1]]
             blobs = [bytes(b) for b in rec[BLOBS]] if BLOBS in rec else []
             if len(blobs) != len(partners):
+                self.schedule_log.broken(f"round {server_round}: a node's blobs went undelivered")
                 continue  # a node that sealed for the wrong partners: none delivered
             for receiver, blob in zip(partners, blobs, strict=True):
                 self.pending[receiver].blobs[vertex] = blob
@@ -280,6 +289,7 @@ class SealedGossip(Gossip):
     def _log_refused(self, server_round: int, node: int, rec: ConfigRecord) -> None:
         for line in rec[REFUSED] if REFUSED in rec else []:
             self.refused += 1
+            self.schedule_log.broken(f"round {server_round}: a node refused a delivery")
             log(WARNING, "round %d: node %s: %s", server_round, node, line)
 
     def configure_evaluate(
@@ -305,9 +315,12 @@ class SealedGossip(Gossip):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Node accuracy from each node's counts on its own model."""
-        accs = []
+        accs, replies = [], list(replies)
+        if len(replies) < len(self.answering):  # some kept the last deliveries unapplied
+            self.schedule_log.broken(f"round {server_round}: a node missed the last delivery")
         for r in replies:
             if r.has_error():
+                self.schedule_log.broken(f"round {server_round}: a node missed the last delivery")
                 log(
                     WARNING,
                     "round %d: no accuracy from node %s",

@@ -1,0 +1,98 @@
+"""network_privacy.json from a real gossip run (in process): the schedule it drew, accounted."""
+
+import networkx as nx
+import numpy as np
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+from flower_app.config import RunConfig
+from flower_app.gossip_schedule import ScheduleLog
+from flower_app.network_dp import ORDERS, draw_schedule, pairwise_rdp, rdp_to_eps
+from flower_app.wire import SEALED
+from server_app.network_privacy import LOCAL_ONLY, PAIRWISE, network_line, network_privacy
+from tests.inprocess_grid import RUN_ID, run_gossip
+
+NODES = 6
+TINY = {
+    "strategy": "gossip",
+    "model": "mlp",
+    "partitioner": "iid",
+    "samples-per-node": 64,
+    "batch-size": 32,
+    "local-steps": 2,
+    "num-server-rounds": 2,
+    "eps": 8.0,
+    "noise-seed": 11,
+    "test-samples": 300,
+    "node-eval-samples": 100,
+    "dp-mode": "update",
+    "topology": "ring",
+}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    for name, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.mark.parametrize("relay", ["sealed", "open"])
+def test_the_accountant_runs_on_the_schedule_the_run_drew(relay):
+    config = {**TINY, "gossip-relay": relay, "gossip-mode": "metropolis"}
+    strategy, _ = run_gossip(config, NODES)
+    cfg = RunConfig.from_run_config(config)
+    doc = network_privacy(cfg, strategy)
+    assert doc["method"] == PAIRWISE and doc["relay"] == relay
+    # Metropolis is deterministic: the recorded schedule is the one draw_schedule makes.
+    sigma = float(next(iter(strategy.node_reports.values()))["noise-multiplier"])
+    ring = nx.cycle_graph(NODES)
+    expected = draw_schedule(ring, "metropolis", rounds=2, rng=np.random.default_rng(0))
+    rdp = pairwise_rdp(strategy.schedule_log.schedule(), sigma)
+    assert np.allclose(rdp, pairwise_rdp(expected, sigma))
+    # The accountant's own releases agree with each node's Opacus ledger (independently computed).
+    local = rdp_to_eps(rdp, ORDERS, cfg.delta).diagonal()
+    assert np.allclose(local, [strategy.node_eps(v) for v in range(NODES)], rtol=1e-6)
+    rows = {d["distance"]: d for d in doc["by_distance"]}
+    assert rows[0]["eps_max"] == pytest.approx(max(local))
+    maxima = [rows[k]["eps_max"] for k in sorted(rows)]
+    assert maxima == sorted(maxima, reverse=True) and maxima[-1] < maxima[0]
+    # A vertex-transitive graph and a symmetric schedule: equal ε at equal distance.
+    assert all(d["eps_max"] - d["eps_min"] < 1e-9 for d in doc["by_distance"])
+    assert doc["server"]["eps_bound"] == pytest.approx(max(local)) and max(local) > 0
+    line = network_line(doc)
+    assert line.startswith(f"Network privacy: ε {rows[1]['eps_max']:.2f} to direct partners")
+    assert ("no models (sealed relay)" in line) == (relay == "sealed")
+
+
+def test_dp_sgd_gets_local_dp_for_every_observer_and_says_so():
+    config = {**TINY, "dp-mode": "sample", "gossip-mode": "matching"}
+    strategy, _ = run_gossip(config, NODES)
+    doc = network_privacy(RunConfig.from_run_config(config), strategy)
+    assert doc["method"] == LOCAL_ONLY["sample"]
+    eps = np.array(doc["eps"])
+    assert np.allclose(eps, eps[:, :1]) and eps[0, 0] == strategy.node_eps(0) > 0
+
+
+def test_a_dropped_sealed_exchange_leaves_only_local_dp():
+    dropped = []
+
+    def drop(msg):
+        if SEALED in msg.content and not dropped and "seal-step" in msg.content[SEALED]:
+            dropped.append(msg)
+            return True
+        return False
+
+    config = {**TINY, "gossip-mode": "matching"}
+    strategy, _ = run_gossip(config, NODES, drop=drop)
+    doc = network_privacy(RunConfig.from_run_config(config), strategy)
+    assert dropped and doc["method"].startswith("local DP for every observer: round 1")
+
+
+def test_the_log_refuses_a_step_before_a_round_and_stops_past_its_size():
+    log = ScheduleLog(4)
+    with pytest.raises(RuntimeError, match="before any round"):
+        log.pairs([(0, 1)])
+    big = ScheduleLog(10_000)
+    big.start_round(range(10_000))
+    big.pairs([(0, 1)])
+    assert not big.rounds and "computed up to" in big.gap
