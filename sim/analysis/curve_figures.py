@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,7 @@ def _round_axis(ax: Axes) -> None:
 
 def accuracy_ylabel(data: SweepData) -> str:
     """`test accuracy of what a node holds (%)`: gossip has no global model to score."""
-    return f"{data.split} accuracy of what a node holds (%)"
+    return f"{data.split} accuracy (%)\nof the model a node holds"
 
 
 def accuracy_vs_round(data: SweepData) -> Figure | Skipped:
@@ -94,7 +95,7 @@ def _metric_by_eps(
             r = rows[rows["eps"] == eps]
             if not r.empty:
                 _band(ax, r, 1, label=f"ε = {eps_label(eps)}", **data.eps_style(eps))
-        ax.set_title(data.label(s))
+        ax.set_title(textwrap.fill(data.label(s), 34))  # long series names: two lines, no overlap
         _round_axis(ax)
     axes[0].set_ylabel(ylabel)
     return fig, axes

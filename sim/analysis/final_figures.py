@@ -102,14 +102,15 @@ def rounds_to_target_vs_eps(data: SweepData, targets: Targets) -> Figure | Skipp
     ticks = [int(t) for t in MaxNLocator(integer=True).tick_values(0, ceiling - 1)]
     ticks = [t for t in ticks if 0 <= t < ceiling]
     ax.set_yticks([*ticks, ceiling])
-    ax.set_yticklabels([*map(str, ticks), "not\nreached"])
+    ax.set_yticklabels([*map(str, ticks), "not reached"])  # one line: clear of the tick below
     ax.set_ylabel("rounds to reach the target")
     shown = sorted({float(v) for v in table["target"]})
     ax.set_title(f"target: {' / '.join(f'{v:.1%}' for v in shown)} {data.split} accuracy")
-    seeds = ", ".join(map(str, data.seeds()))
+    seeds = data.seeds()
+    over = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
     notes = [
         f"Target: {targets.how}. {data.measure_note()}",
-        f"Counted on the mean curve over seeds {seeds} (no interval); × at “not reached”: "
+        f"Counted on the mean curve over {over} (no interval); × at “not reached”: "
         f"not reached within {ceiling - 1} rounds.",
     ]
     finish(fig, [ax], notes)
