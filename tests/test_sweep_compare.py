@@ -30,8 +30,8 @@ def test_compare_lines_up_series_and_eps_and_marks_missing_cells(two_sweeps, cap
     assert "| strategy | ε | left: accuracy (%) | left: ε spent | right: accuracy (%) |" in text
     rows = [line for line in text.splitlines() if line.startswith("| fedavg | 8 |")]
     assert len(rows) == 2 and rows[0].rstrip(" |").endswith("–")  # eps 8 only in `left`
-    assert "Rounds to reach 90% of the same sweep's non-private final accuracy" in text
-    assert "- left: target 90%" in text
+    assert "Rounds to reach 90% of the same sweep's best non-private final accuracy" in text
+    assert "for every series: 90% of the best non-private" in text.split("- left: target ")[1]
 
 
 def test_compare_draws_one_panel_per_sweep(two_sweeps, tmp_path):

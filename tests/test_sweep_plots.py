@@ -9,7 +9,7 @@ from sweep_fakes import FakeRunner
 from flower_app.config import RunConfig
 from flower_app.privacy import PRIVACY_UNIT, TRUST_MODEL
 from sim.analysis.final_figures import choose_targets, rounds_table
-from sim.analysis.plots import FIGURE_NAMES, plot_all
+from sim.analysis.plots import FIGURE_NAMES, draw_all, plot_all
 from sim.analysis.report import format_accuracy, write_report
 from sim.analysis.sweep_data import SweepData
 from sim.analysis.tidy import t_interval
@@ -135,12 +135,12 @@ def test_report_embeds_figures_tables_privacy_unit_and_delta(stored):
     assert PRIVACY_UNIT in text and TRUST_MODEL in text and "δ = 1e-05" in text
     assert "| strategy |" in text and "final accuracy (%)" in text and "∞ (no DP)" in text
     assert " ± " in text  # two seeds: intervals
-    assert "Target: 90% of the series' non-private" in text
+    assert "for every series: 90% of the best non-private (ε = ∞) final accuracy" in text
     for name in ("accuracy_vs_round", "final_accuracy_vs_eps", "rounds_to_target"):
         assert f"](figures/{name}.png)" in text
         assert (stored / "figures" / f"{name}.png").exists()
     if HAS_GOSSIP:
-        assert "gossip (topology=ring)" in text and "spectral gap" in text
+        assert "| gossip | ring |" in text and "spectral gap" in text
 
 
 def test_plot_and_report_commands_regenerate_from_stored_results(stored, tmp_path, capsys):
@@ -189,3 +189,38 @@ def test_a_sweep_mixing_test_and_validation_runs_names_both(tmp_path):
         *("--sweep", "evaluate-on=test,validation"),
     )
     assert SweepData.load(out).split == "test or validation (per cell)"
+
+
+def _texts(figure):
+    """Every string drawn in a matplotlib figure (notes, titles, labels, legend)."""
+    return " ".join(t.get_text() for t in figure.findobj(lambda a: hasattr(a, "get_text")))
+
+
+def test_every_figure_says_inside_itself_its_seeds_interval_and_what_it_measures(stored):
+    drawn = [f for f in draw_all(SweepData.load(stored)) if not hasattr(f, "reason")]
+    assert drawn and all(f.files == () for f in drawn)  # drawn, not saved: a notebook shows them
+    for f in drawn:
+        text = _texts(f.figure)
+        assert "seeds 7, 8" in text, f.name
+        assert "95% Student-t interval" in text or "no interval" in text, f.name
+    accuracy = _texts(next(f for f in drawn if f.name == "accuracy_vs_round").figure)
+    assert "fedavg: the global model on the 10,000 test images" in accuracy
+    if HAS_GOSSIP:
+        assert "gossip: mean over the nodes of each node's own model" in accuracy
+    rounds = _texts(next(f for f in drawn if f.name == "rounds_to_target").figure)
+    target = choose_targets(SweepData.load(stored))
+    assert len(set(target.values.values())) == 1  # one target for every series
+    assert f"target: {next(iter(target.values.values())):.1%}" in rounds
+
+
+def test_a_fedavg_only_sweep_draws_no_panel_of_zeros_and_links_only_files_written(tmp_path):
+    out = run_fake_sweep(tmp_path / "s", "--rounds", "2")
+    data = SweepData.load(out)
+    data.tidy["consensus_distance"] = 0.0  # FedAvg holds one model: distance 0 every round
+    names = {r.name: r for r in draw_all(data)}
+    assert "non-zero" in names["consensus_distance"].reason
+    figures, skipped = plot_all(out, formats=("png",), dpi=40)
+    for svg in (out / "figures").glob("*.svg"):
+        svg.unlink()
+    text = write_report(out, figures=(figures, skipped)).read_text()
+    assert "[SVG]" not in text and "](figures/accuracy_vs_round.png)" in text

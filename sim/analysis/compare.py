@@ -3,8 +3,8 @@
 For sweeps of the same grid run under different mechanisms (e.g. the `tutorial`,
 `tutorial-honest` and `tutorial-dpsgd` presets): one row per series and ε, one column group
 per sweep. Accuracy is what the nodes hold (FedAvg's global model, gossip's mean over node
-models); the rounds-to-target target is `fraction` of the same sweep's own non-private final
-accuracy. Everything comes from the stored results.
+models); the rounds-to-target target is `fraction` of the same sweep's best non-private final
+accuracy, one target for every series. Everything comes from the stored results.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from sim.analysis.drawing import eps_lines, panels
+from sim.analysis.drawing import eps_lines, finish, panels
 from sim.analysis.final_figures import TARGET_FRACTION, choose_targets, rounds_table
 from sim.analysis.report import final_summary, format_number, markdown_table
-from sim.analysis.style import eps_label
+from sim.analysis.style import STYLE, eps_label
 from sim.analysis.sweep_data import SweepData
 from sim.analysis.tidy import eps_order, series_tuple, summarize
 
@@ -98,12 +98,10 @@ def verdicts(
 
 def _common_rounds(data: SweepData, fraction: float) -> dict[tuple[Any, ...], Any]:
     """Rounds per (series, ε) to `fraction` of the best series' non-private final accuracy."""
-    summary = summarize(data.finals, [*data.by, "eps"])
-    nonprivate = summary.loc[summary["eps"] == math.inf, "mean"]
-    if nonprivate.empty:
+    targets = choose_targets(data, fraction=fraction)
+    if not targets.values:
         return {}
-    table = rounds_table(data, choose_targets(data, target=fraction * float(nonprivate.max())))
-    return {_key(r, data.by): r for _, r in table.iterrows()}
+    return {_key(r, data.by): r for _, r in rounds_table(data, targets).iterrows()}
 
 
 def _key(row: Any, by: Sequence[str]) -> tuple[Any, ...]:
@@ -144,7 +142,8 @@ def compare(
         [
             _accuracy_table(by, names, keys, finals),
             "",
-            f"Rounds to reach {fraction:.0%} of the same sweep's non-private final accuracy:",
+            f"Rounds to reach {fraction:.0%} of the same sweep's best non-private final "
+            "accuracy (one target for every series of a sweep):",
             "",
             _rounds_table(by, names, keys, rounds),
             "",
@@ -238,21 +237,28 @@ def _claims(
     return claims
 
 
-def compare_figure(outs: Sequence[Path], names: Sequence[str], path: Path) -> Path:
+def compare_plot(outs: Sequence[Path], names: Sequence[str]) -> Any:
     """Final accuracy against ε, one panel per sweep (shared y axis), chance level dashed."""
     loaded = [SweepData.load(out) for out in outs]
-    fig, axes = panels(len(loaded), width=5.2, height=4.4)
-    for ax, data, name in zip(axes, loaded, names, strict=True):
-        summary = summarize(data.finals, [*data.by, "eps"])
-        eps_lines(ax, data, summary, "mean", "half", 100)
-        ax.axhline(CHANCE * 100, color="grey", linestyle="--", linewidth=1, label="chance")
-        ax.set_title(name)
-        ax.xaxis.label.set_fontsize(8)
-    splits = {data.split for data in loaded}
-    split = splits.pop() if len(splits) == 1 else "test or validation"
-    axes[0].set_ylabel(f"final {split} accuracy (%)")
-    axes[0].legend(loc="best")
-    fig.tight_layout()
+    with plt.rc_context(STYLE):
+        fig, axes = panels(len(loaded), width=5.2, height=4.4)
+        for ax, data, name in zip(axes, loaded, names, strict=True):
+            summary = summarize(data.finals, [*data.by, "eps"])
+            eps_lines(ax, data, summary, "mean", "half", 100)
+            ax.axhline(CHANCE * 100, color="grey", linestyle="--", linewidth=1, label="chance")
+            ax.set_title(name)
+            ax.xaxis.label.set_fontsize(8)
+        splits = {data.split for data in loaded}
+        split = splits.pop() if len(splits) == 1 else "test or validation"
+        axes[0].set_ylabel(f"final {split} accuracy of what a node holds (%)")
+        notes = dict.fromkeys(n for d in loaded for n in (d.measure_note(), d.interval_note()))
+        finish(fig, axes, list(notes))
+    return fig
+
+
+def compare_figure(outs: Sequence[Path], names: Sequence[str], path: Path) -> Path:
+    """Write `compare_plot` to `path` (PNG at 150 dpi)."""
+    fig = compare_plot(outs, names)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
-from sim.analysis.drawing import Figure, Skipped, panels, save_figure
+from sim.analysis.drawing import Figure, Skipped, finish, panels
 from sim.analysis.style import eps_label
 from sim.analysis.sweep_data import SweepData
 from sim.analysis.tidy import HEADLINE, curve, eps_order
@@ -39,6 +40,11 @@ def _round_axis(ax: Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def accuracy_ylabel(data: SweepData) -> str:
+    """`test accuracy of what a node holds (%)`: gossip has no global model to score."""
+    return f"{data.split} accuracy (%)\nof the model a node holds"
+
+
 def accuracy_vs_round(data: SweepData) -> Figure | Skipped:
     """1) Accuracy (test or validation) per round, one panel per ε, strategies overlaid."""
     curves = curve(data.tidy, [*data.by, "eps"], HEADLINE if HEADLINE in data.tidy else "accuracy")
@@ -52,15 +58,15 @@ def accuracy_vs_round(data: SweepData) -> Figure | Skipped:
         ax.set_title(f"ε = {eps_label(eps)}")
         _round_axis(ax)
     for ax in axes[:: min(len(axes), 3)]:
-        ax.set_ylabel(f"{data.split} accuracy (%)")
-    axes[0].legend(loc="best")
-    fig.tight_layout()
+        ax.set_ylabel(accuracy_ylabel(data))
+    finish(fig, axes, [data.measure_note(), data.interval_note()])
     return Figure(
         "accuracy_vs_round",
         f"{data.split.capitalize()} accuracy per round",
-        f"Central {data.split} accuracy after each round, one panel per privacy budget ε "
-        f"(per node, δ = {data.delta_text()}). {data.seed_note()}",
-        save_figure(fig, data.out, "accuracy_vs_round"),
+        f"{data.split.capitalize()} accuracy of the model each node holds after each round, one "
+        f"panel per privacy budget ε (per node, δ = {data.delta_text()}). "
+        f"{data.measure_note()} {data.seed_note()}",
+        figure=fig,
     )
 
 
@@ -71,11 +77,16 @@ def _has(data: SweepData, column: str) -> bool:
 def _metric_by_eps(
     data: SweepData, tidy: pd.DataFrame, column: str, ylabel: str
 ) -> tuple[Any, list[Axes]] | None:
-    """Panels per series, one line per ε, for a per-round metric; None if nothing to draw."""
+    """Panels per series, one line per ε, for a per-round metric; None if nothing to draw.
+
+    A series whose values are all zero (FedAvg's consensus distance: one model) gets no panel.
+    """
     curves = curve(tidy, [*data.by, "eps"], column)
     if curves.empty:
         return None
-    series = [s for s in data.series if not data.rows_of(curves, s).empty]
+    series = [s for s in data.series if (data.rows_of(curves, s)["mean"] != 0).any()]
+    if not series:
+        return None
     eps_values = eps_order(curves["eps"])
     fig, axes = panels(len(series))
     for ax, s in zip(axes, series, strict=True):
@@ -84,10 +95,9 @@ def _metric_by_eps(
             r = rows[rows["eps"] == eps]
             if not r.empty:
                 _band(ax, r, 1, label=f"ε = {eps_label(eps)}", **data.eps_style(eps))
-        ax.set_title(data.label(s))
+        ax.set_title(textwrap.fill(data.label(s), 34))  # long series names: two lines, no overlap
         _round_axis(ax)
     axes[0].set_ylabel(ylabel)
-    axes[0].legend(loc="best")
     return fig, axes
 
 
@@ -99,19 +109,19 @@ def consensus_vs_round(data: SweepData) -> Figure | Skipped:
     tidy = data.on_graphs(data.tidy)
     drawn = _metric_by_eps(data, tidy, column, "consensus distance (parameter space)")
     if drawn is None:
-        return Skipped(name, f"no cell with a topology (gossip) has {column} values")
+        return Skipped(name, f"no cell with a topology (gossip) has non-zero {column} values")
     fig, axes = drawn
     values = tidy[column].dropna()
     if (values > 0).all() and values.max() / values.min() > 50:
         for ax in axes:
             ax.set_yscale("log")
-    fig.tight_layout()
+    finish(fig, axes, [data.interval_note()])
     return Figure(
         name,
         "Consensus distance of gossip",
         "How far the nodes' models are from their average after each round (as the gossip "
         f"strategy logs it), one line per ε. {data.seed_note()}",
-        save_figure(fig, data.out, name),
+        figure=fig,
     )
 
 
@@ -132,13 +142,14 @@ def eps_spent_vs_round(data: SweepData) -> Figure | Skipped:
     for ax in axes:
         for eps in {e for e in data.tidy["eps"] if math.isfinite(e)}:
             ax.axhline(eps, color=data.eps_style(eps)["color"], linestyle="--", lw=1, alpha=0.7)
-    fig.tight_layout()
+    note = "Dashed: the target ε the noise was calibrated to reach by the last round."
+    finish(fig, axes, [note, data.interval_note()])
     return Figure(
         name,
         "Privacy spent per round",
         "Largest cumulative ε over the nodes after each round, as their accountant reports "
         "it; dashed lines are the targets the noise was calibrated to reach by the last round.",
-        save_figure(fig, data.out, name),
+        figure=fig,
     )
 
 
@@ -162,9 +173,12 @@ def accuracy_vs_bytes(data: SweepData) -> Figure | Skipped:
         ax.set_title(f"ε = {eps_label(eps)}")
         ax.set_xlabel("MB sent per node, cumulative")
     for ax in axes[:: min(len(axes), 3)]:
-        ax.set_ylabel("accuracy of what a node holds (%)")
-    axes[0].legend(loc="best")
-    fig.tight_layout()
+        ax.set_ylabel(accuracy_ylabel(data))
+    sent = (
+        "Bytes: FedAvg counts a node's uploads, gossip the models it sent to neighbours; "
+        "downloads are not counted."
+    )
+    finish(fig, axes, [data.measure_note(), sent, data.interval_note()])
     return Figure(
         "accuracy_vs_bytes",
         "Accuracy vs communication",
@@ -173,5 +187,5 @@ def accuracy_vs_bytes(data: SweepData) -> Figure | Skipped:
         "so far (FedAvg: its uploads; gossip: the models it sent to neighbours; downloads "
         f"are not counted), one panel per ε (per node, δ = {data.delta_text()}). "
         f"{data.seed_note()}",
-        save_figure(fig, data.out, "accuracy_vs_bytes"),
+        figure=fig,
     )

@@ -1,10 +1,11 @@
-"""What every figure is drawn with: its result, panels, the ε axis, and writing PNG and SVG."""
+"""What every figure is drawn with: its result, panels, the ε axis, notes, writing PNG and SVG."""
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,26 @@ from sim.analysis.sweep_data import SweepData  # noqa: E402
 FIGURES = "figures"
 
 
+FORMATS = ("png", "svg")
+
+
 @dataclass(frozen=True)
 class Figure:
-    """A written figure: stem name, title, caption and its files."""
+    """A drawn figure: stem name, title, caption, the matplotlib figure and the files written.
+
+    Plot functions return it unsaved (`files` empty), so a notebook can show or restyle
+    `figure`; `save` writes it (the CLI's job).
+    """
 
     name: str
     title: str
     caption: str
-    files: tuple[Path, ...]
+    files: tuple[Path, ...] = ()
+    figure: Any = field(default=None, repr=False, compare=False)
+
+    def save(self, out: Path, formats: Sequence[str] = FORMATS, dpi: int = 200) -> Figure:
+        """Write the figure under `<out>/figures` in `formats`; this figure with its files."""
+        return replace(self, files=save_figure(self.figure, out, self.name, formats, dpi))
 
 
 @dataclass(frozen=True)
@@ -42,15 +55,45 @@ class Skipped:
     reason: str
 
 
-def save_figure(fig: Any, out: Path, name: str) -> tuple[Path, ...]:
-    """Write `fig` as `<out>/figures/<name>.png` and `.svg` and close it; return both paths."""
+def save_figure(
+    fig: Any, out: Path, name: str, formats: Sequence[str] = FORMATS, dpi: int = 200
+) -> tuple[Path, ...]:
+    """Write `fig` as `<out>/figures/<name>.<format>` and close it; return the paths written."""
     folder = out / FIGURES
     folder.mkdir(parents=True, exist_ok=True)
-    png, svg = folder / f"{name}.png", folder / f"{name}.svg"
-    fig.savefig(png, dpi=200, bbox_inches="tight")
-    fig.savefig(svg, bbox_inches="tight", metadata={"Date": None})
+    paths = []
+    for fmt in formats:
+        path = folder / f"{name}.{fmt}"
+        meta = {"Date": None} if fmt == "svg" else {}
+        fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata=meta)
+        paths.append(path)
     plt.close(fig)
-    return png, svg
+    return tuple(paths)
+
+
+def finish(fig: Any, axes: Sequence[Axes], notes: Sequence[str], legend: bool = True) -> None:
+    """Lay out; one legend right of the panels (never over data); `notes` printed below.
+
+    The notes (what is measured, seeds, interval) live inside the figure, so they survive
+    being copied into slides without the report's caption.
+    """
+    fig.tight_layout()
+    handles: dict[str, Any] = {}
+    for ax in axes if legend else ():
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="upper left",
+            bbox_to_anchor=(1.0, 0.97),
+            bbox_transform=fig.transFigure,
+        )
+    width = max(40, int(fig.get_figwidth() * 11.5))
+    text = "\n".join(textwrap.fill(n, width) for n in notes if n)
+    if text:
+        fig.text(0.005, -0.01, text, ha="left", va="top", fontsize=11, color="#333333")
 
 
 def panels(n: int, width: float = 5.6, height: float = 4.4) -> tuple[Any, list[Axes]]:

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from sim.analysis.drawing import Figure, Skipped, eps_lines, panels, save_figure  # noqa: E402
+from sim.analysis.drawing import Figure, Skipped, eps_lines, finish, panels  # noqa: E402
 from sim.analysis.style import LINESTYLES, PALETTE, eps_label  # noqa: E402
 from sim.analysis.sweep_data import SweepData  # noqa: E402
 from sim.analysis.tidy import (  # noqa: E402
@@ -38,14 +38,14 @@ def final_accuracy_vs_eps(data: SweepData) -> Figure | Skipped:
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     eps_lines(ax, data, summary, "mean", "half", 100)
     ax.set_ylabel(f"final {data.split} accuracy (%)")
-    ax.legend(loc="best")
-    fig.tight_layout()
+    finish(fig, [ax], [data.measure_note(), data.interval_note()])
     return Figure(
         "final_accuracy_vs_eps",
         "Final accuracy against the privacy budget",
         f"{data.split.capitalize()} accuracy after the last round against ε (log scale; "
-        f"∞ = no DP, placed right of the axis break). {data.seed_note()}",
-        save_figure(fig, data.out, "final_accuracy_vs_eps"),
+        f"∞ = no DP, placed right of the axis break). {data.measure_note()} "
+        f"{data.seed_note()}",
+        figure=fig,
     )
 
 
@@ -60,18 +60,24 @@ class Targets:
 def choose_targets(
     data: SweepData, target: float | None = None, fraction: float = TARGET_FRACTION
 ) -> Targets:
-    """An absolute target for all series, else `fraction` of each series' ε=∞ final accuracy."""
+    """One target for every series: `target`, else `fraction` of the best ε=∞ final accuracy.
+
+    One common target, so "faster" compares strategies on the same accuracy: against its own
+    plateau, a strategy that barely learns would "converge" at once.
+    """
     if target is not None:
         return Targets({s: target for s in data.series}, f"a fixed {target:.1%} for all")
     summary = summarize(data.finals, [*data.by, "eps"])
-    values = targets_from_nonprivate(summary, data.by, fraction) if len(summary) else {}
-    parts = [f"{data.label(s)} {v:.1%}" for s, v in values.items()]
-    missing = [data.label(s) for s in data.series if s not in values]
-    how = f"{fraction:.0%} of the series' non-private (ε = ∞) final accuracy"
-    how += f": {', '.join(parts)}" if parts else ""
-    if missing:
-        how += f" (no ε = ∞ cell, so not shown: {', '.join(missing)})"
-    return Targets(values, how)
+    own = targets_from_nonprivate(summary, data.by, 1.0) if len(summary) else {}
+    if not own:
+        return Targets({}, f"{fraction:.0%} of the best non-private (ε = ∞) final accuracy")
+    best = max(own, key=own.__getitem__)
+    value = fraction * own[best]
+    how = (
+        f"{value:.1%} for every series: {fraction:.0%} of the best non-private (ε = ∞) final "
+        f"accuracy ({data.label(best)}, {own[best]:.1%})"
+    )
+    return Targets({s: value for s in data.series}, how)
 
 
 def rounds_table(data: SweepData, targets: Targets) -> pd.DataFrame:
@@ -96,17 +102,25 @@ def rounds_to_target_vs_eps(data: SweepData, targets: Targets) -> Figure | Skipp
     ticks = [int(t) for t in MaxNLocator(integer=True).tick_values(0, ceiling - 1)]
     ticks = [t for t in ticks if 0 <= t < ceiling]
     ax.set_yticks([*ticks, ceiling])
-    ax.set_yticklabels([*map(str, ticks), "not\nreached"])
-    ax.set_ylabel("rounds to reach target accuracy")
-    ax.legend(loc="best")
-    fig.tight_layout()
+    ax.set_yticklabels([*map(str, ticks), "not reached"])  # one line: clear of the tick below
+    ax.set_ylabel("rounds to reach the target")
+    shown = sorted({float(v) for v in table["target"]})
+    ax.set_title(f"target: {' / '.join(f'{v:.1%}' for v in shown)} {data.split} accuracy")
+    seeds = data.seeds()
+    over = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    notes = [
+        f"Target: {targets.how}. {data.measure_note()}",
+        f"Counted on the mean curve over {over} (no interval); × at “not reached”: "
+        f"not reached within {ceiling - 1} rounds.",
+    ]
+    finish(fig, [ax], notes)
     return Figure(
         name,
         "Rounds to reach the target accuracy",
         f"Rounds until the seed-mean {data.split} accuracy first reaches the target, "
         f"{targets.how}. "
         f"× at “not reached”: the target was not reached within {ceiling - 1} rounds.",
-        save_figure(fig, data.out, name),
+        figure=fig,
     )
 
 
@@ -126,6 +140,27 @@ def bar_gaps(
     for key, group in with_gap.dropna(subset=[gap_col]).groupby(list(bar_keys), dropna=False):
         gaps[key if isinstance(key, tuple) else (key,)] = float(group[gap_col].mean())
     return gaps
+
+
+def _bar_labels(rows: pd.DataFrame, bar_keys: Sequence[str], gaps: dict) -> list[str]:
+    """One tick label per bar: its keys, one a line, and the spectral gap when known."""
+    labels = []
+    for _, r in rows.iterrows():
+        label = "\n".join(str(r[k]) for k in bar_keys if pd.notna(r[k]))
+        gap = gaps.get(tuple(r[k] for k in bar_keys))
+        labels.append(label + (f"\ngap {gap:.3g}" if gap is not None else ""))
+    return labels
+
+
+def _reference_lines(ax: Any, others: pd.DataFrame) -> None:
+    """A horizontal line per strategy without a topology (FedAvg), at its mean final accuracy."""
+    for i, (strategy, group) in enumerate(others.groupby("strategy")):
+        ax.axhline(
+            group[HEADLINE if HEADLINE in group else "accuracy"].mean() * 100,
+            color=PALETTE[(i + 3) % len(PALETTE)],
+            linestyle=LINESTYLES[(i + 1) % len(LINESTYLES)],
+            label=f"{strategy} (no topology)",
+        )
 
 
 def topologies(data: SweepData) -> Figure | Skipped:
@@ -149,40 +184,26 @@ def topologies(data: SweepData) -> Figure | Skipped:
         x = np.arange(len(rows))
         means, halves = rows["mean"] * 100, np.nan_to_num(rows["half"]) * 100
         ax.bar(x, means, yerr=halves, width=0.6, capsize=5, color=PALETTE[2], edgecolor="black")
-        labels = []
-        for _, r in rows.iterrows():
-            label = "\n".join(str(r[k]) for k in bar_keys if pd.notna(r[k]))
-            gap = gaps.get(tuple(r[k] for k in bar_keys))
-            if gap is not None:
-                label += f"\ngap {gap:.3g}"
-            labels.append(label)
         ax.set_xticks(x)
-        ax.set_xticklabels(labels)
-        others = finals[~finals["cell"].isin(with_topo["cell"]) & (finals["eps"] == eps)]
-        for i, (strategy, group) in enumerate(others.groupby("strategy")):
-            ax.axhline(
-                group[HEADLINE if HEADLINE in group else "accuracy"].mean() * 100,
-                color=PALETTE[(i + 3) % len(PALETTE)],
-                linestyle=LINESTYLES[(i + 1) % len(LINESTYLES)],
-                label=str(strategy),
-            )
+        ax.set_xticklabels(_bar_labels(rows, bar_keys, gaps))
+        others = ~finals["cell"].isin(with_topo["cell"]) & (finals["eps"] == eps)
+        _reference_lines(ax, finals[others])
         ax.set_title(f"ε = {eps_label(eps)}")
         ax.set_xlabel("topology")
         ax.grid(axis="x", visible=False)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower right")
     axes[0].set_ylabel(f"final {data.split} accuracy (%)")
-    fig.tight_layout()
     gap_note = (
         "Tick labels give each topology's spectral gap from summary.json (larger: faster "
         "mixing); horizontal lines are strategies without a topology at the same ε."
         if len(gaps)
-        else "summary.json reports no spectral gap, so bars are not labelled with one."
+        else "No spectral gap is stored (the runs' summary.json files are absent or predate "
+        "it), so bars are not labelled with one."
     )
+    finish(fig, axes, [gap_note, data.measure_note(), data.interval_note()])
     return Figure(
         name,
         "Gossip across topologies",
         f"Final {data.split} accuracy of the cells with a topology, per ε. {gap_note} "
         f"{data.seed_note()}",
-        save_figure(fig, data.out, name),
+        figure=fig,
     )

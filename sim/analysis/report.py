@@ -247,7 +247,7 @@ def _accuracy_section(data: SweepData, target: float | None, fraction: float) ->
     return text + [
         markdown_table([*data.by, "ε", "target (%)", "rounds"], rows),
         "",
-        "Counted on the seed-mean accuracy curve.",
+        "Counted on the seed-mean accuracy curve, one target for every series.",
         "",
     ]
 
@@ -255,10 +255,14 @@ def _accuracy_section(data: SweepData, target: float | None, fraction: float) ->
 def _figures_section(out: Path, drawn: list[Figure], skipped: list[Skipped]) -> list[str]:
     text = ["## Figures", ""]
     for fig in drawn:
-        png = fig.files[0].relative_to(out).as_posix()
-        svg = fig.files[1].relative_to(out).as_posix()
-        text += [f"### {fig.title}", "", f"![{fig.title}]({png})", ""]
-        text += [f"{fig.caption} ([SVG]({svg}))", ""]
+        # Link only what was written and is there: a report never points at a missing file.
+        files = {p.suffix: p.relative_to(out).as_posix() for p in fig.files if p.exists()}
+        if ".png" in files:
+            text += [f"### {fig.title}", "", f"![{fig.title}]({files['.png']})", ""]
+        else:
+            text += [f"### {fig.title}", ""]
+        svg = f" ([SVG]({files['.svg']}))" if ".svg" in files else ""
+        text += [f"{fig.caption}{svg}", ""]
     if skipped:
         text += ["Figures not drawn:", ""]
         text += [f"- `{s.name}`: {s.reason}." for s in skipped]

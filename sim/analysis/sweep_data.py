@@ -95,6 +95,40 @@ class SweepData:
             mask &= df[key].isna() if value is None else df[key] == value
         return df[mask]
 
+    def seeds(self) -> list[int]:
+        """The seeds of the completed cells, ascending."""
+        return sorted({int(s) for s in self.tidy["seed"].dropna()}) if "seed" in self.tidy else []
+
+    def interval_note(self) -> str:
+        """What a band or bar is, with the seeds by name, to print inside a figure."""
+        seeds = ", ".join(map(str, self.seeds())) or "?"
+        counts = self.finals.groupby([*self.by, "eps"], dropna=False).size()
+        if counts.empty or counts.max() < 2:
+            return f"One run per cell (seed {seeds}): no interval."
+        uneven = counts.min() < counts.max()
+        spread = f"; {counts.min()} to {counts.max()} seeds a cell" if uneven else ""
+        return f"Mean ± 95% Student-t interval over seeds {seeds}{spread}."
+
+    def measure_note(self) -> str:
+        """What each strategy's accuracy is the accuracy of, and on how many images."""
+        parts = []
+        for strategy in dict.fromkeys(self.tidy.get("strategy", pd.Series([], dtype=object))):
+            params = _params(self.manifest, strategy)
+            central = _central_images(params)
+            if strategy != "gossip":
+                parts.append(f"{strategy}: the global model on {central}")
+                continue
+            rows = self.tidy[self.tidy["strategy"] == strategy]
+            if "node_acc_mean" not in rows or rows["node_acc_mean"].isna().all():
+                parts.append(f"{strategy}: the average of all node models on {central}")
+                continue
+            nodes = _node_images(params)
+            parts.append(
+                f"{strategy}: mean over the nodes of each node's own model, each on {nodes} "
+                "(no global model exists)"
+            )
+        return f"Accuracy of what a node holds. {'; '.join(parts)}." if parts else ""
+
     def seed_note(self) -> str:
         """What the intervals are, and that there are none with a single seed."""
         counts = self.finals.groupby([*self.by, "eps"], dropna=False).size()
@@ -120,3 +154,47 @@ class SweepData:
         column = self.cells.get("delta", pd.Series([None] * len(self.cells), dtype=float))
         deltas = sorted({float(d) for d in column.fillna(RunConfig().delta)})
         return ", ".join(f"{d:g}" for d in deltas) if deltas else f"{RunConfig().delta:g}"
+
+
+# Test-set sizes of the datasets a run can name (`dataset`).
+TEST_IMAGES = {"fashion-mnist": 10_000, "mnist": 10_000}
+
+
+def _params(manifest: dict[str, Any], strategy: str) -> dict[str, Any]:
+    """The run config of a strategy's first cell, with the run config's defaults filled in."""
+    default = RunConfig()
+    cells = manifest.get("cells", [])
+    mine = [c for c in cells if c.get("coords", {}).get("strategy") == strategy]
+    params = mine[0].get("params", {}) if mine else {}
+    keys = ("dataset", "evaluate-on", "test-samples", "validation-samples", "node-eval-samples")
+    return {k: params.get(k, getattr(default, k.replace("-", "_"))) for k in keys}
+
+
+def _central_count(params: dict[str, Any]) -> int | None:
+    """Images the central evaluation scores (None: the whole test set of an unknown size)."""
+    if params["evaluate-on"] == "validation":
+        return int(params["validation-samples"])
+    total = TEST_IMAGES.get(str(params["dataset"]))
+    cap = int(params["test-samples"])
+    if total is None:
+        return cap or None
+    return min(cap, total) if cap else total
+
+
+def _split_word(params: dict[str, Any]) -> str:
+    return "validation" if params["evaluate-on"] == "validation" else "test"
+
+
+def _central_images(params: dict[str, Any]) -> str:
+    """`the 10,000 test images`."""
+    n = _central_count(params)
+    split = _split_word(params)
+    return f"the whole {split} set" if n is None else f"the {n:,} {split} images"
+
+
+def _node_images(params: dict[str, Any]) -> str:
+    """`1,000 test images`: the per-node subset (`node-eval-samples`, 0 = all)."""
+    n, cap = _central_count(params), int(params["node-eval-samples"])
+    if cap == 0 or (n is not None and cap >= n):
+        return _central_images(params)
+    return f"{cap:,} {_split_word(params)} images"
