@@ -52,6 +52,14 @@ ROUNDS = "rounds.csv"
 CONFIG = "config.json"
 
 
+def package_version() -> str:
+    """This app's version, from the installed package's metadata (pyproject's `version`)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def project_root() -> Path | None:
     """The source folder of an editable install (PEP 610 direct_url.json), if any.
 

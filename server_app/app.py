@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import BatchTensorDataset, DatasetMissing
 from flower_app.model import build_model
+from flower_app.preflight import check_node_count
 from flower_app.results import (
     FolderLocked,
     RunFiles,
@@ -67,11 +68,7 @@ def prepare(
         cfg = RunConfig.from_run_config(run_config)
         random.seed(cfg.seed)  # for anything that draws from the global `random`
         num_nodes = len(wait_for_nodes(grid, cfg.num_nodes, cfg.round_timeout))
-        if cfg.min_available_nodes > num_nodes:
-            raise ConfigError(
-                f"min-available-nodes={cfg.min_available_nodes} is more than the "
-                f"{num_nodes} node(s) of this federation; use at most {num_nodes}"
-            )
+        check_node_count(cfg, num_nodes)
         test, node_test = central_test_sets(cfg)
         strategy = STRATEGIES[cfg.strategy](cfg, num_nodes, model_evaluator(cfg, node_test))
     except (ConfigError, DatasetMissing) as err:

@@ -13,14 +13,10 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common import log
 
-from flower_app.config import ConfigError, RunConfig, claims_per_round
-from flower_app.data import (
-    BatchTensorDataset,
-    evaluation_sets,
-    load_arrays,
-    to_tensors,
-)
+from flower_app.config import RunConfig, claims_per_round
+from flower_app.data import BatchTensorDataset, to_tensors
 from flower_app.model import build_model
+from flower_app.preflight import evaluation_arrays
 from flower_app.results import RunFiles, format_eps
 from flower_app.train import evaluate
 from strategies.base import Diagnostics
@@ -35,24 +31,11 @@ def central_test_sets(cfg: RunConfig) -> tuple[BatchTensorDataset, BatchTensorDa
     `evaluate-on=test`: the test set (capped at `test-samples`). `evaluate-on=validation`:
     the validation split carved off the training set, and nothing of the test set.
     """
-    try:  # checked in every run: the nodes carve the same split
-        x, y, idx, node_idx = evaluation_sets(load_arrays(cfg.dataset, cfg.data_dir), **_sizes(cfg))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    x, y, idx, node_idx = evaluation_arrays(cfg)  # checked in every run: the nodes carve it too
     return (
         to_tensors(cfg.dataset, x[idx], y[idx], cfg.normalize),
         to_tensors(cfg.dataset, x[node_idx], y[node_idx], cfg.normalize),
     )
-
-
-def _sizes(cfg: RunConfig) -> dict[str, Any]:
-    return {
-        "evaluate_on": cfg.evaluate_on,
-        "validation_samples": cfg.validation_samples,
-        "test_samples": cfg.test_samples,
-        "node_eval_samples": cfg.node_eval_samples,
-        "seed": cfg.seed,
-    }
 
 
 def model_evaluator(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flower_app.config import ConfigError, RunConfig, claims_per_round
-from flower_app.topology import TopologyError, build_topology
+from flower_app.config import RunConfig, claims_per_round
+from flower_app.preflight import check_privacy_plan, gossip_graph
 from strategies.base import PrivacyBounds, RunStrategy
 from strategies.fedavg import CentralFedAvg
 from strategies.gossip import ArraysEvaluator, Gossip
@@ -20,11 +20,9 @@ def privacy_bounds(cfg: RunConfig) -> PrivacyBounds:
     """
     # The ε maths is Opacus's: imported when a run starts, so that importing strategies
     # loads neither torch nor Opacus.
-    from flower_app.node import plan
     from flower_app.privacy import epsilon, gaussian_sigma
 
-    if cfg.private and cfg.dp_mode == "update":
-        plan(cfg, num_samples=0)
+    check_privacy_plan(cfg)
     if not cfg.private:
         bound = 0.0
     elif claims_per_round(cfg):
@@ -56,16 +54,7 @@ def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
 
 
 def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> RunStrategy:
-    if num_nodes < 2:
-        raise ConfigError(
-            f"strategy=gossip needs at least 2 nodes; this federation has {num_nodes}"
-        )
-    try:
-        graph = build_topology(
-            cfg.topology, num_nodes, seed=cfg.seed, degree=cfg.degree, edge_prob=cfg.edge_prob
-        )
-    except TopologyError as err:
-        raise ConfigError(str(err)) from None
+    graph = gossip_graph(cfg, num_nodes)
     relay = {"timeout": cfg.round_timeout} if cfg.sealed_relay else {}
     strategy = (SealedGossip if cfg.sealed_relay else Gossip)(
         graph,

@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 
+import sim.launch.simulation
 import sim.sweeps.cli
 from sim.launch.simulation import SimulationLink
 
@@ -24,7 +25,7 @@ def test_a_tiny_real_sweep_completes_every_cell_and_stops_its_superlink(
             links.append(self)
             return super().__enter__()
 
-    monkeypatch.setattr(sim.sweeps.cli, "SimulationLink", RecordedLink)
+    monkeypatch.setattr(sim.launch.simulation, "SimulationLink", RecordedLink)
     out = tmp_path / "sweep"
     argv = [
         "run",

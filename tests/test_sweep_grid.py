@@ -89,12 +89,30 @@ def test_ids_always_name_strategy_eps_and_seed_even_when_not_swept():
 
 
 def test_set_overrides_a_swept_key_and_sweep_overrides_a_fixed_one():
-    spec = spec_of("--eps", "inf,2", "--seeds", "7,8", "--set", "eps=4", "--rounds", "3")
+    spec = SweepSpec(grid={"eps": [math.inf, 2], "seed": [7, 8]}).set("eps", 4)
     assert "eps" not in spec.grid and spec.fixed["eps"] == 4
-    assert spec.fixed["num-server-rounds"] == 3
     assert len(expand(spec)) == 2
-    spec = spec_of("--set", "lr=0.1", "--sweep", "lr=0.2,0.3")
+    spec = SweepSpec(fixed={"lr": 0.1}).sweep("lr", [0.2, 0.3])
     assert "lr" not in spec.fixed and spec.grid["lr"] == [0.2, 0.3]
+    # flags override the preset; a scoped flag after its unscoped one narrows it
+    spec = spec_of("--preset", "quick", "--set", "lr=0.1", "--set", "gossip:lr=0.05")
+    assert spec.fixed["lr"] == 0.1 and spec.fixed["gossip:lr"] == 0.05
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--eps", "inf,2", "--set", "eps=4"],
+        ["--set", "lr=0.1", "--sweep", "lr=0.2,0.3"],
+        ["--rounds", "3", "--set", "num-server-rounds=4"],
+        ["--set", "lr=0.1", "--set", "lr=0.2"],
+        ["--set", "gossip:lr=0.1", "--set", "lr=0.2"],
+        ["--set", "topology=ring", "--variant", "topology=torus"],
+    ],
+)
+def test_two_flags_giving_one_key_are_refused(argv):
+    with pytest.raises(SweepError, match="both give"):
+        spec_of(*argv)
 
 
 def test_preset_flags_override_the_preset_and_presets_are_not_mutated():
@@ -140,9 +158,13 @@ def test_scoped_keys_reach_only_their_strategy():
     assert "gossip:topology" not in spec.grid and spec.fixed["topology"] == "complete"
 
 
-def test_scoped_keys_of_an_absent_strategy_are_not_validated():
-    cells = expand(SweepSpec(fixed={"nosuch:key": 1}, grid={"strategy": ["fedavg"]}))
-    assert len(cells) == 1 and "key" not in cells[0].params
+def test_scoped_values_of_an_absent_strategy_are_not_validated_but_their_keys_are():
+    cells = expand(SweepSpec(fixed={"gossip:lr": -1}, grid={"strategy": ["fedavg"]}))
+    assert len(cells) == 1 and "lr" not in cells[0].params
+    with pytest.raises(SweepError, match="'nosuch' is not a strategy"):
+        expand(SweepSpec(fixed={"nosuch:lr": 1}, grid={"strategy": ["fedavg"]}))
+    with pytest.raises(SweepError, match="unknown run-config key 'topolgy'"):
+        expand(SweepSpec(fixed={"gossip:topolgy": "ring"}, grid={"strategy": ["fedavg"]}))
 
 
 def test_load_spec_reads_fixed_grid_nodes_and_scoped_tables(tmp_path):
@@ -225,7 +247,8 @@ def test_dry_run_lists_cells_and_writes_nothing(tmp_path, capsys):
         ]
     )
     assert rc == 0 and not (tmp_path / "s").exists()
-    assert "fedavg-eps2-seed7" in capsys.readouterr().err
+    out = capsys.readouterr().out  # the listing is the command's output: stdout
+    assert "fedavg-eps2-seed7" in out and "2 cells on 20 nodes: all valid" in out
 
 
 def test_default_out_hangs_off_the_project_results_folder():

@@ -52,7 +52,7 @@ def stored(tmp_path_factory):
         "--rounds",
         "4",
         "--nodes",
-        "3",
+        "9",  # a torus needs rows x cols, both >= 3
         "--out",
         str(out),
     ]

@@ -97,7 +97,7 @@ def test_columns_only_gossip_writes_appear_and_are_empty_for_fedavg(tmp_path):
         "--nodes",
         "3",
         "--sweep",
-        "gossip:topology=ring,torus",
+        "gossip:topology=ring,complete",
         "--out",
         str(out),
     ]
@@ -111,7 +111,7 @@ def test_columns_only_gossip_writes_appear_and_are_empty_for_fedavg(tmp_path):
     assert set(df["cell"]) == {
         "fedavg-epsinf-seed7",
         "gossip-epsinf-seed7-topology-ring",
-        "gossip-epsinf-seed7-topology-torus",
+        "gossip-epsinf-seed7-topology-complete",
     }
 
 

@@ -16,6 +16,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from sim.analysis.drawing import Figure, Skipped, eps_lines, finish, panels  # noqa: E402
+from sim.analysis.names import TARGET_FRACTION  # noqa: E402
 from sim.analysis.style import LINESTYLES, PALETTE, eps_label  # noqa: E402
 from sim.analysis.sweep_data import SweepData  # noqa: E402
 from sim.analysis.tidy import (  # noqa: E402
@@ -26,8 +27,6 @@ from sim.analysis.tidy import (  # noqa: E402
     summarize,
     targets_from_nonprivate,
 )
-
-TARGET_FRACTION = 0.9
 
 
 def final_accuracy_vs_eps(data: SweepData) -> Figure | Skipped:

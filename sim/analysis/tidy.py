@@ -19,12 +19,8 @@ import pandas as pd
 from scipy import stats
 
 from flower_app.results import CONFIG, ROUNDS, RunSummary, atomic_write_text, csv_text
+from sim.analysis.names import CORE, MANIFEST, RUNS, TIDY
 
-TIDY = "sweep.csv"
-MANIFEST = "manifest.json"
-RUNS = "runs"
-# Every sweep cell's core coordinates (sim.sweeps.spec names cells by them).
-CORE = ("strategy", "eps", "seed")
 ID_COLUMNS = ("cell", *CORE)
 CONFIDENCE = 0.95
 

@@ -32,6 +32,7 @@ from rich.markdown import Markdown
 
 from flower_app.config import RunConfig
 from flower_app.results import write_json
+from sim.bench.cli import build_parser
 from sim.bench.flower_runs import (
     deploy_vs_sim,
     flower_run,
@@ -155,17 +156,12 @@ def environment(sizes: Sizes) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point `fl-bench`."""
-    parser = argparse.ArgumentParser(prog="fl-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 cores)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON here")
-    parser.add_argument(
-        "--only",
-        choices=["deploy", "randomness", "sweep"],
-        help="only this measurement (deploy: a few minutes; randomness: seconds; sweep: "
-        "sweep_vs_cells, minutes)",
-    )
-    args = parser.parse_args(argv)
+    """`fl-bench` with this module's sizes (the tests shrink `QUICK`)."""
+    return bench(build_parser().parse_args(argv))
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Measure, print the table, and write the JSON document if asked."""
     results = run_bench(QUICK if args.quick else FULL, only=args.only or "")
     console.print(Markdown(markdown(results)))
     if args.json:

@@ -12,26 +12,29 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from sim.analysis.audit import violations, write_audit_report
 from sim.sweeps.cli import command_run, setup_logging
-from sim.sweeps.flags import add_run_parser
+from sim.sweeps.flags import Parser, add_run_parser, add_version, check_args
 from sim.sweeps.folders import default_out, sweep_folder
-from sim.sweeps.runner import Runner
 from sim.sweeps.spec import SweepError
+
+if TYPE_CHECKING:
+    from sim.sweeps.runner import Runner
 
 DEFAULT_CANARIES = 100
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `fl-audit` command line: run, report."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fl-audit",
         description="One-run privacy audits (Steinke, Nasr & Jagielski 2023) of FedAvg and "
         "gossip under DP-SGD: the ε lower bound per observer and graph distance.",
     )
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = add_run_parser(sub)
     run.description = (
@@ -65,6 +68,7 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
     setup_logging()
     console = Console(stderr=True, log_path=False)
     try:
+        check_args(args)
         if args.command == "run":
             if args.canaries < 1:
                 raise SweepError(
@@ -73,13 +77,12 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
                 )
             if args.audit_seed < 0:
                 raise SweepError(f"--audit-seed {args.audit_seed} is not valid; expected >= 0")
-            args.set = [
-                # The open relay's server holds the average model too, one more observer;
-                # `--set gossip-relay=sealed` audits from the nodes' own views only.
-                "gossip-relay=open",
-                *args.set,
-                f"audit-canaries={args.canaries}",
-                f"audit-seed={args.audit_seed}",
+            # The open relay's server holds the average model too, one more observer;
+            # `--set gossip-relay=sealed` audits from the nodes' own views only.
+            args.defaults = ["gossip-relay=open"]
+            args.forced = [
+                (f"--canaries {args.canaries}", f"audit-canaries={args.canaries}"),
+                (f"--audit-seed {args.audit_seed}", f"audit-seed={args.audit_seed}"),
             ]
             if args.out is None:  # fixed here, so the report below finds it
                 args.out = default_out(args.preset or "audit", root="results/audits")
@@ -90,6 +93,8 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
             out = args.out.expanduser().resolve()
         else:
             out = sweep_folder(Path(args.results_dir))
+        from sim.analysis.audit import violations, write_audit_report  # pandas, matplotlib
+
         df, files = write_audit_report(out)
         console.log(f"audit of {df['cell'].nunique()} run(s): {out / 'audit.md'}", markup=False)
         Console().print((out / "audit.md").read_text(encoding="utf-8"), markup=False)

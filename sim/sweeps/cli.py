@@ -16,24 +16,21 @@ import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.table import Table
 
-from sim.analysis.compare import compare, compare_figure
-from sim.analysis.plots import plot_all
-from sim.analysis.report import final_summary, summary_rows, write_report
-from sim.analysis.sweep_data import SweepData
-from sim.analysis.tidy import MANIFEST
-from sim.analysis.tuned import write_tune_report
-from sim.launch.flwr_cli import RunOutcome
-from sim.launch.processes import sigterm_as_interrupt
-from sim.launch.simulation import SimulationLink
-from sim.sweeps.batches import BATCHES, BatchedRunner
-from sim.sweeps.flags import build_parser, cell_slots, spec_from_args, tune_spec_from_args
+from sim.analysis.names import MANIFEST
+from sim.sweeps.flags import (
+    build_parser,
+    cell_slots,
+    check_args,
+    spec_from_args,
+    tune_spec_from_args,
+)
 from sim.sweeps.folders import (
+    check_out,
     only_writer,
     out_and_command,
     record_links,
@@ -41,32 +38,29 @@ from sim.sweeps.folders import (
     sweep_folder,
 )
 from sim.sweeps.presets import PRESETS
-from sim.sweeps.runner import (
-    COMPLETED,
-    FlowerRunner,
-    Runner,
-    SuperLinkDown,
-    Sweep,
-    ensure_running,
-)
-from sim.sweeps.spec import Cell, SweepError, expand
-from sim.sweeps.tune import (
-    CHOICES,
-    FINAL,
-    SEARCH,
-    choose,
-    describe,
-    final_cells,
-    groups,
-    search_cells,
-    write_choices,
-)
+from sim.sweeps.spec import Cell, SweepError, check_cells, expand
+
+# Flower, torch, pandas and matplotlib are imported by the commands that use them, so that
+# `fl-sweep --help` and a refused command line answer at once.
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from sim.analysis.sweep_data import SweepData
+    from sim.launch.flwr_cli import RunOutcome
+    from sim.launch.simulation import SimulationLink
+    from sim.sweeps.runner import Runner, Sweep
+    from sim.sweeps.spec import SweepSpec
+    from sim.sweeps.tune import TuneSpec
 
 log = logging.getLogger(__name__)
 
 
 def summary_table(data: SweepData) -> Table:
     """The final rich table: final accuracy mean ± 95% CI over seeds per strategy and ε."""
+    from rich.table import Table
+
+    from sim.analysis.report import final_summary, summary_rows
+
     header, rows = summary_rows(data, final_summary(data))
     table = Table(title=f"Final {data.split} accuracy (mean ± 95% t-interval over seeds)")
     for i, col in enumerate(header):
@@ -78,6 +72,9 @@ def summary_table(data: SweepData) -> Table:
 
 def _finish(out: Path, target: float | None, console: Console) -> None:
     """Figures, report and the summary table; never fails the command."""
+    from sim.analysis.plots import plot_all
+    from sim.analysis.report import write_report
+
     try:
         figures = plot_all(out, target=target)
         report = write_report(out, target=target, figures=figures)
@@ -95,6 +92,8 @@ def _finish(out: Path, target: float | None, console: Console) -> None:
 
 
 def _print_summary(out: Path) -> None:
+    from sim.analysis.sweep_data import SweepData
+
     data = SweepData.load(out)
     if data.tidy.empty:
         Console(stderr=True).print("no completed cell yet: no summary table")
@@ -110,17 +109,25 @@ def command_run(
     prog: str = "fl-sweep",
     out_root: str = "results/sweeps",
 ) -> int:
-    """`fl-sweep run`: validate everything, then run; 0 all completed, 1 some failed."""
-    console = Console(stderr=True, log_path=False)
+    """`fl-sweep run`: validate everything, then run; 0 all completed, 1 some failed.
+
+    Validating is everything a run checks before training (`check_cells`) and the folder;
+    `--dry-run` stops there, lists the cells on stdout and writes nothing.
+    """
     spec = spec_from_args(args)
     cells = expand(spec)
     slots = cell_slots(args)
+    check_cells(cells, spec.nodes)
     name = args.preset or "sweep"
-    if args.dry_run:
-        _print_cells(console, cells)
-        console.print(f"{len(cells)} cells on {spec.nodes} nodes: all valid")
-        return 0
     out, command = out_and_command(args, argv, prog, name, out_root)
+    check_out(out)
+    if args.dry_run:
+        _print_cells(cells)
+        Console().print(f"{len(cells)} cells on {spec.nodes} nodes: all valid", highlight=False)
+        return 0
+    from sim.sweeps.runner import Sweep
+
+    console = Console(stderr=True, log_path=False)
     description = PRESETS[args.preset].description if args.preset else ""
     with only_writer(out, f"sweep folder {out}"):
         stop_leftovers(out, console.log)
@@ -130,6 +137,9 @@ def command_run(
 
 def cell_runner(link: SimulationLink, args: argparse.Namespace, out: Path) -> Runner:
     """The cells' runner on `link`: all in one Flower run, or one run each (--run-per-cell)."""
+    from sim.sweeps.batches import BATCHES, BatchedRunner
+    from sim.sweeps.runner import FlowerRunner, ensure_running
+
     if getattr(args, "run_per_cell", False):
         return FlowerRunner(link, args.timeout)
     return BatchedRunner(
@@ -137,9 +147,11 @@ def cell_runner(link: SimulationLink, args: argparse.Namespace, out: Path) -> Ru
     )
 
 
-def _print_cells(console: Console, cells: Sequence[Cell]) -> None:
+def _print_cells(cells: Sequence[Cell]) -> None:
+    """The dry run's listing, on stdout: one cell a line, its id and its run-config keys."""
+    console = Console()
     for cell in cells:
-        console.print(f"{cell.id}  {cell.params}", soft_wrap=True, markup=False)
+        console.print(f"{cell.id}  {cell.params}", soft_wrap=True, markup=False, highlight=False)
 
 
 def _run_sweep(
@@ -152,6 +164,9 @@ def _run_sweep(
     finish: bool = True,
 ) -> int:
     """Run the sweep's pending cells, then (with `finish`) its figures and report."""
+    from sim.launch.processes import sigterm_as_interrupt
+    from sim.sweeps.runner import COMPLETED, SuperLinkDown
+
     out, cells, command = sweep.out, sweep.cells, sweep.command
     console.log(f"{len(cells)} cells on {sweep.spec.nodes} nodes → {out}", markup=False)
     try:
@@ -186,58 +201,94 @@ def _run_sweep(
 def command_tune(
     args: argparse.Namespace, argv: Sequence[str], runner: Runner | None = None
 ) -> int:
-    """`fl-sweep tune`: the search stage, the choice, the final stage; 0 when all completed."""
-    console = Console(stderr=True, log_path=False)
+    """`fl-sweep tune`: the search stage, the choice, the final stage; 0 when all completed.
+
+    The search runs are checked as `fl-sweep run` checks its cells; the final runs exist
+    only once the search has chosen.
+    """
+    from sim.sweeps.tune import groups, search_cells
+
     tune = tune_spec_from_args(args)
     search_spec, cells = search_cells(tune)
     slots = cell_slots(args)
-    name = args.preset or "tune"
-    finals = len(groups(tune)) * len(tune.final_seeds())
+    check_cells(cells, search_spec.nodes)
+    out, command = out_and_command(args, argv, "fl-sweep", args.preset or "tune", "results/tune")
+    check_out(out)
     if args.dry_run:
-        _print_cells(console, cells)
-        console.print(
+        finals = len(groups(tune)) * len(tune.final_seeds())
+        _print_cells(cells)
+        Console().print(
             f"{len(cells)} search runs on {tune.base.nodes} nodes, then {finals} final runs "
-            f"({len(groups(tune))} choices × {len(tune.final_seeds())} seeds): all valid"
+            f"({len(groups(tune))} choices × {len(tune.final_seeds())} seeds): all valid",
+            highlight=False,
         )
         return 0
-    out, command = out_and_command(args, argv, "fl-sweep", name, "results/tune")
-    description = PRESETS[args.preset].description if args.preset else ""
     with only_writer(out, f"tune folder {out}"):
-        for stage in (SEARCH, FINAL):
-            stop_leftovers(out / stage, console.log)
-        search = Sweep(
-            out / SEARCH,
-            search_spec,
-            cells,
-            name=f"{name} search",
-            command=command,
-            description=f"search runs on the validation split; {description}",
-        )
-        console.log(f"stage 1 of 2: {len(cells)} search runs on the validation split", markup=False)
-        if code := _run_sweep(search, args, runner, console, slots, finish=False):
-            return code
-        choices = choose(search, tune)
-        write_choices(out, tune, choices)
-        for choice in choices:
-            console.log(f"chosen: {describe(choice)}", markup=False, highlight=False)
-        final = Sweep(
-            out / FINAL,
-            tune.base,
-            final_cells(tune, choices),
-            name=f"{name} final",
-            command=command,
-            description=f"each cell's chosen hyperparameters (../{CHOICES}) on the test set; "
-            f"{description}",
-        )
-        console.log(f"stage 2 of 2: {finals} final runs on the test set", markup=False)
-        code = _run_sweep(final, args, runner, console, slots)
-        report = write_tune_report(out)
-        console.log(f"tune report: {report}", markup=False)
+        return _tune_stages(args, tune, (search_spec, cells), (out, command), runner, slots)
+
+
+def _tune_stages(
+    args: argparse.Namespace,
+    tune: TuneSpec,
+    search: tuple[SweepSpec, list[Cell]],
+    where: tuple[Path, str],
+    runner: Runner | None,
+    slots: tuple[int, list[str | None]],
+) -> int:
+    """Stage 1 (search on validation), the choice, stage 2 (final runs on test)."""
+    from sim.analysis.tuned import write_tune_report
+    from sim.sweeps.runner import Sweep
+    from sim.sweeps.tune import (
+        CHOICES,
+        FINAL,
+        SEARCH,
+        choose,
+        describe,
+        final_cells,
+        groups,
+        write_choices,
+    )
+
+    console = Console(stderr=True, log_path=False)
+    (out, command), name = where, args.preset or "tune"
+    description = PRESETS[args.preset].description if args.preset else ""
+    for stage in (SEARCH, FINAL):
+        stop_leftovers(out / stage, console.log)
+    stage1 = Sweep(
+        out / SEARCH,
+        search[0],
+        search[1],
+        name=f"{name} search",
+        command=command,
+        description=f"search runs on the validation split; {description}",
+    )
+    console.log(f"stage 1 of 2: {len(search[1])} search runs on the validation split", markup=False)
+    if code := _run_sweep(stage1, args, runner, console, slots, finish=False):
         return code
+    choices = choose(stage1, tune)
+    write_choices(out, tune, choices)
+    for choice in choices:
+        console.log(f"chosen: {describe(choice)}", markup=False, highlight=False)
+    final = Sweep(
+        out / FINAL,
+        tune.base,
+        final_cells(tune, choices),
+        name=f"{name} final",
+        command=command,
+        description=f"each cell's chosen hyperparameters (../{CHOICES}) on the test set; "
+        f"{description}",
+    )
+    finals = len(groups(tune)) * len(tune.final_seeds())
+    console.log(f"stage 2 of 2: {finals} final runs on the test set", markup=False)
+    code = _run_sweep(final, args, runner, console, slots)
+    console.log(f"tune report: {write_tune_report(out)}", markup=False)
+    return code
 
 
 def make_links(k: int, addresses: Sequence[str | None]) -> list[SimulationLink]:
     """One SimulationLink per concurrent cell; local heads split the CPUs evenly."""
+    from sim.launch.simulation import SimulationLink
+
     cpus = max(1, (os.cpu_count() or 1) // k)
     return [SimulationLink(ray_address=a, ray_cpus=None if k == 1 else cpus) for a in addresses]
 
@@ -260,37 +311,51 @@ def setup_logging() -> None:
         logger.propagate = False  # Opacus calls logging.basicConfig on import: no double lines
 
 
+def command_analyse(args: argparse.Namespace) -> int:
+    """`fl-sweep compare`, `plot` and `report`: from stored results only."""
+    from sim.analysis.plots import plot_all
+    from sim.analysis.report import write_report
+
+    if args.command == "compare":
+        from sim.analysis.compare import compare, compare_figure
+
+        outs = [sweep_folder(p) for p in args.results_dirs]
+        names = args.names.split(",") if args.names else None
+        if names is not None and len(names) != len(outs):
+            raise SweepError(f"--names gives {len(names)} names for {len(outs)} folders")
+        sys.stdout.write(compare(outs, names))
+        if args.figure:
+            compare_figure(outs, names or [p.name for p in outs], args.figure)
+        return 0
+    out = sweep_folder(args.results_dir)
+    if args.command == "plot":
+        figures, _ = plot_all(out, target=args.target_accuracy)
+        for fig in figures:
+            Console(stderr=True, log_path=False).log(
+                f"{fig.name}: {', '.join(map(str, fig.files))}"
+            )
+        return 0
+    report = write_report(out, target=args.target_accuracy)
+    Console(stderr=True, log_path=False).log(f"report: {report}")
+    _print_summary(out)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> int:
-    """Entry point of `fl-sweep` and `python -m sim`; `runner` replaces Flower in tests."""
+    """Entry point of `fl-sweep` and `python -m sim`; `runner` replaces Flower in tests.
+
+    A command line that cannot run is refused with one line on stderr and exit code 2.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
+        check_args(args)
         if args.command == "run":
             return command_run(args, argv, runner)
         if args.command == "tune":
             return command_tune(args, argv, runner)
-        if args.command == "compare":
-            outs = [sweep_folder(p) for p in args.results_dirs]
-            names = args.names.split(",") if args.names else None
-            if names is not None and len(names) != len(outs):
-                raise SweepError(f"--names gives {len(names)} names for {len(outs)} folders")
-            sys.stdout.write(compare(outs, names))
-            if args.figure:
-                compare_figure(outs, names or [p.name for p in outs], args.figure)
-            return 0
-        out = sweep_folder(args.results_dir)
-        if args.command == "plot":
-            figures, _ = plot_all(out, target=args.target_accuracy)
-            for fig in figures:
-                Console(stderr=True, log_path=False).log(
-                    f"{fig.name}: {', '.join(map(str, fig.files))}"
-                )
-            return 0
-        report = write_report(out, target=args.target_accuracy)
-        Console(stderr=True, log_path=False).log(f"report: {report}")
-        _print_summary(out)
-        return 0
+        return command_analyse(args)
     except SweepError as err:
         _stderr(str(err))
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from flower_app.results import (
     atomic_write_text,
     resolve_results_dir,
 )
-from sim.analysis.tidy import MANIFEST, TIDY
+from sim.analysis.names import MANIFEST, TIDY
 from sim.launch.processes import command_line, processes_under, stop_processes
 from sim.sweeps.spec import SweepError
 
@@ -43,6 +44,29 @@ def out_and_command(
     return out, shlex.join([prog, *argv] + ([] if args.out else ["--out", str(out)]))
 
 
+def check_out(out: Path) -> None:
+    """SweepError (one line) unless `out` is, or can be made, a folder this user may write.
+
+    Writes nothing: the dry run calls it too.
+    """
+    for path in (out, *out.parents):
+        try:
+            is_dir = path.is_dir()
+            if not is_dir and not path.exists():
+                continue
+        except OSError as err:
+            raise SweepError(f"--out {out} cannot be reached: {err.strerror} ({path})") from None
+        if not is_dir:
+            where = "is a file" if path == out else f"cannot be made: {path} is a file"
+            raise SweepError(f"--out {out} {where}, not a folder; give a folder path")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SweepError(
+                f"--out {out} cannot be written: no write permission on {path}; "
+                "give a folder you may write"
+            )
+        return
+
+
 @contextmanager
 def only_writer(out: Path, what: str) -> Iterator[None]:
     """Hold the folder's writer lock; a second writer gets one line naming the holder."""
@@ -51,6 +75,8 @@ def only_writer(out: Path, what: str) -> Iterator[None]:
         lock.acquire()
     except FolderLocked as err:
         raise SweepError(str(err)) from None
+    except OSError as err:  # e.g. the disk filled or the permission changed since check_out
+        raise SweepError(f"cannot write {what}: {err.strerror} ({err.filename})") from None
     try:
         yield
     finally:

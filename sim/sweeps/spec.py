@@ -16,19 +16,23 @@ import copy
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import product
 from pathlib import Path
 from typing import Any
 
 from flower_app.config import ConfigError, RunConfig
 from flower_app.results import format_eps
-from sim.analysis.tidy import CORE
+from sim.analysis.names import CORE
 
 SCOPE = ":"
 # The sweep sets these: <out>/runs, the cell id, and the cell list of its Flower runs.
 RESERVED = ("results-dir", "run-name", "cells")
-DEFAULT_NODES = 10
+STRATEGIES: tuple[str, ...] = RunConfig.__dataclass_fields__["strategy"].metadata["choices"]
+RUN_CONFIG_KEYS = tuple(sorted(f.name.replace("_", "-") for f in fields(RunConfig)))
+# As many nodes as plain `flwr run .` simulates (scripts/setup's .flwr/config.toml; a test
+# keeps the two equal), so a sweep cell and `flwr run .` of the same keys are the same run.
+DEFAULT_NODES = 20
 
 
 class SweepError(ValueError):
@@ -138,6 +142,15 @@ def _check_key(key: str) -> None:
         )
     if scope is not None and name == "strategy":
         raise SweepError(f"{key}: strategy cannot be scoped to a strategy")
+    if scope is not None and scope not in STRATEGIES:
+        raise SweepError(
+            f"{key}: {scope!r} is not a strategy; scope a key with one of: "
+            f"{', '.join(STRATEGIES)} (e.g. gossip:{name}), or leave it unscoped"
+        )
+    if scope is not None and name not in RUN_CONFIG_KEYS:
+        raise SweepError(
+            f"{key}: unknown run-config key {name!r}; valid keys: {', '.join(RUN_CONFIG_KEYS)}"
+        )
 
 
 def parse_value(text: str) -> Any:
@@ -278,6 +291,23 @@ def expand(spec: SweepSpec) -> list[Cell]:
             raise SweepError(f"two cells share the id {cell.id}: is a value listed twice?")
         seen.add(cell.id)
     return cells
+
+
+def check_cells(cells: Sequence[Cell], nodes: int) -> None:
+    """Every check a run makes before training, on every cell with `nodes` simulated nodes.
+
+    The ServerApp's own checks (`flower_app.preflight`): the node count against num-nodes and
+    min-available-nodes, the gossip graph, the privacy plan, the data. SweepError (one line,
+    naming the cell) on the first cell a run would refuse, or wait for nodes that never come.
+    """
+    from flower_app.data import DatasetMissing  # torch: loaded by commands that check cells
+    from flower_app.preflight import preflight
+
+    for cell in cells:
+        try:
+            preflight(RunConfig.from_run_config(cell.params), nodes)
+        except (ConfigError, DatasetMissing) as err:
+            raise SweepError(f"invalid sweep: cell {cell.id} on {nodes} nodes: {err}") from None
 
 
 def make_cell(params: Mapping[str, Any], swept: Sequence[str]) -> Cell:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import sim.launch.simulation
 import sim.sweeps.cli
 from sim.launch.flwr_cli import flower_env
 from sim.launch.processes import processes_under
@@ -33,7 +34,7 @@ def test_a_sweep_on_two_given_ray_clusters_runs_one_cell_on_each_at_once(
         def __enter__(self):
             return super().__enter__()
 
-    monkeypatch.setattr(sim.sweeps.cli, "SimulationLink", RecordedLink)
+    monkeypatch.setattr(sim.launch.simulation, "SimulationLink", RecordedLink)
     home = tmp_path / "ray-home"
     home.mkdir()
     heads = [RayHead(flower_env(home), num_cpus=1) for _ in range(2)]

@@ -1,0 +1,41 @@
+"""The `fl-bench` command line, parsed before torch and Flower load.
+
+So `fl-bench --help` and `--version` answer at once; the measurements live in
+`sim.bench.benchmarks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flower_app.results import package_version
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`fl-bench [--quick] [--json PATH] [--only deploy|randomness|sweep]`."""
+    parser = argparse.ArgumentParser(
+        prog="fl-bench",
+        description="Where the time of private federated training goes, as ratios from one "
+        "run (docs/performance.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes (minutes on 2 cores; default: full)"
+    )
+    parser.add_argument("--json", type=Path, help="write the results as JSON here (default: none)")
+    parser.add_argument(
+        "--only",
+        choices=["deploy", "randomness", "sweep"],
+        help="only this measurement (deploy: a few minutes; randomness: seconds; sweep: "
+        "sweep_vs_cells, minutes; default: all)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point `fl-bench`."""
+    args = build_parser().parse_args(argv)
+    from sim.bench.benchmarks import bench  # torch, Flower: only once there is work to do
+
+    return bench(args)
