@@ -22,8 +22,8 @@ from server_app.app import run_experiment
 from server_app.cells import CellGrid, run_cells
 from server_app.rejections import RunRejected
 from sim.launch.flwr_cli import RunOutcome
-from sim.sweeps.batches import BatchedRunner
 from sim.sweeps.runner import COMPLETED, FAILED, Sweep
+from sim.sweeps.runners import BatchedRunner
 from sim.sweeps.spec import SweepSpec, expand
 from tests.inprocess_grid import RUN_ID, InProcessGrid
 from tests.sweep_fakes import FakeRunner

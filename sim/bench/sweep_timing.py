@@ -18,9 +18,9 @@ from rich.console import Console
 from sim.bench.flower_runs import steady
 from sim.bench.sizes import Sizes
 from sim.launch.simulation import SimulationLink
-from sim.sweeps.batches import BATCHES, BatchedRunner
 from sim.sweeps.presets import REFERENCE_FIXED
-from sim.sweeps.runner import RUNS, FlowerRunner, Runner, Sweep
+from sim.sweeps.runner import RUNS, Sweep
+from sim.sweeps.runners import BATCHES, BatchedRunner, FlowerRunner, Runner
 from sim.sweeps.spec import SweepSpec, expand
 
 MODES = ("one_run", "run_per_cell")

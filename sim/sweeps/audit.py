@@ -22,7 +22,7 @@ from sim.sweeps.folders import default_out, sweep_folder
 from sim.sweeps.spec import SweepError
 
 if TYPE_CHECKING:
-    from sim.sweeps.runner import Runner
+    from sim.sweeps.runners import Runner
 
 DEFAULT_CANARIES = 100
 

@@ -48,7 +48,8 @@ if TYPE_CHECKING:
     from sim.analysis.sweep_data import SweepData
     from sim.launch.flwr_cli import RunOutcome
     from sim.launch.simulation import SimulationLink
-    from sim.sweeps.runner import Runner, Sweep
+    from sim.sweeps.runner import Sweep
+    from sim.sweeps.runners import Runner
     from sim.sweeps.spec import SweepSpec
     from sim.sweeps.tune import TuneSpec
 
@@ -137,8 +138,7 @@ def command_run(
 
 def cell_runner(link: SimulationLink, args: argparse.Namespace, out: Path) -> Runner:
     """The cells' runner on `link`: all in one Flower run, or one run each (--run-per-cell)."""
-    from sim.sweeps.batches import BATCHES, BatchedRunner
-    from sim.sweeps.runner import FlowerRunner, ensure_running
+    from sim.sweeps.runners import BATCHES, BatchedRunner, FlowerRunner, ensure_running
 
     if getattr(args, "run_per_cell", False):
         return FlowerRunner(link, args.timeout)
@@ -165,7 +165,8 @@ def _run_sweep(
 ) -> int:
     """Run the sweep's pending cells, then (with `finish`) its figures and report."""
     from sim.launch.processes import sigterm_as_interrupt
-    from sim.sweeps.runner import COMPLETED, SuperLinkDown
+    from sim.sweeps.runner import COMPLETED
+    from sim.sweeps.runners import SuperLinkDown
 
     out, cells, command = sweep.out, sweep.cells, sweep.command
     console.log(f"{len(cells)} cells on {sweep.spec.nodes} nodes → {out}", markup=False)

@@ -1,4 +1,4 @@
-"""`fl-sweep`: run a privacy sweep cell by cell on one simulation SuperLink; plot; report.
+"""A sweep: its grid of cells, run into one folder, resumable from its manifest.
 
 `<out>/manifest.json` lists every cell with its status and is rewritten atomically after each
 cell, `<out>/sweep.csv` is rebuilt from the completed cells, and each cell's results live in
@@ -18,18 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 
 from flower_app.results import (
     CONFIG,
@@ -43,7 +35,8 @@ from flower_app.results import (
 )
 from sim.analysis.tidy import MANIFEST, RUNS, write_tidy
 from sim.launch.flwr_cli import RunOutcome
-from sim.launch.simulation import SimulationLink
+from sim.sweeps.progress import Bars, progress_columns
+from sim.sweeps.runners import Runner, SuperLinkDown
 from sim.sweeps.spec import (
     Cell,
     SweepError,
@@ -56,46 +49,6 @@ log = logging.getLogger(__name__)
 PENDING, COMPLETED, FAILED = "pending", "completed", "failed"
 LOGS = "logs"
 FORMAT = 1
-
-
-class Runner(Protocol):
-    """Runs one cell to its end: Flower in production, a fake in unit tests."""
-
-    def __call__(
-        self, run_config: dict[str, Any], *, num_nodes: int, on_poll: Callable[[], None]
-    ) -> RunOutcome:
-        """Run with these run-config overrides; call `on_poll` while waiting."""
-        ...
-
-
-class SuperLinkDown(RuntimeError):
-    """The SuperLink is gone, so every further cell would fail: stop the sweep."""
-
-
-def ensure_running(link: SimulationLink) -> None:
-    """Raise SuperLinkDown if `link`'s SuperLink process has ended."""
-    if link.process is None or link.process.poll() is not None:
-        raise SuperLinkDown(f"the SuperLink (PID {link.pid}) is no longer running")
-
-
-class FlowerRunner:
-    """Submits each cell to a running SimulationLink and waits for it."""
-
-    def __init__(self, link: SimulationLink, timeout: float = 3600) -> None:
-        """Use `link` (already started); stop a cell after `timeout` seconds."""
-        self.link, self.timeout = link, timeout
-
-    def __call__(
-        self, run_config: dict[str, Any], *, num_nodes: int, on_poll: Callable[[], None]
-    ) -> RunOutcome:
-        """`flwr run` the cell and poll `flwr list` until it finishes."""
-        ensure_running(self.link)
-        run_id = self.link.submit(run_config, num_nodes=num_nodes)
-        return self.link.wait(run_id, timeout=self.timeout, on_poll=on_poll)
-
-    def logs(self, run_id: str) -> str:
-        """The run's log, kept next to a failed cell's manifest entry."""
-        return self.link.logs(run_id)
 
 
 def _plain(data: Any) -> Any:
@@ -276,13 +229,13 @@ class Sweep:
         for cell in todo:  # a failed or interrupted attempt's folder
             shutil.rmtree(self.folder(cell.id), ignore_errors=True)
         self._stopping.clear()
-        with Progress(*_progress_columns(), console=console) as progress:
-            bars = _Bars(progress, cells=len(self.cells), skipped=skipped, todo=todo)
+        with Progress(*progress_columns(), console=console) as progress:
+            bars = Bars(progress, cells=len(self.cells), skipped=skipped, todo=todo)
             self._run_all(todo, runners, bars, console)
         return self.failed
 
     def _run_all(
-        self, todo: list[Cell], runners: list[Runner], bars: _Bars, console: Console
+        self, todo: list[Cell], runners: list[Runner], bars: Bars, console: Console
     ) -> None:
         """Run `todo`, each cell on the next free runner; log each as it finishes."""
         free: queue.Queue[Runner] = queue.Queue()
@@ -293,10 +246,15 @@ class Sweep:
         def one(cell: Cell) -> Cell:
             slot = lanes[cell.id] if lanes else free.get()
             try:
+                if self._stopping.is_set():  # an earlier cell was interrupted: stay pending
+                    raise _Cancelled
                 with self._lock:
                     bars.start(cell)
                 self._run_cell(cell, slot, lambda: self._poll(bars))
                 return cell
+            except BaseException:
+                self._stopping.set()  # before this thread takes its next cell
+                raise
             finally:
                 with self._lock:
                     bars.stop(cell)
@@ -338,7 +296,7 @@ class Sweep:
         """The run-config keys of `cell`: its parameters, its folder under `<out>/runs`."""
         return {**cell.params, "results-dir": str(self.out / RUNS), "run-name": cell.id}
 
-    def _poll(self, bars: _Bars) -> None:
+    def _poll(self, bars: Bars) -> None:
         """A running cell's poll: stop it if the sweep stops, else show the rounds done."""
         if self._stopping.is_set():
             raise _Cancelled
@@ -388,51 +346,6 @@ class Sweep:
                 log.warning("could not save the log of %s: %s", cell.id, err)
         with self._lock:
             self.save()
-
-
-def _progress_columns() -> tuple[Any, ...]:
-    """A bar's columns: spinner, name, bar, done of total, elapsed, ETA."""
-    return (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-
-
-class _Bars:
-    """A sweep's two progress bars (cells, rounds) and the cells running now."""
-
-    def __init__(self, progress: Progress, *, cells: int, skipped: int, todo: list[Cell]) -> None:
-        """Add both bars; the rounds bar counts only the cells still to run."""
-        self.progress = progress
-        self.cells = progress.add_task("cells", total=cells, completed=skipped)
-        self.rounds = progress.add_task("rounds", total=sum(c.rounds for c in todo))
-        self.running: dict[str, Cell] = {}
-        self.finished = 0  # rounds of the cells finished so far
-
-    def start(self, cell: Cell) -> None:
-        """`cell` is running: name it on the cells bar."""
-        self.running[cell.id] = cell
-        self.progress.update(self.cells, description=f"cell {', '.join(self.running)}")
-
-    def stop(self, cell: Cell) -> None:
-        """`cell` is no longer running."""
-        self.running.pop(cell.id, None)
-
-    def show_rounds(self, rounds_done: Callable[[Cell], int]) -> None:
-        """The rounds of finished cells plus those the running cells have done so far."""
-        now = sum(min(rounds_done(c), c.rounds) for c in self.running.values())
-        self.progress.update(self.rounds, completed=self.finished + now)
-
-    def finish(self, cell: Cell) -> None:
-        """`cell` ended (completed or failed): all its rounds count, and one more cell."""
-        self.finished += cell.rounds
-        self.progress.update(self.rounds, completed=self.finished)
-        self.progress.advance(self.cells)
 
 
 class _Cancelled(BaseException):

@@ -48,6 +48,17 @@ def test_gossip_run_completes_with_node_diagnostics(superlink, tmp_path, eps, to
     topo = summary["topology"]
     assert topo["name"] == topology and topo["mode"] == mode and topo["nodes"] == 5
     assert 0 < topo["spectral_gap"] <= 1 and topo["diameter"] >= 1
+    # ε against each observer: DP-SGD has no pairwise bound, so local ε for all, said so.
+    network = json.loads((tmp_path / "g" / "network_privacy.json").read_text())
+    assert summary["network_privacy"]["by_distance"] == network["by_distance"]
+    assert [d["distance"] for d in network["by_distance"]][0] == 0
+    if math.isfinite(eps):
+        assert network["method"].startswith("local DP for every observer")
+        local = network["by_distance"][0]["eps_max"]
+        assert local == pytest.approx(float(last["eps_spent"]))
+        assert network["server"]["eps_bound"] == pytest.approx(local)
+    else:
+        assert network["method"].startswith("no DP")
 
 
 @pytest.mark.parametrize(

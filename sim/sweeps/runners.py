@@ -1,11 +1,13 @@
-"""A sweep's cells in one Flower run: start-up (Ray actors, imports, shards) paid once.
+"""How a sweep's cells reach Flower: a run per cell, or all of them in one Flower run.
 
-`BatchedRunner` is a `Runner` (one cell per call) that submits, on its first call, one
-Flower run whose ServerApp runs every planned cell in turn (the `cells` run-config key;
-server_app/cells.py), and then answers each call from the status file that run keeps
-(flower_app/cells.py). Each cell's results folder is written exactly as by a run of its own.
-When that run ends before a cell did (it crashed, timed out or was stopped), the cell it was
-running fails and the next call submits a new run with the cells still to come.
+`FlowerRunner` submits each cell as its own Flower run (`fl-sweep --run-per-cell`): every
+cell pays Flower's start-up (the CLI, the simulation process, Ray actors importing torch and
+Opacus). `BatchedRunner` (the default) submits, on its first call, one Flower run whose
+ServerApp runs every planned cell in turn (the `cells` run-config key; server_app/cells.py),
+and then answers each call from the status file that run keeps (flower_app/cells.py). Each
+cell's results folder is written exactly as by a run of its own. When that run ends before a
+cell did (it crashed, timed out or was stopped), the cell it was running fails and the next
+call submits a new run with the cells still to come.
 """
 
 from __future__ import annotations
@@ -19,8 +21,49 @@ from typing import Any, Protocol
 
 from flower_app.cells import Cell, read_status, write_cells
 from sim.launch.flwr_cli import FINISHED, MARKER_POLL_S, STATUS_EVERY_S, RunOutcome
+from sim.launch.simulation import SimulationLink
 
 BATCHES = "batches"  # <out>/batches/<n>.json: the cell lists handed to Flower
+
+
+class Runner(Protocol):
+    """Runs one cell to its end: Flower in production, a fake in unit tests."""
+
+    def __call__(
+        self, run_config: dict[str, Any], *, num_nodes: int, on_poll: Callable[[], None]
+    ) -> RunOutcome:
+        """Run with these run-config overrides; call `on_poll` while waiting."""
+        ...
+
+
+class SuperLinkDown(RuntimeError):
+    """The SuperLink is gone, so every further cell would fail: stop the sweep."""
+
+
+def ensure_running(link: SimulationLink) -> None:
+    """Raise SuperLinkDown if `link`'s SuperLink process has ended."""
+    if link.process is None or link.process.poll() is not None:
+        raise SuperLinkDown(f"the SuperLink (PID {link.pid}) is no longer running")
+
+
+class FlowerRunner:
+    """Submits each cell to a running SimulationLink and waits for it."""
+
+    def __init__(self, link: SimulationLink, timeout: float = 3600) -> None:
+        """Use `link` (already started); stop a cell after `timeout` seconds."""
+        self.link, self.timeout = link, timeout
+
+    def __call__(
+        self, run_config: dict[str, Any], *, num_nodes: int, on_poll: Callable[[], None]
+    ) -> RunOutcome:
+        """`flwr run` the cell and poll `flwr list` until it finishes."""
+        ensure_running(self.link)
+        run_id = self.link.submit(run_config, num_nodes=num_nodes)
+        return self.link.wait(run_id, timeout=self.timeout, on_poll=on_poll)
+
+    def logs(self, run_id: str) -> str:
+        """The run's log, kept next to a failed cell's manifest entry."""
+        return self.link.logs(run_id)
 
 
 class Link(Protocol):
