@@ -63,6 +63,8 @@ def run_bench(
         return results | environment(sizes)
     if only == "sweep":
         return results | sweep_results(sizes, log) | environment(sizes)
+    if only == "sealed":
+        return results | sealed_results(sizes, log) | environment(sizes)
     cfg_default = RunConfig.from_run_config(dict(sizes.run_config))
     log("one DP epoch: the share its keyed randomness (ChaCha20) takes")
     keyed = keyed_randomness(cfg_default, sizes.epoch_repeats)
@@ -120,6 +122,17 @@ def epoch_results(
             f"note: the fastest correct mode here is {fastest}, not the "
             f"default {cfg.opacus_mode} (flower_app/config.py FASTEST_GRAD_SAMPLE_MODE)"
         )
+
+
+def sealed_results(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
+    """`sealed_vs_open_round` alone: gossip through the open relay, then the sealed one."""
+    with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp, SimulationLink() as link:
+        log(f"gossip: {sizes.nodes} nodes x {sizes.rounds} rounds through the open relay")
+        open_round = steady(flower_run(link, run_config_for(sizes, "gossip"), sizes.nodes,
+                                       Path(tmp)).rows)  # fmt: skip
+        details = sealed_vs_open(sizes, link, Path(tmp), log, open_round)
+    details["flower_round_s_steady"] = open_round
+    return {"sealed_vs_open_round": details.pop("ratio"), "details": {"gossip": details}}
 
 
 def sweep_results(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:

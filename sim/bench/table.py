@@ -24,6 +24,18 @@ def deploy_lines(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def sealed_lines(results: Mapping[str, Any]) -> list[str]:
+    """The sealed relay's row, when measured."""
+    if "sealed_vs_open_round" not in results:
+        return []
+    g = results["details"]["gossip"]
+    return [
+        f"| sealed_vs_open_round (gossip steady round, sealed relay vs open) "
+        f"| {results['sealed_vs_open_round']:.2f} ({g['sealed_round_s_steady']:.2f} s / "
+        f"{g['flower_round_s_steady']:.2f} s) | <= 1.1 |"
+    ]
+
+
 def sweep_lines(results: Mapping[str, Any]) -> list[str]:
     """The sweep rows (one Flower run vs a run per cell), when measured."""
     if "sweep_vs_cells" not in results:
@@ -53,10 +65,10 @@ def randomness_lines(results: Mapping[str, Any]) -> list[str]:
 
 def markdown(results: Mapping[str, Any]) -> str:
     """The results as a Markdown table (what `fl-bench` prints)."""
-    if "flower_vs_raw" not in results:  # --only deploy / randomness / sweep
+    if "flower_vs_raw" not in results:  # --only deploy / randomness / sweep / sealed
         return "\n".join(["| measurement | value | target |", "| --- | --- | --- |",
                           *deploy_lines(results), *randomness_lines(results),
-                          *sweep_lines(results)])  # fmt: skip
+                          *sweep_lines(results), *sealed_lines(results)])  # fmt: skip
     d = results["details"]
     lines = [
         "| measurement | value | target |",
@@ -73,10 +85,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"| gossip per-node round cost, {results['scale'][-1]['nodes']} vs "
         f"{results['scale'][1 if len(results['scale']) > 2 else 0]['nodes']} nodes "
         f"| {results['scale_per_node_growth']:+.0%} | <= +20% |",
-        f"| sealed_vs_open_round (gossip steady round, sealed relay vs open) "
-        f"| {results['sealed_vs_open_round']:.2f} "
-        f"({d['gossip']['sealed_round_s_steady']:.2f} s / "
-        f"{d['gossip']['flower_round_s_steady']:.2f} s) | <= 1.1 |",
+        *sealed_lines(results),
         f"| eval_share (gossip, rounds 2+) | {results['eval_share']:.1%} | small |",
         *randomness_lines(results),
         *sweep_lines(results),
