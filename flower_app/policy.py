@@ -27,6 +27,7 @@ POLICY_KEYS = (
     "allow-seeded-noise",
     "allow-audit",
     "ledger-dir",
+    "require-sealed-relay",
 )
 # The δ a node with a policy accepts unless its operator sets `max-delta`; its ε limits are
 # (ε, max-delta) guarantees, so every ε the policy compares is computed at max-delta.
@@ -52,6 +53,8 @@ class NodePolicy:
     allow_seeded_noise: bool = False  # consulted only when the node has a policy
     allow_audit: bool = False  # consulted only when the node has a policy
     ledger_dir: str = ""  # where the durable ledger lives ("" = the run's context only)
+    # Train only where the server never receives this node's model: gossip, sealed relay.
+    require_sealed_relay: bool = False
     has_policy: bool = False
 
     @classmethod
@@ -75,7 +78,7 @@ class NodePolicy:
                 out[attr] = _positive(key, node_config[key])
         if "max-delta" in node_config:
             out["max_delta"] = _delta("max-delta", node_config["max-delta"])
-        for key in ("allow-seeded-noise", "allow-audit"):
+        for key in ("allow-seeded-noise", "allow-audit", "require-sealed-relay"):
             if key in node_config:
                 out[key.replace("-", "_")] = _boolean(key, node_config[key])
         if "ledger-dir" in node_config:
@@ -108,6 +111,7 @@ class NodePolicy:
             f"max-delta={self.max_delta:g} "
             f"allow-seeded-noise={str(self.allow_seeded_noise).lower()} "
             f"allow-audit={str(self.allow_audit).lower()} "
+            f"require-sealed-relay={str(self.require_sealed_relay).lower()} "
             f"ledger-dir={self.ledger_dir or '(none)'}"
         )
 
@@ -225,6 +229,8 @@ def _consent_refusal(policy: NodePolicy, cfg: RunConfig) -> str | None:
     """What a node with a policy does only with its operator's consent."""
     if not policy.has_policy:
         return None
+    if policy.require_sealed_relay and (reason := _relay_refusal(cfg)):
+        return f"{reason}; this node's require-sealed-relay=true"
     if cfg.seeded_noise and not policy.allow_seeded_noise:
         return (
             f"noise-seed={cfg.noise_seed} makes the DP noise replayable by anyone who knows "
@@ -234,6 +240,18 @@ def _consent_refusal(policy: NodePolicy, cfg: RunConfig) -> str | None:
         return (
             f"audit-canaries={cfg.audit_canaries} adds the auditor's examples to this node's "
             "training data (a privacy audit); this node's allow-audit=false"
+        )
+    return None
+
+
+def _relay_refusal(cfg: RunConfig) -> str | None:
+    """How this run would hand the node's model to the server (None: it never does)."""
+    if cfg.strategy != "gossip":
+        return f"strategy={cfg.strategy} sends this node's model to the server"
+    if not cfg.sealed_relay:
+        return (
+            f"gossip-relay={cfg.gossip_relay} lets the server read and average this node's "
+            "model (only gossip-relay=sealed keeps it from the server)"
         )
     return None
 
