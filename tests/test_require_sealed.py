@@ -26,8 +26,13 @@ def task_identity(monkeypatch):
 
 
 def _train(run_config, tmp_path):
-    node_config = {"partition-id": 0, "num-partitions": 4, "max-eps": 8.0,
-                   "ledger-dir": str(tmp_path / "ledger"), "require-sealed-relay": "true"}  # fmt: skip
+    node_config = {
+        "partition-id": 0,
+        "num-partitions": 4,
+        "max-eps": 8.0,
+        "ledger-dir": str(tmp_path / "ledger"),
+        "require-sealed-relay": "true",
+    }
     context = Context(run_id=5, node_id=9, node_config=node_config, state=RecordDict(),
                       run_config=RunConfig.from_run_config(run_config).to_dict())  # fmt: skip
     content = RecordDict({ARRAYS: ArrayRecord(build_model("mlp", seed=0).state_dict()),
