@@ -4,7 +4,7 @@ import math
 from pathlib import Path
 
 from flower_app.config import RunConfig
-from flower_app.results import RunFiles
+from flower_app.results import RunFiles, write_json
 from sim.launch.flwr_cli import RunOutcome
 
 BASE = [
@@ -40,6 +40,21 @@ def accuracy(cfg: RunConfig, r: int) -> float:
     if cfg.strategy == "gossip":
         ceiling -= {"ring": 0.08, "torus": 0.04}.get(cfg.topology, 0.0)
     return round(ceiling * (1 - 0.5**r) + 0.01 * (cfg.seed - 7), 4)
+
+
+def network_doc(cfg: RunConfig) -> dict:
+    """A network_privacy.json as a gossip run writes it: ε falling with distance."""
+    rows = [
+        {
+            "distance": d,
+            "pairs": 9,
+            "eps_min": cfg.eps * 0.6**d * 0.8,
+            "eps_mean": 0.0,
+            "eps_max": cfg.eps * 0.6**d,
+        }  # fmt: skip
+        for d in range(4)
+    ]
+    return {"relay": cfg.gossip_relay, "method": "pairwise network DP (fake)", "by_distance": rows}
 
 
 class FakeRunner:
@@ -124,6 +139,8 @@ class FakeRunner:
                     "nodes": num_nodes,
                     "spectral_gap": GAPS.get(cfg.topology, 0.5) * MODE_GAP.get(cfg.gossip_mode, 1),
                 }
+            if gossip:
+                write_json(files.folder / "network_privacy.json", network_doc(cfg))
             files.finish(summary)
         if kill_now and self.kill_after_done:
             raise Killed

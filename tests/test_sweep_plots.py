@@ -224,3 +224,22 @@ def test_a_fedavg_only_sweep_draws_no_panel_of_zeros_and_links_only_files_writte
         svg.unlink()
     text = write_report(out, figures=(figures, skipped)).read_text()
     assert "[SVG]" not in text and "](figures/accuracy_vs_round.png)" in text
+
+
+def test_eps_vs_distance_draws_each_gossip_series_against_local_dp(stored):
+    from server_app.network_privacy import NETWORK_PRIVACY
+    from sim.analysis.network_figures import NETWORK_PRIVACY as READ
+
+    assert READ == NETWORK_PRIVACY
+    figure = next(f for f in draw_all(SweepData.load(stored)) if f.name == "eps_vs_distance")
+    if not HAS_GOSSIP:
+        assert "network_privacy.json" in figure.reason
+        return
+    text = " ".join(_texts(figure.figure).split())  # notes are wrapped
+    assert "target ε = 8" in text and "target ε = 2" in text and "target ε = ∞" not in text
+    assert "Accounted, not audited" in text and "Method: pairwise network DP" in text
+    lines = [ln for ax in figure.figure.axes for ln in ax.get_lines() if ln.get_label()[0] != "_"]
+    assert {ln.get_label() for ln in lines} == {"gossip (topology=ring)", "gossip (topology=torus)"}
+    for line in lines:  # the fake's ε: the target at distance 0, falling by 0.6 a hop
+        assert list(line.get_xdata()) == [0, 1, 2, 3]
+        assert line.get_ydata()[0] in (8.0, 2.0) and np.all(np.diff(line.get_ydata()) < 0)

@@ -31,6 +31,7 @@ from sim.analysis.final_figures import (  # noqa: E402
     rounds_to_target_vs_eps,
     topologies,
 )
+from sim.analysis.network_figures import eps_vs_distance  # noqa: E402
 from sim.analysis.style import STYLE  # noqa: E402
 from sim.analysis.sweep_data import SweepData  # noqa: E402
 
@@ -44,6 +45,7 @@ FIGURE_NAMES = (
     "eps_spent_vs_round",
     "topologies",
     "accuracy_vs_bytes",
+    "eps_vs_distance",
 )
 
 
@@ -63,6 +65,7 @@ def draw_all(
             eps_spent_vs_round(data),
             topologies(data),
             accuracy_vs_bytes(data),
+            eps_vs_distance(data),
         ]
 
 
