@@ -209,7 +209,7 @@ def _check_logits(
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(
             f"model={cfg.model!r} gives {got} for a batch of shape {batch}; expected logits "
-            f"of shape (2, {classes}) for dataset={cfg.dataset!r}'s {classes} classes"
+            f"of shape (2, {classes}), one per class of dataset={cfg.dataset!r}"
         )
 
 

@@ -97,7 +97,7 @@ def test_batchnorm_is_refused_before_training_in_one_line(dataset):
         ("tests.byo_models:nope", ["has no attribute 'nope'", "package.module:callable"]),
         ("tests.byo_models:not_a_model", ["returned a str, not a torch.nn.Module"]),
         ("/no/such/nets.py:build", ["no such file /no/such/nets.py", "file.py:callable"]),
-        ("tests.byo_models:build_ten_classes", ["gives (2, 10)", "(2, 3)", "3 classes"]),
+        ("tests.byo_models:build_ten_classes", ["gives (2, 10)", "(2, 3), one per class"]),
         ("cnn", ["does not fit", "(2, 3, 8, 8)", "(N, 3, 8, 8)"]),
     ],
 )
