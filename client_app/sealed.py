@@ -19,7 +19,7 @@ from flwr.common import log
 from client_app.cell import run_of
 from flower_app.canary_scores import canary_scores
 from flower_app.config import RunConfig
-from flower_app.model import build_model
+from flower_app.model import model_for
 from flower_app.node import NodeRound
 from flower_app.policy import NodePolicy, node_run_config, torch_threads
 from flower_app.records import train_reply
@@ -210,7 +210,7 @@ def evaluate_own(msg: Message, context: Context) -> Message:
     refused = _apply(state, rec, int(rec[SERVER_ROUND]))
     metrics: dict[str, Any] = {"partition-id": int(context.node_config["partition-id"])}
     if (arrays := state.trained_arrays()) is not None:
-        model = build_model(cfg.model)
+        model = model_for(cfg)
         names = list(model.state_dict())
         model.load_state_dict(
             {

@@ -102,14 +102,22 @@ def _params(layer: nn.Module) -> list[nn.Parameter]:
 
 def supports(model: nn.Module) -> bool:
     """True if every trainable parameter is a weight or bias of a layer handled here."""
-    for layer in _layers(model):
+    return not uncovered(model)
+
+
+def uncovered(model: nn.Module) -> list[str]:
+    """The layers with trainable parameters not handled here, as 'name (Type)'."""
+    owners = {id(m) for m in _layers(model)}
+    out = []
+    for name, layer in model.named_modules():
+        if id(layer) not in owners:
+            continue
         rule = _RULES.get(type(layer))
-        if rule is None or not rule[0](layer):
-            return False
         trainable = {id(p) for p in layer.parameters(recurse=False) if p.requires_grad}
-        if trainable != {id(p) for p in _params(layer)}:  # e.g. a frozen weight
-            return False
-    return True
+        # not a rule's layer, one its rule does not cover, or e.g. a frozen weight
+        if rule is None or not rule[0](layer) or trainable != {id(p) for p in _params(layer)}:
+            out.append(f"{name or 'the model'} ({type(layer).__name__})")
+    return out
 
 
 @contextmanager

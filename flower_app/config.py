@@ -9,6 +9,7 @@ gate: it rejects unknown keys, casts each value to the field's type and validate
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
@@ -32,6 +33,8 @@ ACCOUNTINGS = ("composed", "per-round")
 GRAD_SAMPLE_MODES = ("fast", "hooks", "ghost", "functorch", "ew")
 # grad-sample-mode=auto: the fastest correct mode for each model in fl-bench's one-epoch
 # timings (docs/performance.md has them).
+# A model of one's own starts on `fast`, which falls back to Opacus hooks (and says so once)
+# when it does not cover a layer.
 FASTEST_GRAD_SAMPLE_MODE = {"cnn": "fast", "mlp": "fast"}
 # Seeds travel as Flower's int64 run-config values (torch takes < 2^64, numpy any size).
 MAX_SEED = 2**63 - 1
@@ -39,6 +42,48 @@ MAX_SEED = 2**63 - 1
 # 0.01 of eps=1e300 never ends.
 MAX_EPS = 1000.0
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string"}
+# Run-config `model`: a built-in name, or a callable returning an nn.Module named by import
+# path ("package.module:build") or by an absolute file path ("/path/nets.py:build").
+BUILTIN_MODELS = ("cnn", "mlp")
+_MODULE_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_FILE_SPEC = re.compile(r"/[^:]*\.py:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+MODEL_HELP = (
+    f"{', '.join(BUILTIN_MODELS)}, 'package.module:callable' (importable where the "
+    "ServerApp and ClientApps run) or '/absolute/path/file.py:callable'"
+)
+# Run-config `dataset`: a built-in one, or a run's own .npz file (flower_app/data.py).
+BUILTIN_DATASETS = ("fashion-mnist", "mnist")
+FILE_DATASET_PREFIX = "npz:"
+DATASET_HELP = (
+    f"{', '.join(BUILTIN_DATASETS)}, or 'npz:/absolute/path/data.npz' (arrays x_train, "
+    "y_train, x_test, y_test)"
+)
+
+
+def is_builtin_model(name: str) -> bool:
+    """Whether `model` names one of the app's own models (else an import path)."""
+    return name in BUILTIN_MODELS
+
+
+def _model_spec(name: str) -> bool:
+    """A built-in name, or the syntax of an import or file path (imported when a run checks)."""
+    return (
+        is_builtin_model(name)
+        or _MODULE_SPEC.fullmatch(name) is not None
+        or _FILE_SPEC.fullmatch(name) is not None
+    )
+
+
+def is_file_dataset(name: str) -> bool:
+    """Whether `dataset` names a run's own .npz file rather than a built-in dataset."""
+    return name.startswith(FILE_DATASET_PREFIX)
+
+
+def _dataset_spec(name: str) -> bool:
+    if not is_file_dataset(name):
+        return name in BUILTIN_DATASETS
+    path = name.removeprefix(FILE_DATASET_PREFIX)
+    return path.startswith("/") and path.endswith(".npz") and path.isprintable()
 
 
 class ConfigError(ValueError):
@@ -101,8 +146,8 @@ class RunConfig:
     momentum: float = field(
         default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1)")
     )
-    model: str = field(default="cnn", metadata=_choice("cnn", "mlp"))
-    dataset: str = field(default="fashion-mnist", metadata=_choice("fashion-mnist", "mnist"))
+    model: str = field(default="cnn", metadata=_check(_model_spec, MODEL_HELP))
+    dataset: str = field(default="fashion-mnist", metadata=_check(_dataset_spec, DATASET_HELP))
     normalize: str = field(default="mean-std", metadata=_choice("mean-std", "none"))
     data_dir: str = ""
     partitioner: str = field(default="dirichlet", metadata=_choice("dirichlet", "iid", "shards"))
@@ -226,6 +271,16 @@ class RunConfig:
                 "evaluate-on='validation' is not valid with validation-samples=0; carve a "
                 "validation set first (e.g. validation-samples=5000)"
             )
+        if is_file_dataset(self.dataset) and (self.data_dir or self.audited):
+            key, fix, why = (
+                ("data-dir", "''", "the file holds the whole dataset")
+                if self.data_dir
+                else ("audit-canaries", "0", "the audit's canaries are 28x28 images of 10 classes")
+            )
+            raise ConfigError(
+                f"{key} is not valid with dataset={self.dataset!r}: {why}; use {key}={fix}, "
+                "or a built-in dataset"
+            )
         if self.fraction_train < 1 and self.strategy != "fedavg":
             raise ConfigError(
                 f"fraction-train={self.fraction_train!r} is not valid with "
@@ -258,7 +313,7 @@ class RunConfig:
     def opacus_mode(self) -> str:
         """The Opacus per-sample-gradient mode to train with (`auto`: the model's fastest)."""
         if self.grad_sample_mode == "auto":
-            return FASTEST_GRAD_SAMPLE_MODE[self.model]
+            return FASTEST_GRAD_SAMPLE_MODE.get(self.model, "fast")
         return self.grad_sample_mode
 
     @property

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from flower_app.config import FILE_DATASET_PREFIX, is_file_dataset
+
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -27,6 +29,10 @@ IDX_STEMS = {
 # Per-dataset pixel mean and std, for normalisation.
 NORMALISATION = {"fashion-mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
 NUM_CLASSES = 10
+# A run's own data set: `dataset="npz:/absolute/path/data.npz"` (`load_npz_dataset`).
+NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+# What the built-in datasets hold: (channels, height, width) images of NUM_CLASSES classes.
+BUILTIN_SHAPE = (1, 28, 28)
 # The validation split's own seed: the split is the same for every run seed, so tuning runs
 # and final runs (of any seed) train on the same examples and never on the validation set.
 VALIDATION_SEED = 0x5A11D
@@ -38,7 +44,11 @@ class DatasetMissing(FileNotFoundError):
 
 @dataclass(frozen=True)
 class Arrays:
-    """A dataset as numpy arrays: uint8 images (N, 28, 28) and int64 labels (N,)."""
+    """A dataset as numpy arrays: images (N, H, W) or (N, C, H, W), int64 labels (N,).
+
+    The built-in datasets hold uint8 images (N, 28, 28); a file dataset (`npz:`) uint8 or
+    float images of any size.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -116,7 +126,10 @@ def load_arrays(dataset: str, data_dir: str = "") -> Arrays:
 
     Fashion-MNIST comes from the Debian package `dataset-fashion-mnist` unless `data_dir`
     names another folder; MNIST comes from `data_dir`, else through torchvision when online.
+    `npz:/path/data.npz` is a file dataset (`load_npz_dataset`).
     """
+    if is_file_dataset(dataset):
+        return load_npz_dataset(dataset.removeprefix(FILE_DATASET_PREFIX))
     if data_dir:
         folder = Path(data_dir).expanduser()
         arrays = _read_idx_folder(folder) or _read_idx_folder(folder / "raw")
@@ -136,6 +149,74 @@ def load_arrays(dataset: str, data_dir: str = "") -> Arrays:
         cached = _read_idx_folder(MNIST_CACHE_DIR / "MNIST" / "raw")
         return cached if cached is not None else _load_mnist_online()
     raise DatasetMissing(f"unknown dataset {dataset!r}")
+
+
+class DatasetFileError(DatasetMissing):
+    """A file dataset (`npz:`) that is missing or malformed: one line naming what is wrong."""
+
+
+NPZ_HELP = (
+    "expected a .npz file with arrays x_train, x_test (uint8 pixels or floats, shape "
+    "(N, H, W) or (N, C, H, W), the same image shape in both) and y_train, y_test (integer "
+    "labels 0..K-1, one per image)"
+)
+
+
+@lru_cache(maxsize=2)
+def load_npz_dataset(path: str) -> Arrays:
+    """A run's own dataset from one .npz file (`dataset="npz:/absolute/path/data.npz"`).
+
+    Arrays `x_train`, `y_train`, `x_test`, `y_test`; the image shape and the number of
+    classes come from them (`dataset_shape`). Read with `allow_pickle=False`: a data file
+    never runs code.
+    """
+    where = Path(path).expanduser()
+    try:
+        with np.load(where, allow_pickle=False) as stored:
+            held = sorted(stored.files)
+            arrays = [stored[k] for k in NPZ_ARRAYS if k in held]
+    except FileNotFoundError:
+        raise DatasetFileError(f"dataset=npz:{path}: no such file; {NPZ_HELP}") from None
+    except (OSError, ValueError, EOFError) as err:  # not a zip, truncated, pickled objects
+        raise DatasetFileError(
+            f"dataset=npz:{path} is not a readable .npz file ({type(err).__name__}); {NPZ_HELP}"
+        ) from None
+    if missing := [k for k in NPZ_ARRAYS if k not in held]:
+        raise DatasetFileError(
+            f"dataset=npz:{path}: no array(s) {', '.join(missing)} in it (it holds "
+            f"{', '.join(held) or 'none'}); {NPZ_HELP}"
+        )
+    return _checked_dataset(path, *arrays)
+
+
+def _checked_dataset(
+    path: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+) -> Arrays:
+    """The four arrays as `Arrays`, or `DatasetFileError` naming the first thing wrong."""
+    for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        problem = _npz_problem(name, x, y)
+        if problem is None and x.shape[1:] != x_train.shape[1:]:
+            problem = f"x_test images are {x.shape[1:]}, x_train's {x_train.shape[1:]}"
+        if problem:
+            raise DatasetFileError(f"dataset=npz:{path}: {problem}; {NPZ_HELP}")
+    return Arrays(x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64))
+
+
+def _npz_problem(name: str, x: np.ndarray, y: np.ndarray) -> str | None:
+    """What is wrong with one split's images `x` and labels `y`, or None."""
+    if x.ndim not in (3, 4) or len(x) == 0 or 0 in x.shape:
+        return f"x_{name} has shape {x.shape}"
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        return f"x_{name} has dtype {x.dtype}"
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        return f"x_{name} holds NaN or infinite values"
+    if y.shape != (len(x),):
+        return f"y_{name} has shape {y.shape}, x_{name} {len(x)} images"
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        return f"y_{name} is not non-negative integers (dtype {y.dtype})"
+    if name == "train" and len(np.unique(y)) < 2:
+        return "y_train holds fewer than 2 classes"
+    return None
 
 
 class BatchTensorDataset(TensorDataset):
@@ -159,14 +240,49 @@ def keep_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 def to_tensors(
     dataset: str, x: np.ndarray, y: np.ndarray, normalize: str = "mean-std"
 ) -> BatchTensorDataset:
-    """Float images (N, 1, 28, 28) and labels, all in memory.
+    """Float images (N, C, H, W) (a channel added to (N, H, W)) and labels, all in memory.
 
-    `normalize="mean-std"` standardises with the dataset's pixel mean and std; `"none"`
-    keeps pixels in [0, 1], as torchvision's `ToTensor` alone gives.
+    uint8 pixels are scaled to [0, 1], float ones kept. `normalize="mean-std"` then
+    standardises with the dataset's pixel mean and std (`pixel_stats`); `"none"` keeps them,
+    as torchvision's `ToTensor` alone gives.
     """
-    mean, std = NORMALISATION[dataset] if normalize == "mean-std" else (0.0, 1.0)
-    images = (torch.from_numpy(x.astype(np.float32)) / 255.0 - mean) / std
-    return BatchTensorDataset(images.unsqueeze(1), torch.from_numpy(y))
+    mean, std = pixel_stats(dataset) if normalize == "mean-std" else (0.0, 1.0)
+    images = torch.from_numpy(x.astype(np.float32))
+    if x.dtype == np.uint8:
+        images = images / 255.0
+    images = (images - mean) / std
+    return BatchTensorDataset(
+        images.unsqueeze(1) if images.dim() == 3 else images, torch.from_numpy(y)
+    )
+
+
+def pixel_stats(dataset: str) -> tuple[float, float]:
+    """The dataset's pixel mean and std: fixed for the built-ins, else from its training set."""
+    if dataset in NORMALISATION:
+        return NORMALISATION[dataset]
+    return _file_stats(dataset)
+
+
+@lru_cache(maxsize=2)
+def _file_stats(dataset: str) -> tuple[float, float]:
+    x = load_arrays(dataset).x_train.astype(np.float64)
+    x = x / 255.0 if load_arrays(dataset).x_train.dtype == np.uint8 else x
+    return float(x.mean()), float(x.std()) or 1.0
+
+
+def dataset_shape(dataset: str, data_dir: str = "") -> tuple[tuple[int, int, int], int]:
+    """((channels, height, width), number of classes) of the images a model gets.
+
+    The built-ins are known without loading them; a file dataset says so itself (the
+    classes are 0 .. the largest label).
+    """
+    if not is_file_dataset(dataset):
+        return BUILTIN_SHAPE, NUM_CLASSES
+    arrays = load_arrays(dataset, data_dir)
+    shape = arrays.x_train.shape[1:]
+    chw = (1, *shape) if len(shape) == 2 else shape
+    classes = max(int(arrays.y_train.max()), int(arrays.y_test.max())) + 1
+    return (int(chw[0]), int(chw[1]), int(chw[2])), classes
 
 
 def cap(indices: np.ndarray, limit: int, seed: int) -> np.ndarray:

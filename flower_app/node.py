@@ -11,7 +11,7 @@ import torch
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import BatchTensorDataset
 from flower_app.ledger import Decision, ledger_key
-from flower_app.model import build_model
+from flower_app.model import model_for
 from flower_app.policy import (
     NodePolicy,
     node_run_config,
@@ -135,7 +135,7 @@ def train_round(
     if ledger is None and cfg.private:
         raise RuntimeError("a private run reached training without a ledger: not training")
     pid = spec.partition_id
-    model = build_model(cfg.model)
+    model = model_for(cfg)
     model.load_state_dict(weights, strict=True)
     if ledger is None:
         loss = _round_plain(cfg, model, data, shuffle_generator(cfg, pid, server_round))

@@ -78,6 +78,16 @@ def evaluation_arrays(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarra
         raise ConfigError(str(err)) from None
 
 
+def check_run_model(cfg: RunConfig) -> None:
+    """The run's model, built once: importable, fitting the data, trainable by Opacus.
+
+    Raises `ModelError` (a `ConfigError`), e.g. for a BatchNorm under DP-SGD.
+    """
+    from flower_app.model import check_model  # torch and the user's module: only when checked
+
+    check_model(cfg)
+
+
 def preflight(cfg: RunConfig, num_nodes: int) -> None:
     """Every check the ServerApp makes before training, for a run on `num_nodes` nodes."""
     check_node_count(cfg, num_nodes)
@@ -85,3 +95,4 @@ def preflight(cfg: RunConfig, num_nodes: int) -> None:
         gossip_graph(cfg, num_nodes)
     check_privacy_plan(cfg)
     evaluation_arrays(cfg)
+    check_run_model(cfg)

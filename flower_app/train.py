@@ -19,10 +19,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from flower_app import clipped_grads
 from flower_app.data import keep_batch
 from flower_app.keyed_opacus import KeyedPoissonSampler, use_keyed_noise
+from flower_app.model import MODELS
 from flower_app.privacy import PrivacyLedger, steps_per_epoch
 from flower_app.rng import PrivacyRandomness
 
 EVAL_BATCH = 500
+BUILTIN_CLASSES = tuple(MODELS.values())
 # The fast path's clipped sum must equal Opacus's (hooks + DPOptimizer clipping) to this
 # times max(1, its largest entry) (float32 sums in another order differ by about 1e-7).
 FAST_PATH_TOLERANCE = 1e-5
@@ -127,7 +129,7 @@ def train_dp(
     for some n). The accountant starts from the node's ledger, so Opacus itself tracks the
     cumulative spend; the steps it counts this round are returned for the ledger.
     """
-    fast, grad_sample_mode = _fast_path(model, grad_sample_mode)
+    fast, grad_sample_mode = _fast_path(model, grad_sample_mode, data)
     rand = randomness or PrivacyRandomness.fresh()
     per_epoch = steps_per_epoch(len(data), batch_size)
     loader = _poisson_loader(data, per_epoch, steps=per_epoch, randomness=rand)
@@ -158,16 +160,45 @@ def train_dp(
     return LocalResult(loss=loss, steps=taken)
 
 
-def _fast_path(model: nn.Module, grad_sample_mode: str) -> tuple[bool, str]:
-    """Whether `fast` covers the model, and the Opacus mode to fall back on when it does not."""
-    fast = grad_sample_mode == "fast" and clipped_grads.supports(model)
-    if grad_sample_mode == "fast" and not fast:
+def _fast_path(model: nn.Module, grad_sample_mode: str, data: TensorDataset) -> tuple[bool, str]:
+    """Whether `fast` covers the model, and the Opacus mode to fall back on when it does not.
+
+    The fallback is said once per process and model (not every round), naming the layers.
+    """
+    if grad_sample_mode != "fast":
+        return False, grad_sample_mode
+    missing = clipped_grads.uncovered(model) or _probe_fast_path(model, data)
+    if not missing:
+        return True, "fast"
+    what = f"{type(model).__name__}: {', '.join(missing)}"
+    if what not in _FALLBACKS_SAID:
+        _FALLBACKS_SAID.add(what)
         logging.getLogger(__name__).warning(
-            "grad-sample-mode=fast does not cover every layer of %s: using Opacus hooks",
-            type(model).__name__,
+            "grad-sample-mode=fast does not cover %s; training with Opacus hooks instead "
+            "(said once per process)",
+            what,
         )
-        grad_sample_mode = "hooks"
-    return fast, grad_sample_mode
+    return False, "hooks"
+
+
+_FALLBACKS_SAID: set[str] = set()
+
+
+def _probe_fast_path(model: nn.Module, data: TensorDataset) -> list[str]:
+    """What stops `clipped_grads` on two examples of a model of one's own (the built-ins pass).
+
+    It covers every layer type such a model has, but not every use of one (a linear layer
+    on a 3-D input); the random state is restored, so training draws what it would have.
+    """
+    if type(model) in BUILTIN_CLASSES or len(data) == 0:
+        return []
+    x, y = (t[:2] for t in data.tensors)
+    with torch.random.fork_rng():
+        try:
+            clipped_grads.clipped_sum(model, x, y, 1.0)
+        except ValueError as err:
+            return [str(err)]
+    return []
 
 
 def _poisson_loader(

@@ -16,8 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import BatchTensorDataset, DatasetMissing
-from flower_app.model import build_model
-from flower_app.preflight import check_node_count
+from flower_app.model import model_for
+from flower_app.preflight import check_node_count, check_run_model
 from flower_app.results import (
     FolderLocked,
     RunFiles,
@@ -70,6 +70,7 @@ def prepare(
         num_nodes = len(wait_for_nodes(grid, cfg.num_nodes, cfg.round_timeout))
         check_node_count(cfg, num_nodes)
         test, node_test = central_test_sets(cfg)
+        check_run_model(cfg)
         strategy = STRATEGIES[cfg.strategy](cfg, num_nodes, model_evaluator(cfg, node_test))
     except (ConfigError, DatasetMissing) as err:
         fail(f"invalid run: {err}")
@@ -91,7 +92,7 @@ def run_rounds(grid: Grid, cfg: RunConfig, strategy: RunStrategy, recorder: Roun
     try:
         strategy.start(
             grid=cast(Grid, PromptGrid(grid)),
-            initial_arrays=ArrayRecord(build_model(cfg.model, seed=cfg.seed).state_dict()),
+            initial_arrays=ArrayRecord(model_for(cfg, seed=cfg.seed).state_dict()),
             num_rounds=cfg.num_server_rounds,
             train_config=ConfigRecord(),
             evaluate_fn=recorder,

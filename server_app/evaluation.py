@@ -15,7 +15,7 @@ from flwr.common import log
 
 from flower_app.config import RunConfig, claims_per_round
 from flower_app.data import BatchTensorDataset, to_tensors
-from flower_app.model import build_model
+from flower_app.model import model_for
 from flower_app.preflight import evaluation_arrays
 from flower_app.results import RunFiles, format_eps
 from flower_app.train import evaluate
@@ -42,7 +42,7 @@ def model_evaluator(
     cfg: RunConfig, test: BatchTensorDataset
 ) -> Callable[[list[np.ndarray]], tuple[float, float]]:
     """(loss, accuracy) of a model given as its list of arrays, on `test`."""
-    model = build_model(cfg.model)
+    model = model_for(cfg)
     keys = list(model.state_dict())
 
     def evaluate_arrays(arrays: list[np.ndarray]) -> tuple[float, float]:
@@ -108,7 +108,7 @@ class RoundRecorder:
             # The server holds no model (`arrays` is still the initial one): nothing central.
             return self._record(server_round, t_eval, None, None)
         self.last_arrays = arrays
-        model = build_model(self.cfg.model)
+        model = model_for(self.cfg)
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, self.test)
         if server_round == 0:

@@ -270,7 +270,7 @@ def test_a_run_stopped_by_a_config_mismatch_mid_run_is_one_line(monkeypatch):
     strategy.start.side_effect = ConfigError("round 1: num-partitions=4 but 3 nodes")
     recorder = Mock()
     recorder.files.rows = []
-    monkeypatch.setattr(app, "build_model", Mock())
+    monkeypatch.setattr(app, "model_for", Mock())
     monkeypatch.setattr(app, "ArrayRecord", Mock())
     with pytest.raises(RunRejected, match="^run stopped: round 1: num-partitions=4 but 3 nodes$"):
         app.run_rounds(Mock(), RunConfig(), strategy, recorder)
