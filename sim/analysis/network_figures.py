@@ -68,6 +68,15 @@ def _draw_panel(ax: Any, data: SweepData, finals: Any) -> set[str]:
     return methods
 
 
+def _seed_text(seeds: list[int]) -> str:
+    if len(seeds) == 1:
+        return f"One seed ({seeds[0]}), one drawn gossip schedule: no interval."
+    return (
+        f"Over seeds {', '.join(map(str, seeds))} (the worst, no interval): each seed draws "
+        "its own gossip schedule."
+    )
+
+
 def eps_vs_distance(data: SweepData) -> Figure | Skipped:
     """7) ε against an observer at each graph distance, per ε target."""
     name = "eps_vs_distance"
@@ -92,8 +101,7 @@ def eps_vs_distance(data: SweepData) -> Figure | Skipped:
         f"Method: {'; '.join(sorted(methods))} (see each run's network_privacy.json).",
         "Accounted, not audited: no empirical lower bound per distance is drawn (the canary "
         "audit finds nothing under DP at these ε).",
-        f"Over seeds {', '.join(map(str, data.seeds())) or '?'} (the worst, no interval): "
-        "each seed draws its own gossip schedule.",
+        _seed_text(data.seeds()),
     ]
     finish(fig, axes, notes)
     return Figure(
