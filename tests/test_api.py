@@ -8,6 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 import matplotlib.figure
+import matplotlib.pyplot as plt
 import pytest
 from sweep_fakes import FakeRunner
 from test_audit_report import audit_folder
@@ -17,6 +18,15 @@ from sim.sweeps import audit as audit_cli
 from sim.sweeps import cli
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Figures come back open (a notebook shows them): close them after each test."""
+    yield
+    plt.close("all")
+
+
 GRID = {"strategies": ["fedavg", "gossip"], "eps": [math.inf, 2], "nodes": 3, "rounds": 3}
 
 
