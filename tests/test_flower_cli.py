@@ -1,10 +1,10 @@
-"""SimulationLink's cheap parts: the staged app and the summary.json a run is awaited by."""
+"""SimulationLink's cheap parts: the staged app, the summary.json a run is awaited by, its env."""
 
 import os
 import time
 import tomllib
 
-from sim.launch.flwr_cli import PROJECT_DIR, SummaryMarker, summary_path
+from sim.launch.flwr_cli import PROJECT_DIR, SummaryMarker, flower_env, summary_path
 from sim.launch.simulation import SimulationLink
 
 
@@ -46,3 +46,12 @@ def test_a_summary_counts_only_once_rewritten_after_submission(tmp_path):
     later = time.time() + 5
     os.utime(path, (later, later))
     assert stale.fresh()
+
+
+def test_flower_commands_never_print_forced_colours(monkeypatch, tmp_path):
+    """A Jupyter kernel forces colours, which would wrap `--format json` output in ANSI codes."""
+    for name in ("FORCE_COLOR", "CLICOLOR_FORCE"):
+        monkeypatch.setenv(name, "1")
+    env = flower_env(tmp_path)
+    assert "FORCE_COLOR" not in env and "CLICOLOR_FORCE" not in env
+    assert env["FLWR_HOME"] == str(tmp_path)

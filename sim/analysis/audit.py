@@ -94,8 +94,8 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bound_vs_accountant(df: pd.DataFrame, out: Path) -> tuple[Path, ...]:
-    """The ε lower bound of every observer against the accountant's ε, per strategy."""
+def bound_vs_accountant(df: pd.DataFrame) -> Any:
+    """The ε lower bound of every observer against the accountant's ε, per strategy (unsaved)."""
     private = df[df["eps_accountant"].apply(math.isfinite)]
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 5.5))
@@ -118,11 +118,11 @@ def bound_vs_accountant(df: pd.DataFrame, out: Path) -> tuple[Path, ...]:
         ax.set_ylabel("audit's ε (95% lower bound)")
         ax.set_title("One-run audit vs accountant, DP runs")
         ax.legend(loc="upper left")
-        return save_figure(fig, out, AUDIT_FIGURES[0])
+        return fig
 
 
-def bound_vs_distance(df: pd.DataFrame, out: Path) -> tuple[Path, ...]:
-    """Gossip's ε lower bound against the observer's graph distance, FedAvg's lines beside it."""
+def bound_vs_distance(df: pd.DataFrame) -> Any:
+    """Gossip's ε lower bound against the observer's distance, FedAvg's beside it (unsaved)."""
     levels = sorted(df["eps"].unique(), key=lambda e: (math.isinf(e), e), reverse=True)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(levels), figsize=(5.2 * len(levels), 4.8), squeeze=False)
@@ -168,7 +168,14 @@ def bound_vs_distance(df: pd.DataFrame, out: Path) -> tuple[Path, ...]:
         fig.supxlabel("observer's distance from the canary's owner (hops)")
         axes[0][0].set_ylabel("audit's ε (95% lower bound)")
         axes[0][0].legend(loc="upper right", fontsize=10)
-        return save_figure(fig, out, AUDIT_FIGURES[1])
+        return fig
+
+
+def draw_audit(df: pd.DataFrame) -> dict[str, Any]:
+    """The audit's matplotlib figures by name, unsaved (none without a row)."""
+    if not len(df):
+        return {}
+    return dict(zip(AUDIT_FIGURES, (bound_vs_accountant(df), bound_vs_distance(df)), strict=True))
 
 
 def write_audit_report(out: Path) -> tuple[pd.DataFrame, list[Path]]:
@@ -190,6 +197,7 @@ def write_audit_report(out: Path) -> tuple[pd.DataFrame, list[Path]]:
         )
     atomic_write_text(out / AUDIT_MD, "\n".join(text))
     files = [out / AUDIT_CSV, out / AUDIT_MD]
-    if len(df):
-        files += [*bound_vs_accountant(df, out), *bound_vs_distance(df, out)]
+    with plt.rc_context(STYLE):
+        for name, fig in draw_audit(df).items():
+            files += save_figure(fig, out, name)
     return df, files

@@ -34,6 +34,7 @@ FLWR_ENV = {
     # Ray warns on every start that this default will change; with no GPUs it changes nothing.
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
+FORCED_COLOUR = ("FORCE_COLOR", "CLICOLOR_FORCE")
 # While a run's summary.json is awaited: how often to look at the file, and to ask Flower.
 MARKER_POLL_S = 0.5
 STATUS_EVERY_S = 15.0
@@ -76,6 +77,10 @@ class RunOutcome:
 def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     """Environment of a Flower process (CLI, SuperLink, SuperNode) whose home is `flwr_home`."""
     env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(flwr_home), **extra}
+    # A Jupyter kernel sets these (ipykernel's zmqshell): `flwr ... --format json` would then
+    # print its JSON in ANSI colours, which no parser reads.
+    for name in FORCED_COLOUR:
+        env.pop(name, None)
     # Flower spawns flower-superexec, flwr-simulation and flwr-clientapp by name.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env

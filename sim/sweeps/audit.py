@@ -61,6 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def audit_grid(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """Check `run`'s own flags and put them in the grid; the argv that resumes the audit.
+
+    SweepError (one line) for a bad --canaries or --audit-seed. The default folder is fixed
+    here (and added to the argv), so the report after the runs finds it.
+    """
+    if args.canaries < 1:
+        raise SweepError(
+            f"--canaries {args.canaries} is not valid; expected an integer >= 1 "
+            "(for runs without an audit, use fl-sweep run)"
+        )
+    if args.audit_seed < 0:
+        raise SweepError(f"--audit-seed {args.audit_seed} is not valid; expected >= 0")
+    # The open relay's server holds the average model too, one more observer;
+    # `--set gossip-relay=sealed` audits from the nodes' own views only.
+    args.defaults = ["gossip-relay=open"]
+    args.forced = [
+        (f"--canaries {args.canaries}", f"audit-canaries={args.canaries}"),
+        (f"--audit-seed {args.audit_seed}", f"audit-seed={args.audit_seed}"),
+    ]
+    if args.out is None:
+        args.out = default_out(args.preset or "audit", root="results/audits")
+        argv = [*argv, "--out", str(args.out)]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> int:
     """Entry point of `fl-audit`; `runner` replaces Flower in tests."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -70,23 +96,7 @@ def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> 
     try:
         check_args(args)
         if args.command == "run":
-            if args.canaries < 1:
-                raise SweepError(
-                    f"--canaries {args.canaries} is not valid; expected an integer >= 1 "
-                    "(for runs without an audit, use fl-sweep run)"
-                )
-            if args.audit_seed < 0:
-                raise SweepError(f"--audit-seed {args.audit_seed} is not valid; expected >= 0")
-            # The open relay's server holds the average model too, one more observer;
-            # `--set gossip-relay=sealed` audits from the nodes' own views only.
-            args.defaults = ["gossip-relay=open"]
-            args.forced = [
-                (f"--canaries {args.canaries}", f"audit-canaries={args.canaries}"),
-                (f"--audit-seed {args.audit_seed}", f"audit-seed={args.audit_seed}"),
-            ]
-            if args.out is None:  # fixed here, so the report below finds it
-                args.out = default_out(args.preset or "audit", root="results/audits")
-                argv = [*argv, "--out", str(args.out)]
+            argv = audit_grid(args, argv)
             code = command_run(args, argv, runner, prog="fl-audit")
             if args.dry_run or code not in (0, 1):
                 return code
