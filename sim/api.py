@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from sim.analysis.sweep_data import SweepData
     from sim.launch.flwr_cli import RunOutcome
-    from sim.sweeps.runner import Runner
+    from sim.sweeps.runners import Runner
 
 __all__ = ["Result", "RunFailed", "SweepError", "audit", "load", "run", "sweep", "tune"]
 __version__ = package_version()
@@ -124,8 +124,7 @@ class LinkRunner:
 
     def plan(self, run_configs: Sequence[Mapping[str, Any]]) -> None:
         """The stage's cells, in order (their `results-dir` is `<stage folder>/runs`)."""
-        from sim.sweeps.batches import BATCHES, BatchedRunner
-        from sim.sweeps.runner import ensure_running
+        from sim.sweeps.runners import BATCHES, BatchedRunner, ensure_running
 
         if not run_configs:
             return
@@ -150,7 +149,7 @@ def _runner(link: Any, runner: Runner | None, timeout: float, per_cell: bool) ->
     if runner is not None or link is None:
         return runner
     if per_cell:
-        from sim.sweeps.runner import FlowerRunner
+        from sim.sweeps.runners import FlowerRunner
 
         return FlowerRunner(link, timeout)
     return LinkRunner(link, timeout)
