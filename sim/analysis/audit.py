@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from flower_app.results import atomic_write_text, format_eps  # noqa: E402
-from sim.analysis.drawing import save_figure  # noqa: E402
+from sim.analysis.drawing import finish, save_figure  # noqa: E402
 from sim.analysis.style import MARKERS, PALETTE, STYLE  # noqa: E402
 from sim.analysis.tidy import RUNS, read_manifest  # noqa: E402
 
@@ -117,7 +117,8 @@ def bound_vs_accountant(df: pd.DataFrame) -> Any:
         ax.set_xlabel("accountant's ε (upper bound)")
         ax.set_ylabel("audit's ε (95% lower bound)")
         ax.set_title("One-run audit vs accountant, DP runs")
-        ax.legend(loc="upper left")
+        point = "Each point is one observer of one run: its 95% lower bound against the "
+        finish(fig, [ax], _notes(df, point + "accountant's ε for that observer."))
         return fig
 
 
@@ -167,8 +168,21 @@ def bound_vs_distance(df: pd.DataFrame) -> Any:
             ax.set_ylim(bottom=-0.05 * max(ax.get_ylim()[1], 1.0))
         fig.supxlabel("observer's distance from the canary's owner (hops)")
         axes[0][0].set_ylabel("audit's ε (95% lower bound)")
-        axes[0][0].legend(loc="upper right", fontsize=10)
+        mean = "Gossip: the mean of the observers' 95% lower bounds at each distance."
+        finish(fig, list(axes[0]), _notes(df, mean))
         return fig
+
+
+def _notes(df: pd.DataFrame, what: str) -> list[str]:
+    """What a point is, the seeds, and that there is no interval, inside the figure."""
+    seeds = sorted({int(s) for s in df["seed"].dropna()})
+    seed_text = ", ".join(map(str, seeds)) or "?"
+    many = len(seeds) > 1
+    return [
+        what,
+        f"Seed{'s' if many else ''} {seed_text}; one audit run per cell, so no interval: a "
+        "lower bound is itself random, and a difference of a few tenths is not significant.",
+    ]
 
 
 def draw_audit(df: pd.DataFrame) -> dict[str, Any]:
