@@ -279,3 +279,37 @@ def test_python_dash_m_sweeps_is_the_cli():
         timeout=120,
     )
     assert proc.returncode == 0 and "--preset" in proc.stdout and "reference" in proc.stdout
+
+
+def test_ctrl_c_stops_the_block_even_when_started_with_sigint_ignored():
+    """A background job of a non-interactive shell (nohup, some CI runners) starts with
+    SIGINT ignored; Ctrl-C must still stop a sweep or the local deployment."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import time\n"
+        "from sim.launch.processes import sigterm_as_interrupt\n"
+        "try:\n"
+        "    with sigterm_as_interrupt():\n"
+        "        print('ready', flush=True)\n"
+        "        time.sleep(30)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped', flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert out.strip() == "stopped" and proc.returncode == 0

@@ -157,9 +157,11 @@ def stop_process_group(process: subprocess.Popen[bytes], *, grace: float = 15.0)
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt (so cleanup runs as on Ctrl-C).
+    """Within the block, SIGTERM and Ctrl-C raise KeyboardInterrupt (so cleanup runs).
 
-    The previous handler comes back afterwards; off the main thread nothing changes.
+    Ctrl-C too: a background job of a non-interactive shell (`nohup`, some CI runners)
+    starts with SIGINT ignored, and the block must stop on it all the same. The previous
+    handlers come back afterwards; off the main thread nothing changes.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -169,7 +171,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, _raise)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
