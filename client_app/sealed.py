@@ -70,6 +70,7 @@ class SealedState:
         self.context = context
         self.meta_key, self.model_key = f"sealed-node:{run}", f"sealed-model:{run}"
         if self.meta_key not in context.state:
+            _drop_earlier_cells(context, run)
             keys = NodeKeys.generate()
             context.state[self.meta_key] = ConfigRecord(
                 {_PRIVATE: keys.export_private(), _DTYPES: [], _APPLIED: [0, -1]}
@@ -126,6 +127,18 @@ class SealedState:
             )
         self.meta[_APPLIED] = [server_round, step]
         return None
+
+
+def _drop_earlier_cells(context: Context, run: str) -> None:
+    """A sweep's cells run one after another: a new cell's node needs no earlier cell's keys
+    or model, so they leave the node's memory (a whole sweep would otherwise pile them up).
+    """
+    prefix = f"{context.run_id}:"
+    if not run.startswith(prefix):
+        return
+    for key in list(context.state.keys()):
+        if key.startswith((f"sealed-node:{prefix}", f"sealed-model:{prefix}")):
+            del context.state[key]
 
 
 def sealed_train_reply(out: NodeRound, partition_id: int, state: SealedState) -> RecordDict:

@@ -241,3 +241,18 @@ def test_a_cell_cannot_carry_a_config_past_the_nodes_floor(tmp_path):
     assert not ledger.exists() or "partition" not in "".join(
         p.read_text() for p in ledger.glob("*.json")
     )
+
+
+def test_a_new_cell_drops_the_earlier_cells_keys_and_model_from_the_node():
+    import numpy as np
+
+    from client_app.sealed import SealedState
+
+    context = Context(run_id=77, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    first = SealedState(context, "77:a")
+    first.store(["w"], [np.ones(3)])
+    assert {"sealed-node:77:a", "sealed-model:77:a"} <= set(context.state.keys())
+    second = SealedState(context, "77:b")
+    assert not any(k.endswith(":77:a") for k in context.state.keys())
+    assert second.keys.public_bytes() != first.keys.public_bytes()
+    assert SealedState(context, "77:b").keys.public_bytes() == second.keys.public_bytes()
