@@ -130,8 +130,10 @@ class SealedState:
 
 
 def _drop_earlier_cells(context: Context, run: str) -> None:
-    """A sweep's cells run one after another: a new cell's node needs no earlier cell's keys
-    or model, so they leave the node's memory (a whole sweep would otherwise pile them up).
+    """Forget the sealed keys and models of this run's earlier cells.
+
+    A sweep's cells run one after another, so a node in a new cell never needs them again;
+    a whole sweep would otherwise pile them up in its memory.
     """
     prefix = f"{context.run_id}:"
     if not run.startswith(prefix):
