@@ -26,12 +26,8 @@ from functools import lru_cache
 import numpy as np
 
 from flower_app.config import RunConfig
-from flower_app.data import (
-    BatchTensorDataset,
-    evaluation_sets,
-    load_arrays,
-    to_tensors,
-)
+from flower_app.data import BatchTensorDataset, to_tensors
+from flower_app.preflight import evaluation_arrays
 from flower_app.sealed import NodeKeys, Route, SealError, open_sealed, seal
 
 logger = logging.getLogger(__name__)
@@ -158,12 +154,5 @@ def node_test_set(cfg: RunConfig) -> BatchTensorDataset:
     The same set `server_app.evaluation.central_test_sets` scores the open relay's node
     models on (a test checks they agree), so both relays report the same node accuracy.
     """
-    x, y, _, node_idx = evaluation_sets(
-        load_arrays(cfg.dataset, cfg.data_dir),
-        evaluate_on=cfg.evaluate_on,
-        validation_samples=cfg.validation_samples,
-        test_samples=cfg.test_samples,
-        node_eval_samples=cfg.node_eval_samples,
-        seed=cfg.seed,
-    )
+    x, y, _, node_idx = evaluation_arrays(cfg)
     return to_tensors(cfg.dataset, x[node_idx], y[node_idx], cfg.normalize)

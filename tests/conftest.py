@@ -15,6 +15,17 @@ def _one_torch_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages built outside a Flower run (in-process grids) need a task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from tests.inprocess_grid import RUN_ID
+
+    for name, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Deployments run one after another on one xdist worker (`--dist loadgroup`).

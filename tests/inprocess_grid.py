@@ -20,6 +20,20 @@ from server_app.evaluation import central_test_sets, model_evaluator
 from strategies import STRATEGIES
 
 RUN_ID = 4242
+# Small and fast, with DP on and seeded noise, so two runs can be compared bit for bit.
+TINY = {
+    "strategy": "gossip",
+    "model": "mlp",
+    "partitioner": "iid",
+    "samples-per-node": 64,
+    "batch-size": 32,
+    "local-steps": 2,
+    "num-server-rounds": 2,
+    "eps": 8.0,
+    "noise-seed": 11,
+    "test-samples": 400,
+    "node-eval-samples": 200,
+}
 
 
 class InProcessGrid:

@@ -9,7 +9,6 @@ import threading
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import app
 from client_app.cell import run_of
@@ -26,13 +25,10 @@ from sim.sweeps.runner import COMPLETED, FAILED, Sweep
 from sim.sweeps.runners import BatchedRunner
 from sim.sweeps.spec import SweepSpec, expand
 from tests.inprocess_grid import RUN_ID, InProcessGrid
+from tests.inprocess_grid import TINY as INPROCESS_TINY
 from tests.sweep_fakes import FakeRunner
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    for name, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def test_a_cell_list_round_trips_exactly_and_a_bad_one_is_one_line(tmp_path):
@@ -112,17 +108,7 @@ def test_cell_grid_tags_every_message_it_sends():
     assert [dict(m.content[CELL]) for m in inner.pushed] == [{CELL_ID: "c1", "eps": 2.0}] * 2
 
 
-TINY = {
-    "model": "mlp",
-    "partitioner": "iid",
-    "samples-per-node": 64,
-    "batch-size": 32,
-    "local-steps": 2,
-    "num-server-rounds": 2,
-    "noise-seed": 11,
-    "test-samples": 300,
-    "node-eval-samples": 200,
-}
+TINY = {k: v for k, v in INPROCESS_TINY.items() if k not in ("strategy", "eps")}
 
 
 def test_two_cells_in_one_run_are_two_experiments_to_the_nodes(tmp_path):

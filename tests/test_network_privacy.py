@@ -3,37 +3,20 @@
 import networkx as nx
 import numpy as np
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 from flower_app.config import RunConfig
 from flower_app.gossip_schedule import ScheduleLog
 from flower_app.network_dp import ORDERS, draw_schedule, pairwise_rdp, rdp_to_eps
 from flower_app.wire import SEALED
 from server_app.network_privacy import LOCAL_ONLY, PAIRWISE, network_line, network_privacy
-from tests.inprocess_grid import RUN_ID, run_gossip
+from tests.inprocess_grid import TINY as INPROCESS_TINY
+from tests.inprocess_grid import run_gossip
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 NODES = 6
-TINY = {
-    "strategy": "gossip",
-    "model": "mlp",
-    "partitioner": "iid",
-    "samples-per-node": 64,
-    "batch-size": 32,
-    "local-steps": 2,
-    "num-server-rounds": 2,
-    "eps": 8.0,
-    "noise-seed": 11,
-    "test-samples": 300,
-    "node-eval-samples": 100,
-    "dp-mode": "update",
-    "topology": "ring",
-}
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    for name, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+TINY = {**INPROCESS_TINY, "test-samples": 300, "node-eval-samples": 100,
+        "dp-mode": "update", "topology": "ring"}  # fmt: skip
 
 
 @pytest.mark.parametrize("relay", ["sealed", "open"])

@@ -7,7 +7,6 @@ model; through the sealed relay it trains and still sends no model.
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import app
 from flower_app.config import RunConfig
@@ -15,14 +14,10 @@ from flower_app.model import build_model
 from flower_app.policy import NodePolicy, PolicyError
 from flower_app.wire import ARRAYS, CONFIG, REASON, REFUSAL, SEALED, SERVER_ROUND
 
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 RUN = {"model": "mlp", "samples-per-node": 64, "batch-size": 32, "local-steps": 1,
        "num-server-rounds": 2, "eps": 4.0, "partitioner": "iid"}  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    for name, value in (("_task_id", 1), ("_run_id", 5), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def _train(run_config, tmp_path):

@@ -5,7 +5,6 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-from flwr.supercore.task_identity import TaskIdentity
 
 from flower_app.config import RunConfig
 from flower_app.sealed import NodeKeys, Route, SealError, open_sealed, parse
@@ -22,30 +21,12 @@ from flower_app.wire import (
 from server_app.evaluation import central_test_sets
 from strategies.sealed_relay import GOSSIP_STEP, SealedGossip, disjoint_batches
 from tests.inprocess_grid import RUN_ID, run_gossip
+from tests.inprocess_grid import TINY as INPROCESS_TINY
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 NODES = 4
-# Small and fast, with DP on and seeded noise, so two runs can be compared bit for bit.
-TINY = {
-    "strategy": "gossip",
-    "model": "mlp",
-    "partitioner": "iid",
-    "samples-per-node": 64,
-    "batch-size": 32,
-    "local-steps": 2,
-    "num-server-rounds": 2,
-    "eps": 8.0,
-    "noise-seed": 11,
-    "test-samples": 400,
-    "node-eval-samples": 200,
-    "gossip-steps": 2,
-    "gossip-edges": 5,
-}
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    for name, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+TINY = {**INPROCESS_TINY, "gossip-steps": 2, "gossip-edges": 5}
 
 
 def _records(msg):
