@@ -37,9 +37,10 @@ from server_app.audit import (
 from server_app.cells import run_cells
 from server_app.evaluation import RoundRecorder, central_test_sets, model_evaluator
 from server_app.network_privacy import network_line, network_privacy, write_network_privacy
-from server_app.polling import PromptGrid
+from server_app.polling import prompt_grid, simulated
 from server_app.privacy_report import privacy_line, privacy_summary
 from server_app.rejections import fail, one_line_rejections
+from server_app.sim_runtime import speed_up_message_lookup
 from strategies import STRATEGIES
 from strategies.base import NodeRefused, QuorumError, RunStrategy
 
@@ -91,7 +92,7 @@ def run_rounds(grid: Grid, cfg: RunConfig, strategy: RunStrategy, recorder: Roun
     files = recorder.files
     try:
         strategy.start(
-            grid=cast(Grid, PromptGrid(grid)),
+            grid=grid,
             initial_arrays=ArrayRecord(model_for(cfg, seed=cfg.seed).state_dict()),
             num_rounds=cfg.num_server_rounds,
             train_config=ConfigRecord(),
@@ -219,6 +220,9 @@ def main(grid: Grid, context: Context) -> None:
     quiet_opacus_logging()
     one_line_rejections()
     run_config = dict(context.run_config)
+    if simulated(grid):
+        speed_up_message_lookup()
+    grid = cast(Grid, prompt_grid(grid))
     if run_config.get("cells"):
         run_cells(grid, run_config, run_experiment)
     else:
