@@ -215,7 +215,7 @@ def test_a_sealed_audit_is_scored_by_the_nodes_and_matches_the_open_one():
             own_models=strategy.own_models(),
             shared=None,
             graph=strategy.graph,
-            node_eps={p: strategy.node_eps(p) for p in range(NODES)},
+            node_eps={p: strategy.reports.node_eps(p) for p in range(NODES)},
             scores_by_node=scores,
         )["observers"]
     names = [o["observer"] for o in results["sealed"]]
