@@ -9,10 +9,10 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from client_app.replies import refusal_reply
 from flower_app.config import RunConfig
 from flower_app.node import Refused
 from flower_app.privacy import epsilon
-from flower_app.records import refusal_reply
 from flower_app.topology import build_topology
 from server_app.rejections import OneLineRejections, RunRejected
 from strategies import privacy_bounds
@@ -269,8 +269,8 @@ def test_gossip_with_num_partitions_other_than_its_node_count_stops_in_one_line(
 
 
 def test_a_node_reports_its_num_partitions():
+    from client_app.replies import train_reply
     from flower_app.node import NodeRound
-    from flower_app.records import train_reply
 
     out = NodeRound({}, 10, 0.5, None, num_partitions=4)
     assert train_reply(out, 3)["metrics"]["num-partitions"] == 4
