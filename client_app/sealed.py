@@ -17,12 +17,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.common import log
 
 from client_app.cell import run_of
+from client_app.replies import train_reply
 from flower_app.canary_scores import canary_scores
 from flower_app.config import RunConfig
 from flower_app.model import model_for
 from flower_app.node import NodeRound
 from flower_app.policy import NodePolicy, node_run_config, torch_threads
-from flower_app.records import train_reply
 from flower_app.sealed import NodeKeys
 from flower_app.sealed_node import (
     Delivery,

@@ -150,7 +150,7 @@ def audit_and_write(
 ) -> dict[str, Any]:
     """Score the canaries from every observer's view; audit.json; summary.json's `audit`."""
     t0 = time.monotonic()
-    pids = range(num_nodes)
+    pids, reports = range(num_nodes), strategy.reports
     node_scores = sealed_audit_scores(cfg, strategy, num_nodes) if cfg.sealed_relay else None
     audit = run_audit(
         cfg,
@@ -158,7 +158,7 @@ def audit_and_write(
         own_models=strategy.own_models(),
         shared=recorder.last_arrays,
         graph=getattr(strategy, "graph", None),
-        node_eps={p: strategy.node_eps(p) for p in pids if p in strategy.node_reports},
+        node_eps={p: reports.node_eps(p) for p in pids if p in reports.metrics},
         scores_by_node=node_scores,
     )
     write_audit(files.folder, audit)

@@ -52,7 +52,7 @@ def server_view(cfg: RunConfig, local_max: float) -> dict[str, Any]:
 
 def _sigmas(strategy: Any, n: int) -> list[float]:
     """Each vertex's noise multiplier (a vertex that never trained added no noise: any σ)."""
-    reports = strategy.node_reports
+    reports = strategy.reports.metrics
     known = [float(m[NOISE_MULTIPLIER]) for m in reports.values() if NOISE_MULTIPLIER in m]
     return [
         float(reports[v][NOISE_MULTIPLIER])
@@ -64,8 +64,8 @@ def _sigmas(strategy: Any, n: int) -> list[float]:
 
 def eps_matrix(cfg: RunConfig, strategy: Any) -> tuple[np.ndarray, str]:
     """ε[owner u, observer v] at the run's δ, and how it was computed."""
-    n = strategy.graph.number_of_nodes()
-    local = np.array([strategy.node_eps(v) if v in strategy.node_reports else 0.0
+    n, reports = strategy.graph.number_of_nodes(), strategy.reports
+    local = np.array([reports.node_eps(v) if v in reports.metrics else 0.0
                       for v in range(n)])  # fmt: skip
     if not cfg.private:
         return np.full((n, n), np.inf), "no DP (eps=inf): nothing bounds any observer"

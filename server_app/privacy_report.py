@@ -86,8 +86,8 @@ def local_work(cfg: RunConfig) -> str:
 
 def privacy_summary(cfg: RunConfig, strategy: Diagnostics, eps_spent: float) -> dict[str, Any]:
     """summary.json's `privacy`: enough to re-audit every node's ε from the file alone."""
-    per_round = claims_per_round(cfg)
-    nodes = with_replace_one(strategy.privacy_by_node(), cfg) if cfg.private else {}
+    per_round, reports = claims_per_round(cfg), strategy.reports
+    nodes = with_replace_one(reports.privacy_by_node(), cfg) if cfg.private else {}
     return {
         "unit": PRIVACY_UNITS[cfg.dp_mode] if cfg.private else "none",
         "trust_model": TRUST_MODEL,
@@ -108,7 +108,7 @@ def privacy_summary(cfg: RunConfig, strategy: Diagnostics, eps_spent: float) -> 
         # dp-mode=update: against the server, which sees each node's own release, replacing
         # a node's data moves the clipped update by 2C; this is its ε (largest node).
         "eps_replace": (
-            strategy.eps_spent(strict=True) if cfg.private and cfg.dp_mode == "update" else None
+            reports.eps_spent(strict=True) if cfg.private and cfg.dp_mode == "update" else None
         ),
         "delta": cfg.delta,
         "accountant": cfg.accountant,

@@ -41,22 +41,21 @@ def privacy_bounds(cfg: RunConfig) -> PrivacyBounds:
 
 
 def _fedavg(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> RunStrategy:
-    strategy = CentralFedAvg(
+    return CentralFedAvg(
         num_nodes=num_nodes,
         fraction_train=cfg.fraction_train,
         min_available_nodes=cfg.min_available_nodes,
         seed=cfg.seed,
         bounds=privacy_bounds(cfg),
+        bindings=cfg.bindings,
         keep_uploads=cfg.audited,
     )
-    strategy.bind(cfg.bindings)
-    return strategy
 
 
 def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) -> RunStrategy:
     graph = gossip_graph(cfg, num_nodes)
     relay = {"timeout": cfg.round_timeout} if cfg.sealed_relay else {}
-    strategy = (SealedGossip if cfg.sealed_relay else Gossip)(
+    return (SealedGossip if cfg.sealed_relay else Gossip)(
         graph,
         **relay,
         mode=cfg.gossip_mode,
@@ -66,9 +65,8 @@ def _gossip(cfg: RunConfig, num_nodes: int, evaluate_arrays: ArraysEvaluator) ->
         min_available_nodes=cfg.min_available_nodes,
         evaluate_arrays=evaluate_arrays,
         bounds=privacy_bounds(cfg),
+        bindings=cfg.bindings,
     )
-    strategy.bind(cfg.bindings)
-    return strategy
 
 
 # Builds the strategy from the run config, the node count and a per-node model evaluator;

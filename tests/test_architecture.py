@@ -31,7 +31,14 @@ ALLOWED = {
     "sim.launch": set(),
     "sim.sweeps": {"sim.launch", "sim.analysis", "flower_app"},
     "sim.analysis": {"flower_app"},
-    "sim.bench": {"sim.launch", "sim.sweeps", "server_app", "strategies", "flower_app"},
+    "sim.bench": {
+        "sim.launch",
+        "sim.sweeps",
+        "server_app",
+        "client_app",
+        "strategies",
+        "flower_app",
+    },
 }
 TOP_LEVEL = {
     "flower_app",

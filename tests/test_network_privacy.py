@@ -27,14 +27,14 @@ def test_the_accountant_runs_on_the_schedule_the_run_drew(relay):
     doc = network_privacy(cfg, strategy)
     assert doc["method"] == PAIRWISE and doc["relay"] == relay
     # Metropolis is deterministic: the recorded schedule is the one draw_schedule makes.
-    sigma = float(next(iter(strategy.node_reports.values()))["noise-multiplier"])
+    sigma = float(next(iter(strategy.reports.metrics.values()))["noise-multiplier"])
     ring = nx.cycle_graph(NODES)
     expected = draw_schedule(ring, "metropolis", rounds=2, rng=np.random.default_rng(0))
     rdp = pairwise_rdp(strategy.schedule_log.schedule(), sigma)
     assert np.allclose(rdp, pairwise_rdp(expected, sigma))
     # The accountant's own releases agree with each node's Opacus ledger (independently computed).
     local = rdp_to_eps(rdp, ORDERS, cfg.delta).diagonal()
-    assert np.allclose(local, [strategy.node_eps(v) for v in range(NODES)], rtol=1e-6)
+    assert np.allclose(local, [strategy.reports.node_eps(v) for v in range(NODES)], rtol=1e-6)
     rows = {d["distance"]: d for d in doc["by_distance"]}
     assert rows[0]["eps_max"] == pytest.approx(max(local))
     maxima = [rows[k]["eps_max"] for k in sorted(rows)]
@@ -53,7 +53,7 @@ def test_dp_sgd_gets_local_dp_for_every_observer_and_says_so():
     doc = network_privacy(RunConfig.from_run_config(config), strategy)
     assert doc["method"] == LOCAL_ONLY["sample"]
     eps = np.array(doc["eps"])
-    assert np.allclose(eps, eps[:, :1]) and eps[0, 0] == strategy.node_eps(0) > 0
+    assert np.allclose(eps, eps[:, :1]) and eps[0, 0] == strategy.reports.node_eps(0) > 0
 
 
 def test_a_dropped_sealed_exchange_leaves_only_local_dp():

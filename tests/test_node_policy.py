@@ -222,7 +222,7 @@ def test_the_ledger_never_records_fewer_steps(tmp_path):
 
 
 def test_a_private_reply_carries_no_train_loss():
-    from flower_app.records import train_reply
+    from client_app.replies import train_reply
 
     cfg = RunConfig(**SMALL)
     out = serve(cfg, NodePolicy(), MemoryStore(), 1)
@@ -398,7 +398,7 @@ def test_the_client_app_replies_a_bad_torch_threads_in_one_line(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     from client_app.app import train
-    from flower_app.records import REFUSAL
+    from flower_app.wire import REFUSAL
 
     for name, value in (("_task_id", 1), ("_run_id", 5), ("_node_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)

@@ -104,7 +104,7 @@ def test_the_summary_has_the_fields_summary_json_always_had(tmp_path):
     recorder(1, ArrayRecord(model.state_dict()))
     strategy = Mock()
     strategy.run_summary.return_value = {"aggregation": "mean"}
-    strategy.privacy_by_node.return_value = {}
+    strategy.reports.privacy_by_node.return_value = {}
     cfg = RunConfig(model="mlp", num_server_rounds=1)
     summary = summarize(cfg, strategy, recorder, run_name="r", num_nodes=2, wall_s=1.23456)
     assert summary.status == "completed" and summary.wall_s == 1.235
