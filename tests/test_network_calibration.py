@@ -168,3 +168,15 @@ def test_a_network_plan_that_cannot_hold_is_refused_in_one_line(changes, nodes, 
     with pytest.raises(ConfigError, match=match) as err:
         network_plan(RunConfig(**{**NETWORK, **changes}), nodes)
     assert "\n" not in str(err.value)
+
+
+def test_the_dry_run_refuses_and_the_server_bounds_a_node_by_its_local_eps():
+    from flower_app.preflight import preflight
+    from strategies import privacy_bounds
+
+    with pytest.raises(ConfigError, match="network-min-distance=2 exceeds the graph's diameter 1"):
+        preflight(RunConfig(**NETWORK, topology="complete"), 6)
+    cfg = RunConfig(**NETWORK)
+    # A node whose reply was lost is counted at the most it can spend: its local ε, not eps.
+    bound = privacy_bounds(cfg, 20).run_bound
+    assert bound == pytest.approx(network_plan(cfg, 20).local_eps(), rel=1e-9) and bound > 11
