@@ -371,10 +371,10 @@ def _network_unit_refusal(cfg: RunConfig) -> str | None:
     """
     if cfg.privacy_unit != "network":
         return None
-    needed = {"strategy": "gossip", "dp-mode": "update", "gossip-relay": "sealed",
-              "accounting": "composed"}  # fmt: skip
-    wrong = [f"{k}={getattr(cfg, k.replace('-', '_'))!r}" for k, v in needed.items()
-             if getattr(cfg, k.replace("-", "_")) != v]  # fmt: skip
+    needed = {"strategy": "gossip", "dp-mode": "update", "gossip-relay": "sealed"}
+    needed["accounting"] = "composed"
+    asked = {key: getattr(cfg, key.replace("-", "_")) for key in needed}
+    wrong = [f"{key}={value!r}" for key, value in asked.items() if value != needed[key]]
     if not cfg.private:
         wrong.append("eps=inf")
     if not wrong:

@@ -340,10 +340,14 @@ def _class_refusal(
             if policy.max_partner_eps is not None
             else f"max-eps={policy.max_eps:g} (its partner limit: no max-partner-eps is set)"
         )
-        nearer = ", and every node nearer than network-min-distance" if network else ""
+        who = (
+            "its gossip partners, and every node nearer than network-min-distance"
+            if network
+            else "its gossip partners, or the server under FedAvg or an open relay"
+        )
         return (
-            f"this run would give observers of the node's own releases (its gossip partners"
-            f"{nearer}) ε={local:.4g} at δ={counted.delta:g}, over its {key}"
+            f"this run would give observers of the node's own releases ({who}) "
+            f"ε={local:.4g} at δ={counted.delta:g}, over its {key}"
         )
     if network is None:
         return None
