@@ -27,6 +27,8 @@ DP_MODES = ("sample", "update")
 # How σ of dp-mode=update is chosen: `composed` meets `eps` over ALL rounds (RDP);
 # `per-round` is the classic one-shot Gaussian calibration for `eps`, never composed.
 ACCOUNTINGS = ("composed", "per-round")
+# Run-config `privacy-unit`: which observers `eps` bounds (see RunConfig.privacy_unit).
+PRIVACY_UNIT_CHOICES = ("local", "network")
 # Per-sample-gradient modes: `fast` (flower_app/clipped_grads.py, checked against `hooks` on
 # the first step of every local training) and Opacus's own; each gives the same clipped
 # update (fl-bench checks). Opacus's DPOptimizer clips, noises and counts the steps in all.
@@ -196,6 +198,13 @@ class RunConfig:
     # One default everywhere: a run config cannot tell a simulation from a deployment, and
     # a diagnostic is worth less than a guarantee that silently changes with the backend.
     gossip_relay: str = field(default="sealed", metadata=_choice("sealed", "open"))
+    # Whom `eps` protects against (flower_app/network_calibration.py). `local`: every
+    # observer, including one that sees the node's own noisy model. `network` (only sealed
+    # gossip, dp-mode=update): every observer at least `network-min-distance` hops away on the
+    # graph, on the schedule the server will draw from `seed`; closer observers get a larger
+    # ε, computed and reported, and each node checks it against its operator's limits.
+    privacy_unit: str = field(default="local", metadata=_choice(*PRIVACY_UNIT_CHOICES))
+    network_min_distance: int = field(default=2, metadata=_ints(1, 100_000))
     degree: int = field(default=4, metadata=_ints(1, 10_000))
     edge_prob: float = field(
         default=0.3, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
@@ -281,6 +290,8 @@ class RunConfig:
                 f"{key} is not valid with dataset={self.dataset!r}: {why}; use {key}={fix}, "
                 "or a built-in dataset"
             )
+        if reason := _network_unit_refusal(self):
+            raise ConfigError(reason)
         if self.fraction_train < 1 and self.strategy != "fedavg":
             raise ConfigError(
                 f"fraction-train={self.fraction_train!r} is not valid with "
@@ -350,6 +361,30 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict, as Flower and `config.json` spell the keys."""
         return {_key(k): v for k, v in asdict(self).items()}
+
+
+def _network_unit_refusal(cfg: RunConfig) -> str | None:
+    """Why `privacy-unit=network` cannot hold for this run (None: it can, or it is `local`).
+
+    Only sealed gossip keeps a node's own model from all but its partners, and only the
+    update-level Gaussian mechanism (composed, finite eps) has a pairwise accountant.
+    """
+    if cfg.privacy_unit != "network":
+        return None
+    needed = {"strategy": "gossip", "dp-mode": "update", "gossip-relay": "sealed"}
+    needed["accounting"] = "composed"
+    asked = {key: getattr(cfg, key.replace("-", "_")) for key in needed}
+    wrong = [f"{key}={value!r}" for key, value in asked.items() if value != needed[key]]
+    if not cfg.private:
+        wrong.append("eps=inf")
+    if not wrong:
+        return None
+    return (
+        f"privacy-unit='network' is not valid with {', '.join(wrong)}: it needs "
+        "strategy='gossip', dp-mode='update', gossip-relay='sealed', accounting='composed' "
+        "and a finite eps (under FedAvg or an open relay the server sees every node's noisy "
+        "model, so only local ε bounds it); or use privacy-unit='local'"
+    )
 
 
 def claims_per_round(cfg: RunConfig) -> bool:

@@ -12,6 +12,7 @@ from flower_app.config import ConfigError, RunConfig
 from flower_app.data import BatchTensorDataset
 from flower_app.ledger import Decision, ledger_key
 from flower_app.model import model_for
+from flower_app.network_calibration import NetworkPlan, node_network_plan
 from flower_app.policy import (
     NodePolicy,
     node_run_config,
@@ -63,13 +64,22 @@ class LedgerStore(Protocol):
         ...
 
 
-def plan(cfg: RunConfig, num_samples: int) -> PrivacyLedger | None:
+def plan(
+    cfg: RunConfig, num_samples: int, *, network: NetworkPlan | None = None
+) -> PrivacyLedger | None:
     """The node's empty ledger for this run, its noise calibrated for every planned step.
 
-    Raises `ConfigError` (one line) when no noise meets `eps` for this node's plan.
+    With privacy-unit=network, σ is `network`'s (`network_plan`, which the node computes
+    itself from the run config and its num-partitions). Raises `ConfigError` (one line) when
+    no noise meets `eps` for this node's plan.
     """
     if not cfg.private:
         return None
+    if (cfg.privacy_unit == "network") != (network is not None):
+        raise ValueError("a privacy-unit=network plan needs its NetworkPlan, and only it")
+    if network is not None:
+        sigma, rounds = network.noise_multiplier, cfg.num_server_rounds
+        return PrivacyLedger(sigma, 1.0, 0, cfg.delta, cfg.accountant, rounds, "update")
     try:
         if cfg.dp_mode == "update":
             return plan_update_ledger(
@@ -247,7 +257,8 @@ def serve_train(
     """One train message, as a node that guards its own privacy answers it.
 
     Each step takes what the one before computed: shard (`ShardSpec`, with a policy the
-    run's `data-dir` ignored: `node_run_config`) → the run's plan for that shard → one ledger
+    run's `data-dir` ignored: `node_run_config`) → the run's plan for that shard (with
+    privacy-unit=network, from the schedule the node redraws itself) → one ledger
     transaction (`store.reserve`) that resumes the run's entry or starts the plan, checks the
     node's policy, the plan and δ (`policy.refusal`) and writes the round's steps BEFORE
     training → `train_round`. A refused round trains nothing and spends nothing.
@@ -255,7 +266,8 @@ def serve_train(
     cfg = node_run_config(policy, cfg)
     spec = ShardSpec.of(cfg, partition_id, num_partitions, own_data)
     data = load_shard(spec)
-    planned = plan(cfg, len(data))
+    network = node_network_plan(cfg, num_partitions)
+    planned = plan(cfg, len(data), network=network)
     key = ledger_key(run_id, partition_id)
 
     def decide(runs: dict[str, PrivacyLedger]) -> Decision[_Reserved]:
@@ -263,7 +275,13 @@ def serve_train(
         steps = round_steps(cfg, ledger) if ledger is not None else 0
         others = [led for k, led in runs.items() if k != key]
         reason = resume_mismatch(runs.get(key), planned) or refusal(
-            policy, cfg, num_samples=len(data), ledger=ledger, other_runs=others, steps=steps
+            policy,
+            cfg,
+            num_samples=len(data),
+            ledger=ledger,
+            other_runs=others,
+            steps=steps,
+            network=network,
         )
         spend = ledger.after(steps) if ledger is not None and reason is None else None
         return spend, _Reserved(ledger, steps, others, reason)
@@ -272,12 +290,7 @@ def serve_train(
     if got.reason is not None:
         return Refused(got.reason)
     out = train_round(
-        cfg,
-        spec=spec,
-        data=data,
-        weights=weights,
-        ledger=got.ledger,
-        server_round=server_round,
+        cfg, spec=spec, data=data, weights=weights, ledger=got.ledger, server_round=server_round
     )
     if got.ledger is None:
         return out

@@ -49,12 +49,16 @@ def gossip_graph(cfg: RunConfig, num_nodes: int) -> nx.Graph:
         raise ConfigError(str(err)) from None
 
 
-def check_privacy_plan(cfg: RunConfig) -> None:
-    """A dp-mode=update plan needs nothing from the nodes: an eps no noise meets fails here."""
+def check_privacy_plan(cfg: RunConfig, num_nodes: int = 0) -> None:
+    """A dp-mode=update plan needs nothing from the nodes: an eps no noise meets fails here.
+
+    With privacy-unit=network the plan is the one every node computes for `num_nodes`.
+    """
     if cfg.private and cfg.dp_mode == "update":
+        from flower_app.network_calibration import node_network_plan
         from flower_app.node import plan  # Opacus's accountants: only when a run starts
 
-        plan(cfg, num_samples=0)
+        plan(cfg, num_samples=0, network=node_network_plan(cfg, num_nodes))
 
 
 def evaluation_arrays(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -93,6 +97,6 @@ def preflight(cfg: RunConfig, num_nodes: int) -> None:
     check_node_count(cfg, num_nodes)
     if cfg.strategy == "gossip":
         gossip_graph(cfg, num_nodes)
-    check_privacy_plan(cfg)
+    check_privacy_plan(cfg, num_nodes)
     evaluation_arrays(cfg)
     check_run_model(cfg)

@@ -136,7 +136,7 @@ def summarize(
         eps_spent=eps_spent,
         wall_s=round(wall_s, 3),
         num_nodes=num_nodes,
-        privacy=privacy_summary(cfg, strategy, eps_spent),
+        privacy=privacy_summary(cfg, strategy, eps_spent, num_nodes),
         **strategy.run_summary(),
     )
 
@@ -187,7 +187,7 @@ def run_experiment(grid: Grid, run_config: Mapping[str, Any]) -> None:
     """One experiment: `strategy` for `num-server-rounds` rounds, then its results folder."""
     cfg, num_nodes, strategy, test = prepare(grid, run_config)
     run_name, files = run_folder(cfg)
-    log(INFO, "%s", privacy_line(cfg))
+    log(INFO, "%s", privacy_line(cfg, num_nodes))
     log(INFO, "Results: %s", files.folder)
 
     recorder = RoundRecorder(cfg, files, strategy, test)

@@ -76,6 +76,11 @@ def round_line(cfg: RunConfig, row: Mapping[str, Any]) -> str:
     if claims_per_round(cfg):
         budget = f"true composed ε {row['eps_spent']:.3f} (claimed: ε={cfg.eps:g} per round"
         budget += ", uncomposed)"
+    elif cfg.privacy_unit == "network":  # eps is the far class's target, not the local ε
+        budget = (
+            f"local ε spent {row['eps_spent']:.3f} (target {format_eps(cfg.eps)} at distance "
+            f">= {cfg.network_min_distance})"
+        )
     else:
         budget = f"ε spent {row['eps_spent']:.3f} of {format_eps(cfg.eps)}"
     unit = UNIT_SHORT[cfg.dp_mode] + (", SEEDED noise" if cfg.seeded_noise else "")

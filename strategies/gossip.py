@@ -38,6 +38,7 @@ from flower_app.gossip import (
     metropolis_weights,
     random_edges,
     random_matching,
+    schedule_rng,
 )
 from flower_app.gossip_schedule import ScheduleLog
 from flower_app.topology import graph_facts
@@ -127,7 +128,7 @@ class Gossip(CentralEvaluationMixin, Strategy):
         self.mode = mode
         self.edges_per_round = edges_per_round
         self.steps_per_round = steps_per_round
-        self.rng = np.random.default_rng([seed, 0x6055])
+        self.rng = schedule_rng(seed)
         self.min_available_nodes = min_available_nodes
         self.evaluate_arrays = evaluate_arrays
         self.models: dict[int, np.ndarray] = {}

@@ -6,9 +6,11 @@ import pytest
 
 from flower_app.config import RunConfig
 from flower_app.gossip_schedule import ScheduleLog
-from flower_app.network_dp import ORDERS, draw_schedule, pairwise_rdp, rdp_to_eps
+from flower_app.network_calibration import network_plan, planned_schedule
+from flower_app.network_dp import ORDERS, draw_schedule, pairwise_rdp, pairwise_rho, rdp_to_eps
 from flower_app.wire import SEALED
 from server_app.network_privacy import LOCAL_ONLY, PAIRWISE, network_line, network_privacy
+from server_app.privacy_report import privacy_line, privacy_summary
 from tests.inprocess_grid import TINY as INPROCESS_TINY
 from tests.inprocess_grid import run_gossip
 
@@ -79,3 +81,53 @@ def test_the_log_refuses_a_step_before_a_round_and_stops_past_its_size():
     big.start_round(range(10_000))
     big.pairs([(0, 1)])
     assert not big.rounds and "computed up to" in big.gap
+
+
+def test_a_network_unit_run_uses_the_planned_schedule_and_reports_every_class():
+    """privacy-unit=network end to end in process: σ, the schedule, the file and the line."""
+    config = {**TINY, "gossip-mode": "matching", "num-server-rounds": 3,
+              "privacy-unit": "network"}  # fmt: skip
+    strategy, _ = run_gossip(config, NODES)
+    cfg = RunConfig.from_run_config(config)
+    net = network_plan(cfg, NODES)
+    # Every node computed the plan's σ itself, and the run drew the planned schedule.
+    sigmas = {float(m["noise-multiplier"]) for m in strategy.reports.metrics.values()}
+    assert sigmas == {net.noise_multiplier}
+    _, planned = planned_schedule(cfg, NODES)
+    assert np.allclose(pairwise_rho(strategy.schedule_log.schedule(), 1.0),
+                       pairwise_rho(planned, 1.0))  # fmt: skip
+    doc = network_privacy(cfg, strategy)
+    plan = doc["calibration"]
+    assert doc["privacy_unit"] == "network" and plan["target_met"]
+    assert plan["eps_network_realized"] == pytest.approx(net.network_eps())
+    assert plan["eps_network_realized"] <= 8.0
+    rows = {d["distance"]: d["eps_max"] for d in doc["by_distance"]}
+    # The closer observers' larger ε is in the file, never hidden: the owner's and partners'.
+    assert rows[0] == pytest.approx(plan["eps_local"]) and rows[0] > 8.0
+    assert rows[1] == pytest.approx(plan["eps_max_by_distance"][0]["eps_max"])
+    assert network_line(doc).endswith(
+        f"<= {max(v for k, v in rows.items() if k >= 2):.2f} at distance >= 2 (target 8.00: met); "
+        "server: no models (sealed relay)"
+    )
+    line = privacy_line(cfg, NODES)
+    assert f"σ={net.noise_multiplier:.4f}" in line and f"{plan['eps_local']:.2f} to anyone" in line
+    summary = privacy_summary(cfg, strategy, strategy.reports.eps_spent(), NODES)
+    assert summary["privacy_unit"] == "network" and summary["network_plan"] == net.report()
+
+
+def test_a_network_run_whose_schedule_broke_says_it_missed_its_target():
+    """A dropped sealed exchange: local ε for everyone, so the far class's target is missed."""
+    dropped = []
+
+    def drop(msg):
+        if SEALED in msg.content and not dropped and "seal-step" in msg.content[SEALED]:
+            dropped.append(msg)
+            return True
+        return False
+
+    config = {**TINY, "gossip-mode": "matching", "privacy-unit": "network"}
+    strategy, _ = run_gossip(config, NODES, drop=drop)
+    doc = network_privacy(RunConfig.from_run_config(config), strategy)
+    assert dropped and not doc["calibration"]["target_met"]
+    assert doc["calibration"]["eps_network_realized"] > 8.0
+    assert "(target 8.00: MISSED" in network_line(doc)

@@ -95,6 +95,11 @@ def test_the_round_line_leads_with_node_accuracy_under_gossip():
     )
     audited = round_line(RunConfig(eps=2.0, num_server_rounds=5, audit_canaries=50), row)
     assert "(δ=1e-05, sample-level, AUDIT: 50 canaries per node)" in audited
+    network = RunConfig(strategy="gossip", dp_mode="update", privacy_unit="network", eps=2.0)
+    # eps is the far class's target; the node's own ε, which is larger, is the one spent.
+    assert "local ε spent 0.750 (target 2 at distance >= 2) (δ=1e-05" in round_line(
+        network, sealed_row
+    )
 
 
 def test_the_summary_has_the_fields_summary_json_always_had(tmp_path):
