@@ -303,3 +303,55 @@ def test_the_server_evaluates_on_its_resolved_device():
     arrays = [p.detach().numpy() for p in build_model("mlp", seed=0).state_dict().values()]
     loss, accuracy = model_evaluator(cfg, test)(arrays)
     assert np.isfinite(loss) and 0 <= accuracy <= 1
+
+
+# Simulation: Flower's client-resources-num-gpus, and the local Ray head's GPUs.
+
+
+def test_a_simulation_link_asks_flower_for_each_nodes_share_of_a_gpu(tmp_path):
+    from sim.launch.simulation import SimulationLink
+
+    for share, want in ((0.0, "client-resources-num-gpus=0.0"),
+                        (0.25, "client-resources-num-gpus=0.25")):  # fmt: skip
+        link = SimulationLink(flwr_home=tmp_path / str(share), gpus_per_node=share)
+        with mock.patch.object(link.cli, "submit", return_value="1") as submit:
+            link.submit({}, num_nodes=20, app_dir=tmp_path)
+        config = submit.call_args.kwargs["federation_config"]
+        assert "num-supernodes=20" in config and want in config
+        head = link.ray_head
+        assert head is not None and head.gpus == (share > 0)
+        command = head.command(tmp_path)
+        if share:  # Ray counts the machine's GPUs; the nodes see theirs
+            assert not any(a.startswith("--num-gpus") for a in command)
+            assert "CUDA_VISIBLE_DEVICES" not in head.env or head.env["CUDA_VISIBLE_DEVICES"]
+        else:  # no GPU offered, and none visible to a node given no share
+            assert "--num-gpus=0" in command and head.env["CUDA_VISIBLE_DEVICES"] == ""
+
+
+@pytest.mark.parametrize(
+    ("share", "devices", "words"),
+    [
+        (1.5, ["auto"], "a share in [0, 1]"),
+        (0.0, ["auto", "cuda:1"], "device='cuda:1' needs --gpus-per-node > 0"),
+        pytest.param(0.25, ["auto"], "torch sees none", marks=no_cuda),
+    ],
+)
+def test_fl_sweep_refuses_a_gpu_share_that_cannot_work_in_one_line(share, devices, words):
+    from sim.sweeps.flags import check_gpus
+    from sim.sweeps.spec import SweepError
+
+    with pytest.raises(SweepError) as err:
+        check_gpus(share, devices)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fl_sweep_takes_gpus_per_node_and_passes_it_to_every_link():
+    from sim.sweeps.cli import make_links
+    from sim.sweeps.flags import build_parser, check_gpus
+
+    args = build_parser().parse_args(["run", "--preset", "quick", "--gpus-per-node", "0.5"])
+    assert args.gpus_per_node == 0.5
+    assert build_parser().parse_args(["run", "--preset", "quick"]).gpus_per_node == 0.0
+    check_gpus(0.0, ["auto", "cpu"])  # the default passes everywhere
+    links = make_links(2, ["127.0.0.1:1", "127.0.0.1:2"], gpus_per_node=0.5)
+    assert [link.gpus_per_node for link in links] == [0.5, 0.5]
