@@ -72,6 +72,21 @@ def test_auto_resolves_to_the_first_gpu_where_there_is_one():
     assert resolve_device("cuda") == torch.device("cuda", 0)
 
 
+def test_where_cuda_is_present_auto_takes_it_in_full_float32(monkeypatch):
+    """Two pretend GPUs (nothing runs on them): auto is cuda:0, cuda:1 exists, cuda:2 not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    with pytest.raises(DeviceError, match=r"2 CUDA device\(s\): cuda:0..cuda:1"):
+        resolve_device("cuda:2")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 @no_cuda
 @pytest.mark.parametrize("value", ["cuda", "cuda:0", "cuda:3"])
 def test_an_absent_cuda_device_is_refused_in_one_line(value):
@@ -355,3 +370,14 @@ def test_fl_sweep_takes_gpus_per_node_and_passes_it_to_every_link():
     check_gpus(0.0, ["auto", "cpu"])  # the default passes everywhere
     links = make_links(2, ["127.0.0.1:1", "127.0.0.1:2"], gpus_per_node=0.5)
     assert [link.gpus_per_node for link in links] == [0.5, 0.5]
+
+
+@no_cuda
+def test_the_python_api_passes_the_gpu_share_and_is_refused_without_a_gpu(tmp_path):
+    from sim import api
+    from sim.sweeps.spec import SweepError
+
+    assert api.option_flags({"gpus_per_node": 0.25}) == ["--gpus-per-node", "0.25"]
+    with pytest.raises(SweepError, match="--gpus-per-node 0.25 needs a GPU"):
+        api.sweep(preset="quick", seeds=7, eps=8, strategies="fedavg", gpus_per_node=0.25,
+                  dry_run=True, out=tmp_path / "s")  # fmt: skip

@@ -32,6 +32,12 @@ def _fake_epoch(cpu_s, cuda_s):
     return epoch
 
 
+def _pretend_cuda(monkeypatch):
+    """CUDA as the check sees it, with nothing to run on (the measurements are doubles)."""
+    monkeypatch.setattr(gpu, "cuda_status", lambda: (True, "CUDA: a test double"))
+    monkeypatch.setattr(gpu, "resolve_device", torch.device)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's answer")
 def test_without_cuda_it_measures_the_cpu_half_and_says_the_cuda_half_was_skipped(
     tmp_path, monkeypatch
@@ -51,7 +57,7 @@ def test_without_cuda_it_measures_the_cpu_half_and_says_the_cuda_half_was_skippe
 
 
 def test_a_cuda_run_whose_nodes_trained_elsewhere_fails_the_check(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu, "cuda_status", lambda: (True, "CUDA: a test double"))
+    _pretend_cuda(monkeypatch)
     monkeypatch.setattr(gpu, "dp_epoch", _fake_epoch(1.0, 1.0))
     fake = _fake_round(lambda device: {"cpu": 20})  # a "cuda" run whose nodes used CPUs
     monkeypatch.setattr(gpu, "simulated_round", fake)
@@ -61,7 +67,7 @@ def test_a_cuda_run_whose_nodes_trained_elsewhere_fails_the_check(tmp_path, monk
 
 
 def test_with_cuda_it_reports_cpu_over_cuda_for_the_epoch_and_the_round(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu, "cuda_status", lambda: (True, "CUDA: a test double"))
+    _pretend_cuda(monkeypatch)
     monkeypatch.setattr(gpu, "dp_epoch", _fake_epoch(2.0, 0.5))
     on = {"cpu": {"cpu": 20}, "cuda": {"cuda:0": 20}}
     monkeypatch.setattr(gpu, "simulated_round", _fake_round(on.__getitem__))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from flower_app.config import RunConfig
-from flower_app.device import data_on
+from flower_app.device import data_on, resolve_device
 from flower_app.model import build_model
 from flower_app.privacy import plan_ledger
 from flower_app.rng import PrivacyRandomness
@@ -126,7 +126,7 @@ def gpu_results(sizes: Sizes, out: Path, log: Callable[[str], None]) -> dict[str
         log(f"gpu: the CUDA half is SKIPPED: {line}; not checked on a GPU")
         return results | {"details": {"gpu": details}}
     log("gpu: one DP epoch on cuda")
-    details["epoch_cuda"] = dp_epoch(cfg, torch.device("cuda"), sizes.epoch_repeats)
+    details["epoch_cuda"] = dp_epoch(cfg, resolve_device("cuda"), sizes.epoch_repeats)
     details["round_cuda"] = simulated_round(sizes, "cuda", 1 / GPU_NODES, out / "cuda", log)
     nodes = details["round_cuda"]["devices"].get("nodes", {})
     if set(nodes) != {"cuda:0"}:
