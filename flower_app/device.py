@@ -13,6 +13,8 @@ ChaCha20 streams (`flower_app.rng`) and only then moved to the device
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -32,6 +34,9 @@ def _cuda_help() -> str:
     if torch.version.cuda is None:
         return f"this torch ({torch.__version__}) is built without CUDA"
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 and os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        # Ray's share for a simulated node given no GPU (client-resources-num-gpus=0)
+        return "no GPU is visible to this process (CUDA_VISIBLE_DEVICES is empty)"
     if count == 0:
         return "torch sees no CUDA device on this machine"
     return f"this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}"

@@ -99,6 +99,13 @@ def test_an_absent_cuda_device_is_refused_in_one_line(value):
 
 
 @no_cuda
+def test_a_node_hidden_from_the_gpus_says_so(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(DeviceError, match="no GPU is visible to this process"):
+        resolve_device("cuda")
+
+
+@no_cuda
 def test_the_dry_run_refuses_cuda_before_anything_runs():
     with pytest.raises(DeviceError, match="device='cuda' is not available"):
         preflight(RunConfig(device="cuda"), 4)
