@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from flower_app.device import cuda_index
 from flower_app.node import NodeRound, Refused
 from flower_app.wire import (
     ARRAYS,
+    DEVICE,
     EPS,
     EPS_STRICT,
     LIFETIME_EPS,
@@ -32,6 +34,7 @@ def train_reply(out: NodeRound, partition_id: int) -> RecordDict:
     loss is sent only without DP (eps=inf).
     """
     metrics: dict[str, int | float] = {NUM_EXAMPLES: out.num_examples, PARTITION_ID: partition_id}
+    metrics[DEVICE] = cuda_index(out.device)  # where it trained, so a run shows it
     if out.num_partitions:  # gossip's graph has one vertex per partition: checked there
         metrics[NUM_PARTITIONS] = out.num_partitions
     if out.ledger is None:

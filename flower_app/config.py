@@ -183,6 +183,17 @@ class RunConfig:
         default=1.0, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
     )
     grad_sample_mode: str = field(default="auto", metadata=_choice("auto", *GRAD_SAMPLE_MODES))
+    # Where nodes train and the ServerApp evaluates (flower_app/device.py). `auto`: CUDA when
+    # the machine doing the work has it, resolved by each node on its own hardware and by the
+    # ServerApp on the server's. An explicit cuda device a machine lacks is refused, never
+    # replaced by the CPU. The DP noise and Poisson batches are drawn on the CPU either way.
+    device: str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", v) is not None,
+            "auto (CUDA when present), cpu, cuda or cuda:N",
+        ),
+    )
     topology: str = field(default="ring", metadata=_choice(*TOPOLOGIES))
     gossip_mode: str = field(default="matching", metadata=_choice(*GOSSIP_MODES))
     gossip_edges: int = field(default=10, metadata=_ints(1, 10_000))

@@ -10,6 +10,7 @@ import torch
 
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import BatchTensorDataset
+from flower_app.device import check_on, data_on, resolve_device
 from flower_app.ledger import Decision, ledger_key
 from flower_app.model import model_for
 from flower_app.network_calibration import NetworkPlan, node_network_plan
@@ -47,6 +48,7 @@ class NodeRound:
     round_steps: int = 0  # DP steps this round took
     lifetime_eps: float | None = None  # the node's composed ε over every run it trained in
     num_partitions: int = 0  # the node's node-config num-partitions (0: not reported)
+    device: str = "cpu"  # where it trained: run-config `device` resolved on this node
 
 
 @dataclass(frozen=True)
@@ -140,17 +142,25 @@ def train_round(
     DP). With dp-mode=update the node trains without DP, then clips and noises the round's
     update once (one ledger step); with accounting=per-round that σ is the tutorial's
     uncomposed one and the ledger shows what it really costs. The DP noise and Poisson
-    batches come from `privacy_randomness`.
+    batches come from `privacy_randomness`, on the CPU, whatever `device` resolves to here.
     """
     if ledger is None and cfg.private:
         raise RuntimeError("a private run reached training without a ledger: not training")
     pid = spec.partition_id
-    model = model_for(cfg)
+    device = resolve_device(cfg.device)  # this node's hardware; DeviceError: one line
+    model = model_for(cfg).to(device)
     model.load_state_dict(weights, strict=True)
+    check_on(model, device)
+    data = data_on(device, data)  # once per round, not once per batch
     if ledger is None:
         loss = _round_plain(cfg, model, data, shuffle_generator(cfg, pid, server_round))
         return NodeRound(
-            _detached(model), len(data), loss, None, num_partitions=spec.num_partitions
+            _detached(model),
+            len(data),
+            loss,
+            None,
+            num_partitions=spec.num_partitions,
+            device=str(device),
         )
     rand = privacy_randomness(cfg, pid, server_round)
     if cfg.dp_mode == "update":
@@ -165,6 +175,7 @@ def train_round(
         ledger.after(steps),
         steps,
         num_partitions=spec.num_partitions,
+        device=str(device),
     )
 
 
@@ -197,9 +208,10 @@ def _round_update(
 ) -> tuple[float, int]:
     """dp-mode=update: plain SGD, then the round's update clipped and noised once (1 step)."""
     loss = _round_plain(cfg, model, data, shuffle)
+    # On the CPU, as the noise is drawn: one float64 sum per round, the same on any device.
     private, _ = privatize_update(
         weights,
-        model.state_dict(),
+        _detached(model),
         clip=cfg.max_grad_norm,
         noise_multiplier=ledger.noise_multiplier,
         noise=rand.noise,
@@ -229,7 +241,8 @@ def _round_sample(
 
 
 def _detached(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    """The model's weights on the CPU: what the reply carries, whatever it trained on."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 @dataclass(frozen=True)
@@ -264,6 +277,7 @@ def serve_train(
     training → `train_round`. A refused round trains nothing and spends nothing.
     """
     cfg = node_run_config(policy, cfg)
+    resolve_device(cfg.device)  # a device this node lacks: refused before anything is spent
     spec = ShardSpec.of(cfg, partition_id, num_partitions, own_data)
     data = load_shard(spec)
     network = node_network_plan(cfg, num_partitions)

@@ -92,9 +92,20 @@ def check_run_model(cfg: RunConfig) -> None:
     check_model(cfg)
 
 
+def check_device(cfg: RunConfig) -> None:
+    """An explicit `device` this machine lacks (cuda on a CPU-only one) fails here, in one line.
+
+    `auto` always passes: each node resolves it on its own hardware. Raises `DeviceError`.
+    """
+    from flower_app.device import resolve_device  # torch: only when a run starts
+
+    resolve_device(cfg.device)
+
+
 def preflight(cfg: RunConfig, num_nodes: int) -> None:
     """Every check the ServerApp makes before training, for a run on `num_nodes` nodes."""
     check_node_count(cfg, num_nodes)
+    check_device(cfg)
     if cfg.strategy == "gossip":
         gossip_graph(cfg, num_nodes)
     check_privacy_plan(cfg, num_nodes)

@@ -35,7 +35,13 @@ from server_app.audit import (
     write_audit,
 )
 from server_app.cells import run_cells
-from server_app.evaluation import RoundRecorder, central_test_sets, model_evaluator
+from server_app.evaluation import (
+    RoundRecorder,
+    central_test_sets,
+    devices_used,
+    model_evaluator,
+    server_device,
+)
 from server_app.network_privacy import network_line, network_privacy, write_network_privacy
 from server_app.polling import prompt_grid, simulated
 from server_app.privacy_report import privacy_line, privacy_summary
@@ -70,6 +76,7 @@ def prepare(
         random.seed(cfg.seed)  # for anything that draws from the global `random`
         num_nodes = len(wait_for_nodes(grid, cfg.num_nodes, cfg.round_timeout))
         check_node_count(cfg, num_nodes)
+        log(INFO, "Device: the server evaluates on %s (device=%s)", server_device(cfg), cfg.device)
         test, node_test = central_test_sets(cfg)
         check_run_model(cfg)
         strategy = STRATEGIES[cfg.strategy](cfg, num_nodes, model_evaluator(cfg, node_test))
@@ -137,6 +144,7 @@ def summarize(
         wall_s=round(wall_s, 3),
         num_nodes=num_nodes,
         privacy=privacy_summary(cfg, strategy, eps_spent, num_nodes),
+        devices=devices_used(cfg, strategy.reports.metrics),
         **strategy.run_summary(),
     )
 

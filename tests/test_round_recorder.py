@@ -110,8 +110,10 @@ def test_the_summary_has_the_fields_summary_json_always_had(tmp_path):
     strategy = Mock()
     strategy.run_summary.return_value = {"aggregation": "mean"}
     strategy.reports.privacy_by_node.return_value = {}
-    cfg = RunConfig(model="mlp", num_server_rounds=1)
+    strategy.reports.metrics = {0: {"device": -1}, 1: {"device": -1}}  # both trained on a CPU
+    cfg = RunConfig(model="mlp", num_server_rounds=1, device="cpu")
     summary = summarize(cfg, strategy, recorder, run_name="r", num_nodes=2, wall_s=1.23456)
+    assert summary.devices == {"requested": "cpu", "server": "cpu", "nodes": {"cpu": 2}}
     assert summary.status == "completed" and summary.wall_s == 1.235
     assert summary.rounds_completed == 1 and summary.final_accuracy == recorder.last_row["accuracy"]
     assert "topology" not in summary.to_dict() and summary.to_dict()["aggregation"] == "mean"
