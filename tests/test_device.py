@@ -17,6 +17,7 @@ import torch
 from flwr.app import RecordDict
 from opacus.optimizers import DPOptimizer
 
+from client_app.replies import train_reply
 from flower_app import keyed_opacus
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import to_tensors
@@ -35,7 +36,7 @@ from flower_app.model import build_model
 from flower_app.node import local_round, serve_train
 from flower_app.policy import NodePolicy
 from flower_app.preflight import preflight
-from flower_app.records import StateLedger, train_reply
+from flower_app.records import StateLedger
 from flower_app.rng import PrivacyRandomness
 from flower_app.wire import DEVICE, METRICS
 
