@@ -198,6 +198,51 @@ def observer_scores(
     return z
 
 
+def views_from_increments(
+    schedule: Schedule, v: int, increments: np.ndarray, initial: np.ndarray
+) -> np.ndarray:
+    """What v received along every canary, from every node's increments and the schedule.
+
+    A model is the public initial one plus `view_map`'s image of the rounds' increments
+    (mixing is doubly stochastic), so the auditor who holds every node's increments along the
+    canaries can rebuild each observer's view without any node revealing a model. It is the
+    view the schedule says v received: it takes the relay's mixing from the schedule log.
+
+    Args:
+        schedule: What the run did.
+        v: The observer.
+        increments: (rounds, nodes, canaries): each node's release minus its start along
+            every canary (0 in a round it did not train).
+        initial: (canaries,): the public initial model along every canary.
+    """
+    rounds, n, m = increments.shape
+    if (rounds, n) != (len(schedule.rounds), schedule.num_nodes):
+        raise ValueError(f"increments for {rounds} rounds x {n} nodes; the schedule differs")
+    return initial[None, :] + view_map(schedule, v) @ increments.reshape(rounds * n, m)
+
+
+def by_distance_bounds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per distance: the largest bound over its tests beside the largest accountant ε.
+
+    `eps_lower_joint_max` holds at CONFIDENCE together with every other row's (Bonferroni
+    over all tests); `eps_lower_max`, the largest per-test 95% bound, does not.
+    """
+    out = []
+    for d in sorted({int(r["distance"]) for r in rows}):
+        at = [r for r in rows if r["distance"] == d and r["canaries"]]
+        if at:
+            out.append(
+                {
+                    "distance": d,
+                    "tests": len(at),
+                    "eps_lower_max": max(r["eps_lower"] for r in at),
+                    "eps_lower_joint_max": max(r["eps_lower_joint"] for r in at),
+                    "eps_accountant_max": max(r["eps_accountant"] for r in at),
+                }
+            )
+    return out
+
+
 def distance_groups(plan: CanaryPlan, graph: nx.Graph, v: int) -> dict[int, np.ndarray]:
     """Positions of the canaries whose owner is exactly d ≥ 1 hops from v, by d."""
     hops = nx.single_source_shortest_path_length(graph, v)

@@ -40,6 +40,7 @@ from server_app.network_privacy import network_line, network_privacy, write_netw
 from server_app.polling import PromptGrid
 from server_app.privacy_report import privacy_line, privacy_summary
 from server_app.rejections import fail, one_line_rejections
+from server_app.whitebox import whitebox_audit
 from strategies import STRATEGIES
 from strategies.base import NodeRefused, QuorumError, RunStrategy
 
@@ -150,16 +151,19 @@ def audit_and_write(
     """Score the canaries from every observer's view; audit.json; summary.json's `audit`."""
     t0 = time.monotonic()
     pids = range(num_nodes)
-    node_scores = sealed_audit_scores(cfg, strategy, num_nodes) if cfg.sealed_relay else None
-    audit = run_audit(
-        cfg,
-        num_nodes=num_nodes,
-        own_models=strategy.own_models(),
-        shared=recorder.last_arrays,
-        graph=getattr(strategy, "graph", None),
-        node_eps={p: strategy.node_eps(p) for p in pids if p in strategy.node_reports},
-        scores_by_node=node_scores,
-    )
+    if cfg.whitebox_audit:  # canaries in the updates: scored from the nodes' increments
+        audit = whitebox_audit(cfg, strategy)
+    else:
+        node_scores = sealed_audit_scores(cfg, strategy, num_nodes) if cfg.sealed_relay else None
+        audit = run_audit(
+            cfg,
+            num_nodes=num_nodes,
+            own_models=strategy.own_models(),
+            shared=recorder.last_arrays,
+            graph=getattr(strategy, "graph", None),
+            node_eps={p: strategy.node_eps(p) for p in pids if p in strategy.node_reports},
+            scores_by_node=node_scores,
+        )
     write_audit(files.folder, audit)
     for o in audit["observers"]:
         log(
@@ -173,6 +177,7 @@ def audit_and_write(
         )
     log(INFO, "Audit: %s (%.1fs)", files.folder / AUDIT, time.monotonic() - t0)
     return {
+        "mode": cfg.audit_mode,
         "canaries_per_node": cfg.audit_canaries,
         "audit_seed": cfg.audit_seed,
         "file": AUDIT,
