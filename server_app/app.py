@@ -165,7 +165,11 @@ def audit_and_write(
             scores_by_node=node_scores,
         )
     write_audit(files.folder, audit)
-    for o in audit["observers"]:
+    for d in audit.get("by_distance", []):  # a white-box audit: one line per distance
+        log(INFO, "Audit distance %d: ε >= %.3f over %d tests (95%% jointly; accountant: "
+            "ε <= %s)", d["distance"], d["eps_lower_joint_max"], d["tests"],
+            format_eps(d["eps_accountant_max"]))  # fmt: skip
+    for o in [] if "by_distance" in audit else audit["observers"]:
         log(
             INFO,
             "Audit %s: %d of %d guesses correct, ε >= %.3f (accountant: ε <= %s)",
