@@ -4,6 +4,7 @@ The node adds C·c_i to its release only in an audit its policy allows; the Serv
 the canaries from the increments the nodes report; sealed and open relays give one audit.
 """
 
+import json
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from flower_app.config import ConfigError, RunConfig
 from flower_app.model import build_model
 from flower_app.node import Refused, local_round, serve_train
 from flower_app.policy import NodePolicy
+from flower_app.results import to_json
 from flower_app.whitebox_audit import draw_plan, project
 from server_app.whitebox import whitebox_audit
 from tests.inprocess_grid import TINY, run_gossip
@@ -90,6 +92,8 @@ def test_sealed_and_open_give_one_audit(runs):
     for r in rows:
         assert r["eps_lower"] <= r["eps_accountant"], r
     assert [d["distance"] for d in audits["sealed"]["by_distance"]] == [0, 1, 2, 3]
+    stored = json.loads(to_json(audits["sealed"]))  # audit.json as the ServerApp writes it
+    assert stored["mode"] == "whitebox" and len(stored["observers"]) == len(rows)
 
 
 def test_the_reported_increments_are_what_entered_the_models(runs):
