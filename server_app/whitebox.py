@@ -50,6 +50,8 @@ def _increments(strategy: Any, n: int, m: int) -> np.ndarray:
     out = np.zeros((len(strategy.canary_increments), n, m))
     for r, got in enumerate(strategy.canary_increments):
         for v, inc in got.items():
+            if np.shape(inc) != (m,):  # not this plan's canaries: the audit cannot use it
+                raise ValueError(f"vertex {v} reported {np.shape(inc)} canary increments, not {m}")
             out[r, v] = inc
     return out
 
@@ -64,7 +66,10 @@ def whitebox_audit(cfg: RunConfig, strategy: Any) -> dict[str, Any]:
     schedule = strategy.schedule_log.schedule()
     n, clip = schedule.num_nodes, cfg.max_grad_norm
     plan = draw_plan(n, cfg.audit_canaries, _float_vector(strategy.initial).size, cfg.audit_seed)
-    xi = _increments(strategy, n, len(plan.owner))
+    try:
+        xi = _increments(strategy, n, len(plan.owner))
+    except ValueError as err:
+        return head | {"unavailable": str(err), "observers": []}
     initial = project(_float_vector(strategy.initial), plan)
     sigma = _sigmas(strategy, n)
     trained = np.array([[w in rnd.active for w in range(n)] for rnd in schedule.rounds])

@@ -107,3 +107,13 @@ def test_the_reported_increments_are_what_entered_the_models(runs):
     increments = sum(inc for got in strategy.canary_increments for inc in got.values())
     assert len(strategy.canary_increments) == 3
     assert np.allclose(total, NODES * project(initial, plan) + increments, atol=1e-4)
+
+
+def test_increments_of_the_wrong_length_make_the_audit_unavailable_not_a_crash(runs):
+    import copy
+
+    strategy = copy.copy(runs["sealed"][0])
+    strategy.canary_increments = [{0: np.zeros(3)}, *strategy.canary_increments[1:]]
+    cfg = RunConfig.from_run_config({**WHITEBOX, "num-server-rounds": 3})
+    audit = whitebox_audit(cfg, strategy)
+    assert audit["observers"] == [] and "vertex 0 reported (3,)" in audit["unavailable"]
