@@ -9,6 +9,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client_app.cell import run_of
+from client_app.replies import refusal_reply, train_reply
 from client_app.sealed import (
     SealedState,
     evaluate_own,
@@ -21,7 +22,7 @@ from flower_app.data import DeviceDataError
 from flower_app.ledger import FileLedger, LedgerError
 from flower_app.node import Refused, serve_train
 from flower_app.policy import NodePolicy, PolicyError, torch_threads
-from flower_app.records import StateLedger, refusal_reply, train_reply
+from flower_app.records import StateLedger
 from flower_app.train import GradientCheckError, quiet_opacus_logging
 from flower_app.wire import ARRAYS, CONFIG, SERVER_ROUND
 

@@ -17,12 +17,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.common import log
 
 from client_app.cell import run_of
+from client_app.replies import train_reply
 from flower_app.canary_scores import canary_scores
 from flower_app.config import RunConfig
+from flower_app.device import resolve_device
 from flower_app.model import model_for
 from flower_app.node import NodeRound
 from flower_app.policy import NodePolicy, node_run_config, torch_threads
-from flower_app.records import train_reply
 from flower_app.sealed import NodeKeys
 from flower_app.sealed_node import (
     Delivery,
@@ -225,7 +226,7 @@ def evaluate_own(msg: Message, context: Context) -> Message:
     refused = _apply(state, rec, int(rec[SERVER_ROUND]))
     metrics: dict[str, Any] = {"partition-id": int(context.node_config["partition-id"])}
     if (arrays := state.trained_arrays()) is not None:
-        model = model_for(cfg)
+        model = model_for(cfg).to(resolve_device(cfg.device))  # where the node trains
         names = list(model.state_dict())
         model.load_state_dict(
             {

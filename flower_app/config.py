@@ -27,6 +27,8 @@ DP_MODES = ("sample", "update")
 # How σ of dp-mode=update is chosen: `composed` meets `eps` over ALL rounds (RDP);
 # `per-round` is the classic one-shot Gaussian calibration for `eps`, never composed.
 ACCOUNTINGS = ("composed", "per-round")
+# Run-config `privacy-unit`: which observers `eps` bounds (see RunConfig.privacy_unit).
+PRIVACY_UNIT_CHOICES = ("local", "network")
 # Per-sample-gradient modes: `fast` (flower_app/clipped_grads.py, checked against `hooks` on
 # the first step of every local training) and Opacus's own; each gives the same clipped
 # update (fl-bench checks). Opacus's DPOptimizer clips, noises and counts the steps in all.
@@ -181,6 +183,17 @@ class RunConfig:
         default=1.0, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
     )
     grad_sample_mode: str = field(default="auto", metadata=_choice("auto", *GRAD_SAMPLE_MODES))
+    # Where nodes train and the ServerApp evaluates (flower_app/device.py). `auto`: CUDA when
+    # the machine doing the work has it, resolved by each node on its own hardware and by the
+    # ServerApp on the server's. An explicit cuda device a machine lacks is refused, never
+    # replaced by the CPU. The DP noise and Poisson batches are drawn on the CPU either way.
+    device: str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", v) is not None,
+            "auto (CUDA when present), cpu, cuda or cuda:N",
+        ),
+    )
     topology: str = field(default="ring", metadata=_choice(*TOPOLOGIES))
     gossip_mode: str = field(default="matching", metadata=_choice(*GOSSIP_MODES))
     gossip_edges: int = field(default=10, metadata=_ints(1, 10_000))
@@ -196,6 +209,13 @@ class RunConfig:
     # One default everywhere: a run config cannot tell a simulation from a deployment, and
     # a diagnostic is worth less than a guarantee that silently changes with the backend.
     gossip_relay: str = field(default="sealed", metadata=_choice("sealed", "open"))
+    # Whom `eps` protects against (flower_app/network_calibration.py). `local`: every
+    # observer, including one that sees the node's own noisy model. `network` (only sealed
+    # gossip, dp-mode=update): every observer at least `network-min-distance` hops away on the
+    # graph, on the schedule the server will draw from `seed`; closer observers get a larger
+    # ε, computed and reported, and each node checks it against its operator's limits.
+    privacy_unit: str = field(default="local", metadata=_choice(*PRIVACY_UNIT_CHOICES))
+    network_min_distance: int = field(default=2, metadata=_ints(1, 100_000))
     degree: int = field(default=4, metadata=_ints(1, 10_000))
     edge_prob: float = field(
         default=0.3, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
@@ -290,6 +310,8 @@ class RunConfig:
                 "audit-mode='whitebox' needs dp-mode='update' and strategy='gossip' (its "
                 "canaries are added to the released update, scored per gossip observer)"
             )
+        if reason := _network_unit_refusal(self):
+            raise ConfigError(reason)
         if self.fraction_train < 1 and self.strategy != "fedavg":
             raise ConfigError(
                 f"fraction-train={self.fraction_train!r} is not valid with "
@@ -364,6 +386,30 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict, as Flower and `config.json` spell the keys."""
         return {_key(k): v for k, v in asdict(self).items()}
+
+
+def _network_unit_refusal(cfg: RunConfig) -> str | None:
+    """Why `privacy-unit=network` cannot hold for this run (None: it can, or it is `local`).
+
+    Only sealed gossip keeps a node's own model from all but its partners, and only the
+    update-level Gaussian mechanism (composed, finite eps) has a pairwise accountant.
+    """
+    if cfg.privacy_unit != "network":
+        return None
+    needed = {"strategy": "gossip", "dp-mode": "update", "gossip-relay": "sealed"}
+    needed["accounting"] = "composed"
+    asked = {key: getattr(cfg, key.replace("-", "_")) for key in needed}
+    wrong = [f"{key}={value!r}" for key, value in asked.items() if value != needed[key]]
+    if not cfg.private:
+        wrong.append("eps=inf")
+    if not wrong:
+        return None
+    return (
+        f"privacy-unit='network' is not valid with {', '.join(wrong)}: it needs "
+        "strategy='gossip', dp-mode='update', gossip-relay='sealed', accounting='composed' "
+        "and a finite eps (under FedAvg or an open relay the server sees every node's noisy "
+        "model, so only local ε bounds it); or use privacy-unit='local'"
+    )
 
 
 def claims_per_round(cfg: RunConfig) -> bool:

@@ -28,6 +28,14 @@ MATCHING_SEED = 0
 
 Models = Mapping[int, np.ndarray]
 Pair = tuple[int, int]
+# Salt of the gossip strategies' schedule generator: `schedule_rng` is theirs, so a node can
+# redraw the schedule a run will use (privacy-unit=network) from the run's public seed.
+_SCHEDULE_SALT = 0x6055
+
+
+def schedule_rng(seed: int) -> np.random.Generator:
+    """The generator a gossip run draws its matchings and edges from (public, from `seed`)."""
+    return np.random.default_rng([seed, _SCHEDULE_SALT])
 
 
 def _active_vertices(g: nx.Graph, active: Collection[int] | None) -> set[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -36,7 +37,8 @@ def use_keyed_noise(optimizer: DPOptimizer, stream: KeyedStream) -> None:
     """Make `optimizer.add_noise` draw its Gaussian from `stream` (float64, then p's dtype).
 
     Mirrors Opacus 1.6's `DPOptimizer.add_noise` and `DPOptimizerFastGradientClipping.
-    add_noise`: std = noise multiplier × max grad norm, added to each clipped sum.
+    add_noise`: std = noise multiplier × max grad norm, added to each clipped sum. The noise
+    is drawn on the CPU whatever the parameters' device (`noised` moves it there).
     """
     optimizer.generator = None  # nothing may draw privacy noise from torch's generator
 
@@ -48,8 +50,22 @@ def use_keyed_noise(optimizer: DPOptimizer, stream: KeyedStream) -> None:
         # One draw for every parameter: one keystream call per step, not one per tensor.
         noises = stream.gaussians(std, [p.summed_grad for p in optimizer.params])
         for p, noise in zip(optimizer.params, noises, strict=True):
-            summed = p.summed_grad
-            p.grad = (summed.double() + noise).to(summed.dtype).view_as(p)
+            p.grad = noised(p.summed_grad, noise).view_as(p)
             _mark_as_processed(p.summed_grad)
 
     optimizer.add_noise = add_noise
+
+
+def noised(summed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """`summed` + `noise` in float64 on `summed`'s device, returned in `summed`'s dtype.
+
+    `noise` must be the keyed stream's draw: float64 on the CPU. It is moved to the device
+    only after it was drawn, so a GPU run adds the very numbers a CPU run adds for the same
+    key (float64 addition rounds alike on both), and torch.cuda's generator draws nothing.
+    """
+    if noise.device.type != "cpu" or noise.dtype != torch.float64:
+        raise RuntimeError(
+            f"DP noise must come from the keyed stream (float64 on the CPU), got {noise.dtype} "
+            f"on {noise.device}"
+        )
+    return (summed.double() + noise.to(summed.device)).to(summed.dtype)

@@ -11,8 +11,10 @@ import torch
 
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data import BatchTensorDataset
+from flower_app.device import check_on, data_on, resolve_device
 from flower_app.ledger import Decision, ledger_key
 from flower_app.model import model_for
+from flower_app.network_calibration import NetworkPlan, node_network_plan
 from flower_app.policy import (
     NodePolicy,
     node_run_config,
@@ -48,6 +50,7 @@ class NodeRound:
     round_steps: int = 0  # DP steps this round took
     lifetime_eps: float | None = None  # the node's composed ε over every run it trained in
     num_partitions: int = 0  # the node's node-config num-partitions (0: not reported)
+    device: str = "cpu"  # where it trained: run-config `device` resolved on this node
     # A white-box audit: the release minus the model trained from, along every canary.
     canary_increments: np.ndarray | None = None
 
@@ -67,13 +70,22 @@ class LedgerStore(Protocol):
         ...
 
 
-def plan(cfg: RunConfig, num_samples: int) -> PrivacyLedger | None:
+def plan(
+    cfg: RunConfig, num_samples: int, *, network: NetworkPlan | None = None
+) -> PrivacyLedger | None:
     """The node's empty ledger for this run, its noise calibrated for every planned step.
 
-    Raises `ConfigError` (one line) when no noise meets `eps` for this node's plan.
+    With privacy-unit=network, σ is `network`'s (`network_plan`, which the node computes
+    itself from the run config and its num-partitions). Raises `ConfigError` (one line) when
+    no noise meets `eps` for this node's plan.
     """
     if not cfg.private:
         return None
+    if (cfg.privacy_unit == "network") != (network is not None):
+        raise ValueError("a privacy-unit=network plan needs its NetworkPlan, and only it")
+    if network is not None:
+        sigma, rounds = network.noise_multiplier, cfg.num_server_rounds
+        return PrivacyLedger(sigma, 1.0, 0, cfg.delta, cfg.accountant, rounds, "update")
     try:
         if cfg.dp_mode == "update":
             return plan_update_ledger(
@@ -134,13 +146,16 @@ def train_round(
     DP). With dp-mode=update the node trains without DP, then clips and noises the round's
     update once (one ledger step); with accounting=per-round that σ is the tutorial's
     uncomposed one and the ledger shows what it really costs. The DP noise and Poisson
-    batches come from `privacy_randomness`.
+    batches come from `privacy_randomness`, on the CPU, whatever `device` resolves to here.
     """
     if ledger is None and cfg.private:
         raise RuntimeError("a private run reached training without a ledger: not training")
     pid = spec.partition_id
-    model = model_for(cfg)
+    device = resolve_device(cfg.device)  # this node's hardware; DeviceError: one line
+    model = model_for(cfg).to(device)
     model.load_state_dict(weights, strict=True)
+    check_on(model, device)
+    data = data_on(device, data)  # once per round, not once per batch
     if ledger is None:
         loss = _round_plain(cfg, model, data, shuffle_generator(cfg, pid, server_round))
         inc = _whitebox(cfg, spec, weights, model)
@@ -150,6 +165,7 @@ def train_round(
             loss,
             None,
             num_partitions=spec.num_partitions,
+            device=str(device),
             canary_increments=inc,
         )
     rand = privacy_randomness(cfg, pid, server_round)
@@ -166,6 +182,7 @@ def train_round(
         ledger.after(steps),
         steps,
         num_partitions=spec.num_partitions,
+        device=str(device),
         canary_increments=inc,
     )
 
@@ -230,9 +247,10 @@ def _round_update(
 ) -> tuple[float, int]:
     """dp-mode=update: plain SGD, then the round's update clipped and noised once (1 step)."""
     loss = _round_plain(cfg, model, data, shuffle)
+    # On the CPU, as the noise is drawn: one float64 sum per round, the same on any device.
     private, _ = privatize_update(
         weights,
-        model.state_dict(),
+        _detached(model),
         clip=cfg.max_grad_norm,
         noise_multiplier=ledger.noise_multiplier,
         noise=rand.noise,
@@ -262,7 +280,8 @@ def _round_sample(
 
 
 def _detached(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    """The model's weights on the CPU: what the reply carries, whatever it trained on."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 @dataclass(frozen=True)
@@ -290,15 +309,18 @@ def serve_train(
     """One train message, as a node that guards its own privacy answers it.
 
     Each step takes what the one before computed: shard (`ShardSpec`, with a policy the
-    run's `data-dir` ignored: `node_run_config`) → the run's plan for that shard → one ledger
+    run's `data-dir` ignored: `node_run_config`) → the run's plan for that shard (with
+    privacy-unit=network, from the schedule the node redraws itself) → one ledger
     transaction (`store.reserve`) that resumes the run's entry or starts the plan, checks the
     node's policy, the plan and δ (`policy.refusal`) and writes the round's steps BEFORE
     training → `train_round`. A refused round trains nothing and spends nothing.
     """
     cfg = node_run_config(policy, cfg)
+    resolve_device(cfg.device)  # a device this node lacks: refused before anything is spent
     spec = ShardSpec.of(cfg, partition_id, num_partitions, own_data)
     data = load_shard(spec)
-    planned = plan(cfg, len(data))
+    network = node_network_plan(cfg, num_partitions)
+    planned = plan(cfg, len(data), network=network)
     key = ledger_key(run_id, partition_id)
 
     def decide(runs: dict[str, PrivacyLedger]) -> Decision[_Reserved]:
@@ -306,7 +328,13 @@ def serve_train(
         steps = round_steps(cfg, ledger) if ledger is not None else 0
         others = [led for k, led in runs.items() if k != key]
         reason = resume_mismatch(runs.get(key), planned) or refusal(
-            policy, cfg, num_samples=len(data), ledger=ledger, other_runs=others, steps=steps
+            policy,
+            cfg,
+            num_samples=len(data),
+            ledger=ledger,
+            other_runs=others,
+            steps=steps,
+            network=network,
         )
         spend = ledger.after(steps) if ledger is not None and reason is None else None
         return spend, _Reserved(ledger, steps, others, reason)
@@ -315,12 +343,7 @@ def serve_train(
     if got.reason is not None:
         return Refused(got.reason)
     out = train_round(
-        cfg,
-        spec=spec,
-        data=data,
-        weights=weights,
-        ledger=got.ledger,
-        server_round=server_round,
+        cfg, spec=spec, data=data, weights=weights, ledger=got.ledger, server_round=server_round
     )
     if got.ledger is None:
         return out

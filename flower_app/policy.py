@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from flower_app.config import RunConfig
+from flower_app.network_calibration import NetworkPlan
 from flower_app.privacy import PrivacyLedger, lifetime_epsilon
 
 # What a SuperNode's --node-config may hold: the shard it trains (simulation sets the first
@@ -22,6 +23,7 @@ from flower_app.privacy import PrivacyLedger, lifetime_epsilon
 NODE_KEYS = ("partition-id", "num-partitions", "data-dir", "torch-threads")
 POLICY_KEYS = (
     "max-eps",
+    "max-partner-eps",
     "lifetime-eps",
     "max-delta",
     "allow-seeded-noise",
@@ -48,6 +50,11 @@ class NodePolicy:
     """The operator's limits; the defaults (no policy keys) accept every run."""
 
     max_eps: float = math.inf  # largest ε of one run, at max_delta
+    # Largest ε of one run against the closer class: observers of the node's own releases
+    # (its gossip partners, the server under FedAvg or an open relay) and, with
+    # privacy-unit=network, every observer nearer than network-min-distance. None: max_eps,
+    # so a run that trades the closer class's privacy for noise needs the operator's opt-in.
+    max_partner_eps: float | None = None
     lifetime_eps: float = math.inf  # largest ε of all runs ever, composed, at max_delta
     max_delta: float = DEFAULT_MAX_DELTA  # largest δ of a run; consulted only with a policy
     allow_seeded_noise: bool = False  # consulted only when the node has a policy
@@ -73,7 +80,11 @@ class NodePolicy:
         torch_threads(node_config)
         has_policy = any(k in node_config for k in POLICY_KEYS)
         out: dict[str, Any] = {"has_policy": has_policy, "allow_seeded_noise": not has_policy}
-        for key, attr in (("max-eps", "max_eps"), ("lifetime-eps", "lifetime_eps")):
+        for key, attr in (
+            ("max-eps", "max_eps"),
+            ("max-partner-eps", "max_partner_eps"),
+            ("lifetime-eps", "lifetime_eps"),
+        ):
             if key in node_config:
                 out[attr] = _positive(key, node_config[key])
         if "max-delta" in node_config:
@@ -95,19 +106,31 @@ class NodePolicy:
                 "set max-eps, lifetime-eps and ledger-dir (docs/deploy.md), or max-eps=inf to "
                 "accept any run"
             )
-        for key, limit in (("max-eps", self.max_eps), ("lifetime-eps", self.lifetime_eps)):
+        limits = (
+            ("max-eps", self.max_eps),
+            ("max-partner-eps", self.partner_limit),
+            ("lifetime-eps", self.lifetime_eps),
+        )
+        for key, limit in limits:
             if math.isfinite(limit) and not self.ledger_dir:
                 raise PolicyError(
                     f"{key}={limit:g} needs an absolute ledger-dir: without a durable ledger "
                     "a restarted node forgets what it spent and the limit bounds nothing"
                 )
 
+    @property
+    def partner_limit(self) -> float:
+        """The closer class's limit: `max-partner-eps`, else `max-eps` (no opt-in)."""
+        return self.max_eps if self.max_partner_eps is None else self.max_partner_eps
+
     def describe(self) -> str:
         """The policy as node-config text, for logs."""
         if not self.has_policy:
             return "no policy (accepts the run's privacy)"
         return (
-            f"max-eps={self.max_eps:g} lifetime-eps={self.lifetime_eps:g} "
+            f"max-eps={self.max_eps:g} max-partner-eps={self.partner_limit:g}"
+            f"{'' if self.max_partner_eps is not None else ' (= max-eps)'} "
+            f"lifetime-eps={self.lifetime_eps:g} "
             f"max-delta={self.max_delta:g} "
             f"allow-seeded-noise={str(self.allow_seeded_noise).lower()} "
             f"allow-audit={str(self.allow_audit).lower()} "
@@ -204,23 +227,31 @@ def refusal(
     ledger: PrivacyLedger | None,
     other_runs: Sequence[PrivacyLedger],
     steps: int,
+    network: NetworkPlan | None = None,
 ) -> str | None:
     """Why this node must not train this round (None: it may).
 
     `ledger` is the run's ledger before the round (None without DP), `other_runs` every
-    other entry in the node's durable ledger, `steps` what the round would take. With a
-    policy, every ε compared with max-eps or lifetime-eps is computed at its max-delta.
+    other entry in the node's durable ledger, `steps` what the round would take, `network`
+    the node's own privacy-unit=network plan (None: privacy-unit=local). With a policy,
+    every ε compared with a limit is computed at its max-delta.
     """
     if reason := _consent_refusal(policy, cfg):
         return reason
     if ledger is None:
-        for key, limit in (("max-eps", policy.max_eps), ("lifetime-eps", policy.lifetime_eps)):
+        limits = (
+            ("max-eps", policy.max_eps),
+            ("max-partner-eps", policy.partner_limit),
+            ("lifetime-eps", policy.lifetime_eps),
+        )
+        for key, limit in limits:
             if math.isfinite(limit):
                 return f"eps=inf (no DP) exceeds this node's {key}={limit:g}"
         return None
     return (
         _delta_refusal(policy, cfg, num_samples)
         or _run_refusal(policy, cfg, ledger, steps)
+        or _class_refusal(policy, ledger, network)
         or _lifetime_refusal(policy, ledger, other_runs)
     )
 
@@ -281,13 +312,6 @@ def _run_refusal(
     """This run's ε against max-eps, and no step beyond the plan."""
     if cfg.eps > policy.max_eps:
         return f"eps={cfg.eps:g} exceeds this node's max-eps={policy.max_eps:g}"
-    counted = at_operator_delta(policy, ledger)
-    planned = counted.strict_epsilon(ledger.planned_steps)
-    if planned > policy.max_eps:
-        return (
-            f"this run would cost the node ε={planned:.4g} (against the server; at "
-            f"δ={counted.delta:g}, this node's max-delta), over its max-eps={policy.max_eps:g}"
-        )
     if ledger.steps + steps > ledger.planned_steps:
         return (
             f"this train message would take the node to {ledger.steps + steps} DP steps, past "
@@ -295,6 +319,58 @@ def _run_refusal(
             f"(num-server-rounds={cfg.num_server_rounds}): no round beyond the plan"
         )
     return None
+
+
+def _class_refusal(
+    policy: NodePolicy, ledger: PrivacyLedger, network: NetworkPlan | None
+) -> str | None:
+    """Each observer class's ε, computed here from the node's own σ, against its limit.
+
+    The closer class (partners, anyone holding the node's own releases) gets the local ε,
+    which bounds every observer whatever schedule the server follows; under
+    privacy-unit=local so does everyone else. Under privacy-unit=network the far class gets
+    the pairwise accountant's ε on the schedule the node redrew itself (`network`), at the
+    replacement relation (2C) as `strict_epsilon` counts the local ε.
+    """
+    counted = at_operator_delta(policy, ledger)
+    local = counted.strict_epsilon(ledger.planned_steps)
+    if network is None and local > policy.max_eps:
+        return (
+            f"this run would cost the node ε={local:.4g} (against the server; at "
+            f"δ={counted.delta:g}, this node's max-delta), over its max-eps={policy.max_eps:g}"
+        )
+    if local > policy.partner_limit:
+        key = (
+            f"max-partner-eps={policy.partner_limit:g}"
+            if policy.max_partner_eps is not None
+            else f"max-eps={policy.max_eps:g} (its partner limit: no max-partner-eps is set)"
+        )
+        who = (
+            "its gossip partners, and every node nearer than network-min-distance"
+            if network
+            else "its gossip partners, or the server under FedAvg or an open relay"
+        )
+        return (
+            f"this run would give observers of the node's own releases ({who}) "
+            f"ε={local:.4g} at δ={counted.delta:g}, over its {key}"
+        )
+    if network is None:
+        return None
+    far = network.network_eps(
+        sigma=ledger.noise_multiplier, delta=counted.delta, sensitivity=_sensitivity(ledger)
+    )
+    if far > policy.max_eps:
+        return (
+            f"this run would give observers {network.rho.min_distance} or more hops away "
+            f"ε={far:.4g} at δ={counted.delta:g} (the node's own accounting of the schedule "
+            f"drawn from seed), over its max-eps={policy.max_eps:g}"
+        )
+    return None
+
+
+def _sensitivity(ledger: PrivacyLedger) -> float:
+    """The replacement relation in units of C, as `PrivacyLedger.strict_noise_multiplier`."""
+    return 2.0 if ledger.dp_mode == "update" else 1.0
 
 
 def _lifetime_refusal(

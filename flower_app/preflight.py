@@ -49,12 +49,16 @@ def gossip_graph(cfg: RunConfig, num_nodes: int) -> nx.Graph:
         raise ConfigError(str(err)) from None
 
 
-def check_privacy_plan(cfg: RunConfig) -> None:
-    """A dp-mode=update plan needs nothing from the nodes: an eps no noise meets fails here."""
+def check_privacy_plan(cfg: RunConfig, num_nodes: int = 0) -> None:
+    """A dp-mode=update plan needs nothing from the nodes: an eps no noise meets fails here.
+
+    With privacy-unit=network the plan is the one every node computes for `num_nodes`.
+    """
     if cfg.private and cfg.dp_mode == "update":
+        from flower_app.network_calibration import node_network_plan
         from flower_app.node import plan  # Opacus's accountants: only when a run starts
 
-        plan(cfg, num_samples=0)
+        plan(cfg, num_samples=0, network=node_network_plan(cfg, num_nodes))
 
 
 def evaluation_arrays(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -88,11 +92,22 @@ def check_run_model(cfg: RunConfig) -> None:
     check_model(cfg)
 
 
+def check_device(cfg: RunConfig) -> None:
+    """An explicit `device` this machine lacks (cuda on a CPU-only one) fails here, in one line.
+
+    `auto` always passes: each node resolves it on its own hardware. Raises `DeviceError`.
+    """
+    from flower_app.device import resolve_device  # torch: only when a run starts
+
+    resolve_device(cfg.device)
+
+
 def preflight(cfg: RunConfig, num_nodes: int) -> None:
     """Every check the ServerApp makes before training, for a run on `num_nodes` nodes."""
     check_node_count(cfg, num_nodes)
+    check_device(cfg)
     if cfg.strategy == "gossip":
         gossip_graph(cfg, num_nodes)
-    check_privacy_plan(cfg)
+    check_privacy_plan(cfg, num_nodes)
     evaluation_arrays(cfg)
     check_run_model(cfg)

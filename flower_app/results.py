@@ -306,6 +306,8 @@ class RunSummary:
     audit: dict[str, Any] | None = None
     # Gossip: ε against each observer by graph distance, and the server's (network_privacy.json).
     network_privacy: dict[str, Any] | None = None
+    # Run-config `device`, the server's resolved device and the nodes' (counted by device).
+    devices: dict[str, Any] | None = None
     error: str | None = None  # failed runs only: "<ExceptionType>: <message>"
 
     @classmethod
@@ -324,7 +326,7 @@ class RunSummary:
             return {"status": self.status, "error": self.error}
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         del out["error"]
-        for optional in ("topology", "audit", "network_privacy"):
+        for optional in ("topology", "audit", "network_privacy", "devices"):
             if out[optional] is None:
                 del out[optional]
         return out

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flower_app import clipped_grads
 from flower_app.data import keep_batch
+from flower_app.device import model_device
 from flower_app.keyed_opacus import KeyedPoissonSampler, use_keyed_noise
 from flower_app.model import MODELS
 from flower_app.privacy import PrivacyLedger, steps_per_epoch
@@ -71,6 +72,12 @@ def _batches(loader: Iterable, *, epochs: int, steps: int) -> Iterator:
     return itertools.chain.from_iterable(itertools.repeat(loader, epochs))
 
 
+def _to(device: torch.device, batches: Iterable) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Each batch on the model's `device` (a no-op when the shard is already there)."""
+    for batch in batches:
+        yield tuple(t.to(device) for t in batch)
+
+
 def train_plain(
     model: nn.Module,
     data: TensorDataset,
@@ -84,7 +91,8 @@ def train_plain(
 ) -> LocalResult:
     """Non-private SGD (eps=inf): shuffled mini-batches, no clipping, no noise.
 
-    `epochs` passes over the data, or exactly `steps` mini-batches when `steps` > 0.
+    `epochs` passes over the data, or exactly `steps` mini-batches when `steps` > 0. The
+    batches go to the model's device (`flower_app.device`: where the node put it).
     """
     loader = DataLoader(
         data, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=keep_batch
@@ -93,7 +101,7 @@ def train_plain(
     criterion = nn.CrossEntropyLoss()
     model.train()
     total, taken = 0.0, 0
-    for x, y in _batches(loader, epochs=epochs, steps=steps):
+    for x, y in _to(model_device(model), _batches(loader, epochs=epochs, steps=steps)):
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), y)
         loss.backward()
@@ -128,6 +136,9 @@ def train_dp(
     noise was calibrated for (Opacus's own Poisson loader takes int(1/q) steps, one fewer
     for some n). The accountant starts from the node's ledger, so Opacus itself tracks the
     cumulative spend; the steps it counts this round are returned for the ledger.
+
+    The batches go to the model's device; the batches' indices and the noise are drawn on
+    the CPU by the keyed streams and then moved there (`keyed_opacus`).
     """
     fast, grad_sample_mode = _fast_path(model, grad_sample_mode, data)
     rand = randomness or PrivacyRandomness.fresh()
@@ -151,6 +162,7 @@ def train_dp(
         batches: Iterable = _poisson_loader(data, per_epoch, steps=steps, randomness=rand)
     else:
         batches = _batches(dp.loader, epochs=epochs, steps=0)
+    batches = _to(model_device(model), batches)
     if fast:
         loss = _fast_epochs(dp, model, batches, max_grad_norm)
     else:
@@ -192,7 +204,7 @@ def _probe_fast_path(model: nn.Module, data: TensorDataset) -> list[str]:
     """
     if type(model) in BUILTIN_CLASSES or len(data) == 0:
         return []
-    x, y = (t[:2] for t in data.tensors)
+    x, y = (t[:2].to(model_device(model)) for t in data.tensors)
     with torch.random.fork_rng():
         try:
             clipped_grads.clipped_sum(model, x, y, 1.0)
@@ -387,12 +399,14 @@ def _empty_step(optimizer: DPOptimizer) -> None:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: TensorDataset) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy over `data`."""
+    """Mean cross-entropy loss and accuracy over `data`, computed on the model's device."""
     model.eval()
     loss_sum, correct = 0.0, 0
     images, labels = data.tensors
+    device = model_device(model)
     for start in range(0, len(labels), EVAL_BATCH):
-        x, y = images[start : start + EVAL_BATCH], labels[start : start + EVAL_BATCH]
+        x = images[start : start + EVAL_BATCH].to(device)
+        y = labels[start : start + EVAL_BATCH].to(device)
         logits = model(x)
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())

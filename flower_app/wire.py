@@ -23,6 +23,9 @@ REASON = "reason"
 PARTITION_ID = "partition-id"
 NUM_EXAMPLES = "num-examples"
 NUM_PARTITIONS = "num-partitions"  # the node's node-config count (gossip checks it)
+# Where the node trained (run-config `device` resolved on the node): its CUDA index, -1 for
+# the CPU (a MetricRecord holds numbers; `flower_app.device.device_name` names it).
+DEVICE = "device"
 TRAIN_LOSS = "train-loss"  # un-noised: only a node without DP (eps=inf) sends it
 # What a private node spent (its ledger), cumulative over the run's rounds.
 EPS = "eps"

@@ -35,11 +35,18 @@ from server_app.audit import (
     write_audit,
 )
 from server_app.cells import run_cells
-from server_app.evaluation import RoundRecorder, central_test_sets, model_evaluator
+from server_app.evaluation import (
+    RoundRecorder,
+    central_test_sets,
+    devices_used,
+    model_evaluator,
+    server_device,
+)
 from server_app.network_privacy import network_line, network_privacy, write_network_privacy
-from server_app.polling import PromptGrid
+from server_app.polling import prompt_grid, simulated
 from server_app.privacy_report import privacy_line, privacy_summary
 from server_app.rejections import fail, one_line_rejections
+from server_app.sim_runtime import speed_up_message_lookup
 from server_app.whitebox import whitebox_audit
 from strategies import STRATEGIES
 from strategies.base import NodeRefused, QuorumError, RunStrategy
@@ -70,6 +77,7 @@ def prepare(
         random.seed(cfg.seed)  # for anything that draws from the global `random`
         num_nodes = len(wait_for_nodes(grid, cfg.num_nodes, cfg.round_timeout))
         check_node_count(cfg, num_nodes)
+        log(INFO, "Device: the server evaluates on %s (device=%s)", server_device(cfg), cfg.device)
         test, node_test = central_test_sets(cfg)
         check_run_model(cfg)
         strategy = STRATEGIES[cfg.strategy](cfg, num_nodes, model_evaluator(cfg, node_test))
@@ -92,7 +100,7 @@ def run_rounds(grid: Grid, cfg: RunConfig, strategy: RunStrategy, recorder: Roun
     files = recorder.files
     try:
         strategy.start(
-            grid=cast(Grid, PromptGrid(grid)),
+            grid=grid,
             initial_arrays=ArrayRecord(model_for(cfg, seed=cfg.seed).state_dict()),
             num_rounds=cfg.num_server_rounds,
             train_config=ConfigRecord(),
@@ -136,7 +144,8 @@ def summarize(
         eps_spent=eps_spent,
         wall_s=round(wall_s, 3),
         num_nodes=num_nodes,
-        privacy=privacy_summary(cfg, strategy, eps_spent),
+        privacy=privacy_summary(cfg, strategy, eps_spent, num_nodes),
+        devices=devices_used(cfg, strategy.reports.metrics),
         **strategy.run_summary(),
     )
 
@@ -150,7 +159,7 @@ def audit_and_write(
 ) -> dict[str, Any]:
     """Score the canaries from every observer's view; audit.json; summary.json's `audit`."""
     t0 = time.monotonic()
-    pids = range(num_nodes)
+    pids, reports = range(num_nodes), strategy.reports
     if cfg.whitebox_audit:  # canaries in the updates: scored from the nodes' increments
         audit = whitebox_audit(cfg, strategy)
     else:
@@ -161,7 +170,7 @@ def audit_and_write(
             own_models=strategy.own_models(),
             shared=recorder.last_arrays,
             graph=getattr(strategy, "graph", None),
-            node_eps={p: strategy.node_eps(p) for p in pids if p in strategy.node_reports},
+            node_eps={p: reports.node_eps(p) for p in pids if p in reports.metrics},
             scores_by_node=node_scores,
         )
     write_audit(files.folder, audit)
@@ -195,7 +204,7 @@ def run_experiment(grid: Grid, run_config: Mapping[str, Any]) -> None:
     """One experiment: `strategy` for `num-server-rounds` rounds, then its results folder."""
     cfg, num_nodes, strategy, test = prepare(grid, run_config)
     run_name, files = run_folder(cfg)
-    log(INFO, "%s", privacy_line(cfg))
+    log(INFO, "%s", privacy_line(cfg, num_nodes))
     log(INFO, "Results: %s", files.folder)
 
     recorder = RoundRecorder(cfg, files, strategy, test)
@@ -228,6 +237,9 @@ def main(grid: Grid, context: Context) -> None:
     quiet_opacus_logging()
     one_line_rejections()
     run_config = dict(context.run_config)
+    if simulated(grid):
+        speed_up_message_lookup()
+    grid = cast(Grid, prompt_grid(grid))
     if run_config.get("cells"):
         run_cells(grid, run_config, run_experiment)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 from typing import Any
@@ -15,10 +16,12 @@ from flwr.common import log
 
 from flower_app.config import RunConfig, claims_per_round
 from flower_app.data import BatchTensorDataset, to_tensors
+from flower_app.device import data_on, device_name, resolve_device
 from flower_app.model import model_for
 from flower_app.preflight import evaluation_arrays
 from flower_app.results import RunFiles, format_eps
 from flower_app.train import evaluate
+from flower_app.wire import DEVICE
 from strategies.base import Diagnostics
 
 # Short unit for the per-round line, by dp-mode.
@@ -38,12 +41,35 @@ def central_test_sets(cfg: RunConfig) -> tuple[BatchTensorDataset, BatchTensorDa
     )
 
 
+def server_device(cfg: RunConfig) -> torch.device:
+    """Where the ServerApp evaluates: `device` resolved on the server's own hardware.
+
+    Raises `DeviceError` (a `ConfigError`: one line) for a CUDA device the server lacks.
+    """
+    return resolve_device(cfg.device)
+
+
+def devices_used(cfg: RunConfig, reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """`summary.json`'s `devices`: what was asked, where the server evaluated, where nodes trained.
+
+    `nodes` counts the nodes by the device each reported in its last reply (`wire.DEVICE`).
+    """
+    nodes = Counter(device_name(int(m[DEVICE])) for m in reports.values() if DEVICE in m)
+    return {
+        "requested": cfg.device,
+        "server": str(server_device(cfg)),
+        "nodes": dict(sorted(nodes.items())),
+    }
+
+
 def model_evaluator(
     cfg: RunConfig, test: BatchTensorDataset
 ) -> Callable[[list[np.ndarray]], tuple[float, float]]:
-    """(loss, accuracy) of a model given as its list of arrays, on `test`."""
-    model = model_for(cfg)
+    """(loss, accuracy) of a model given as its list of arrays, on `test`, on `server_device`."""
+    device = server_device(cfg)
+    model = model_for(cfg).to(device)
     keys = list(model.state_dict())
+    test = data_on(device, test)
 
     def evaluate_arrays(arrays: list[np.ndarray]) -> tuple[float, float]:
         model.load_state_dict(
@@ -76,6 +102,11 @@ def round_line(cfg: RunConfig, row: Mapping[str, Any]) -> str:
     if claims_per_round(cfg):
         budget = f"true composed ε {row['eps_spent']:.3f} (claimed: ε={cfg.eps:g} per round"
         budget += ", uncomposed)"
+    elif cfg.privacy_unit == "network":  # eps is the far class's target, not the local ε
+        budget = (
+            f"local ε spent {row['eps_spent']:.3f} (target {format_eps(cfg.eps)} at distance "
+            f">= {cfg.network_min_distance})"
+        )
     else:
         budget = f"ε spent {row['eps_spent']:.3f} of {format_eps(cfg.eps)}"
     unit = UNIT_SHORT[cfg.dp_mode] + (", SEEDED noise" if cfg.seeded_noise else "")
@@ -92,8 +123,10 @@ class RoundRecorder:
     def __init__(
         self, cfg: RunConfig, files: RunFiles, strategy: Diagnostics, test: BatchTensorDataset
     ) -> None:
-        """Keep what each round's row needs."""
-        self.cfg, self.files, self.strategy, self.test = cfg, files, strategy, test
+        """Keep what each round's row needs (the test set on `server_device`)."""
+        self.device = server_device(cfg)
+        self.cfg, self.files, self.strategy = cfg, files, strategy
+        self.test = data_on(self.device, test)
         self.t0 = self.t_last = time.monotonic()
         self.initial: dict[str, float] = {}
         self.last_row: dict[str, Any] = {}
@@ -108,7 +141,7 @@ class RoundRecorder:
             # The server holds no model (`arrays` is still the initial one): nothing central.
             return self._record(server_round, t_eval, None, None)
         self.last_arrays = arrays
-        model = model_for(self.cfg)
+        model = model_for(self.cfg).to(self.device)
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, self.test)
         if server_round == 0:

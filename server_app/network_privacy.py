@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from flower_app.config import RunConfig
+from flower_app.network_calibration import node_network_plan
 from flower_app.network_dp import ORDERS, by_distance, pairwise_rdp, rdp_to_eps
 from flower_app.results import write_json
 from flower_app.wire import NOISE_MULTIPLIER
@@ -52,7 +53,7 @@ def server_view(cfg: RunConfig, local_max: float) -> dict[str, Any]:
 
 def _sigmas(strategy: Any, n: int) -> list[float]:
     """Each vertex's noise multiplier (a vertex that never trained added no noise: any σ)."""
-    reports = strategy.node_reports
+    reports = strategy.reports.metrics
     known = [float(m[NOISE_MULTIPLIER]) for m in reports.values() if NOISE_MULTIPLIER in m]
     return [
         float(reports[v][NOISE_MULTIPLIER])
@@ -64,8 +65,8 @@ def _sigmas(strategy: Any, n: int) -> list[float]:
 
 def eps_matrix(cfg: RunConfig, strategy: Any) -> tuple[np.ndarray, str]:
     """ε[owner u, observer v] at the run's δ, and how it was computed."""
-    n = strategy.graph.number_of_nodes()
-    local = np.array([strategy.node_eps(v) if v in strategy.node_reports else 0.0
+    n, reports = strategy.graph.number_of_nodes(), strategy.reports
+    local = np.array([reports.node_eps(v) if v in reports.metrics else 0.0
                       for v in range(n)])  # fmt: skip
     if not cfg.private:
         return np.full((n, n), np.inf), "no DP (eps=inf): nothing bounds any observer"
@@ -83,11 +84,35 @@ def eps_matrix(cfg: RunConfig, strategy: Any) -> tuple[np.ndarray, str]:
     return eps, PAIRWISE
 
 
+def calibration(cfg: RunConfig, eps: np.ndarray, graph: Any, method: str) -> dict[str, Any] | None:
+    """privacy-unit=network: the plan, and whether the run's own schedule met its target.
+
+    The plan is for the schedule drawn when every node answers; a node that dropped out
+    changes the draws (or, sealed, breaks the log: local ε for everyone), so the realized
+    worst ε of the far class is recomputed here and may miss the target: said, not hidden.
+    """
+    network = node_network_plan(cfg, graph.number_of_nodes())
+    if network is None:
+        return None
+    d = network.rho.min_distance
+    far = [row["eps_max"] for row in by_distance(eps, graph)
+           if row["distance"] is None or row["distance"] >= d]  # fmt: skip
+    realized = max(far, default=0.0)
+    return {
+        **network.report(),
+        "eps_network_realized": realized,
+        "target_met": realized <= cfg.eps * (1 + 1e-9),
+        "realized_method": method,
+    }
+
+
 def network_privacy(cfg: RunConfig, strategy: Any) -> dict[str, Any]:
     """network_privacy.json of a private gossip run."""
     eps, method = eps_matrix(cfg, strategy)
     local_max = float(np.max(np.diag(eps)))
     return {
+        "privacy_unit": cfg.privacy_unit,
+        "calibration": calibration(cfg, eps, strategy.graph, method),
         "relay": cfg.gossip_relay,
         "dp_mode": cfg.dp_mode,
         "unit": "add/remove one node's whole data (the README's unit for dp-mode=update)"
@@ -102,12 +127,21 @@ def network_privacy(cfg: RunConfig, strategy: Any) -> dict[str, Any]:
 
 
 def network_line(doc: dict[str, Any]) -> str:
-    """One sentence: ε to direct partners, the worst ε at distance 2 or more, the server."""
+    """One sentence: ε to direct partners, the worst ε farther away, the server.
+
+    Farther away is network-min-distance with privacy-unit=network (then with its target,
+    met or missed), else 2.
+    """
     rows = {d["distance"]: d for d in doc["by_distance"] if d["distance"] is not None}
     partners = rows.get(1, rows.get(0))
-    far = [d["eps_max"] for k, d in rows.items() if k >= 2]
+    plan = doc.get("calibration")
+    k = plan["min_distance"] if plan else 2
+    far = [d["eps_max"] for dist, d in rows.items() if dist >= k]
     server = "no models (sealed relay)" if doc["relay"] == "sealed" else "every noisy model"
-    far_text = f", <= {_eps(max(far))} at distance >= 2" if far else ""
+    far_text = f", <= {_eps(max(far))} at distance >= {k}" if far else ""
+    if plan:
+        met = "met" if plan["target_met"] else "MISSED (the schedule changed: a node dropped)"
+        far_text += f" (target {_eps(plan['target_eps'])}: {met})"
     partner_eps = _eps(partners["eps_max"]) if partners else "?"
     return f"Network privacy: ε {partner_eps} to direct partners{far_text}; server: {server}"
 
@@ -120,4 +154,4 @@ def write_network_privacy(folder: Any, doc: dict[str, Any]) -> dict[str, Any]:
     """Write the file; summary.json's `network_privacy` (the file's name and headline)."""
     write_json(folder / NETWORK_PRIVACY, doc)
     return {"file": NETWORK_PRIVACY, "method": doc["method"], "server": doc["server"],
-            "by_distance": doc["by_distance"]}  # fmt: skip
+            "by_distance": doc["by_distance"], "calibration": doc["calibration"]}  # fmt: skip

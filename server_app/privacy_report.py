@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flower_app.config import RunConfig, claims_per_round
+from flower_app.network_calibration import NetworkPlan, node_network_plan
 from flower_app.privacy import (
     PRIVACY_UNITS,
     TRUST_MODEL,
@@ -46,8 +47,12 @@ def noise_source(cfg: RunConfig) -> str:
     return SECRET_NOISE
 
 
-def privacy_line(cfg: RunConfig) -> str:
-    """The run's privacy in one log line (an audit run says so first)."""
+def privacy_line(cfg: RunConfig, num_nodes: int = 0) -> str:
+    """The run's privacy in one log line (an audit run says so first).
+
+    With privacy-unit=network it ends with the plan every node computes for `num_nodes`:
+    σ, the far class's ε and every closer class's (larger) ε.
+    """
     audit = (
         f"AUDIT RUN ({cfg.audit_canaries} canaries per node, audit-seed={cfg.audit_seed}, "
         f"each in its owner's {'update' if cfg.whitebox_audit else 'data'} with probability "
@@ -55,7 +60,24 @@ def privacy_line(cfg: RunConfig) -> str:
         if cfg.audited
         else ""
     )
-    return audit + _privacy_line(cfg)
+    network = node_network_plan(cfg, num_nodes)
+    return audit + _privacy_line(cfg) + (f" {network_plan_text(network)}" if network else "")
+
+
+def network_plan_text(network: NetworkPlan) -> str:
+    """privacy-unit=network in one sentence: σ, the target class, and what closer ones get."""
+    d = network.rho.min_distance
+    closer = ", ".join(
+        f"{network.eps(x):.2f} at distance {k}" for k, x in network.rho.by_distance if k < d
+    )
+    return (
+        f"Privacy unit: network: σ={network.noise_multiplier:.4f} (local calibration would "
+        f"need {network.local_sigma():.4f}) gives ε <= {format_eps(network.target_eps)} "
+        f"(largest {network.network_eps():.2f}) to every observer {d} or more hops away, on "
+        f"the schedule drawn from seed when every node answers; closer observers get more: "
+        f"{closer + ', ' if closer else ''}{network.local_eps():.2f} to anyone holding a "
+        f"node's own releases (its local ε, which its ledger and policy count)."
+    )
 
 
 def _privacy_line(cfg: RunConfig) -> str:
@@ -68,6 +90,12 @@ def _privacy_line(cfg: RunConfig) -> str:
             f"{gaussian_sigma(cfg.eps, cfg.delta):.4f}, δ={cfg.delta:g}, exact cost "
             f"{one_shot_true_eps(cfg.eps, cfg.delta):.3g} per round, never composed); "
             "eps_spent reports the true ε composed over the rounds each node trains (RDP)"
+        )
+    elif cfg.privacy_unit == "network":
+        budget = (
+            f"target ε={format_eps(cfg.eps)}, δ={cfg.delta:g} per node over the whole run "
+            f"against every observer {cfg.network_min_distance} or more gossip hops away "
+            f"({cfg.num_server_rounds} rounds, pairwise network accountant)"
         )
     else:
         budget = (
@@ -85,10 +113,13 @@ def local_work(cfg: RunConfig) -> str:
     return f"{cfg.local_epochs} local epoch" + ("s" if cfg.local_epochs != 1 else "")
 
 
-def privacy_summary(cfg: RunConfig, strategy: Diagnostics, eps_spent: float) -> dict[str, Any]:
+def privacy_summary(
+    cfg: RunConfig, strategy: Diagnostics, eps_spent: float, num_nodes: int = 0
+) -> dict[str, Any]:
     """summary.json's `privacy`: enough to re-audit every node's ε from the file alone."""
-    per_round = claims_per_round(cfg)
-    nodes = with_replace_one(strategy.privacy_by_node(), cfg) if cfg.private else {}
+    per_round, reports = claims_per_round(cfg), strategy.reports
+    network = node_network_plan(cfg, num_nodes)
+    nodes = with_replace_one(reports.privacy_by_node(), cfg) if cfg.private else {}
     return {
         "unit": PRIVACY_UNITS[cfg.dp_mode] if cfg.private else "none",
         "trust_model": TRUST_MODEL,
@@ -99,6 +130,10 @@ def privacy_summary(cfg: RunConfig, strategy: Diagnostics, eps_spent: float) -> 
         "caveats": CAVEATS,
         "dp_mode": cfg.dp_mode,
         "accounting": cfg.accounting,
+        # Whom eps protects: every observer (local), or those network-min-distance or more
+        # hops away (network: the plan, with every closer class's larger ε).
+        "privacy_unit": cfg.privacy_unit,
+        "network_plan": network.report() if network else None,
         # accounting=per-round: `eps_target` is this uncomposed label, not a budget...
         "eps_per_round_claimed": cfg.eps if per_round else None,
         # ...and this is what one such round really costs (Balle & Wang's exact ε).
@@ -109,7 +144,7 @@ def privacy_summary(cfg: RunConfig, strategy: Diagnostics, eps_spent: float) -> 
         # dp-mode=update: against the server, which sees each node's own release, replacing
         # a node's data moves the clipped update by 2C; this is its ε (largest node).
         "eps_replace": (
-            strategy.eps_spent(strict=True) if cfg.private and cfg.dp_mode == "update" else None
+            reports.eps_spent(strict=True) if cfg.private and cfg.dp_mode == "update" else None
         ),
         "delta": cfg.delta,
         "accountant": cfg.accountant,

@@ -43,7 +43,7 @@ def _float_vector(record: Any) -> np.ndarray:
 
 def _sigmas(strategy: Any, n: int) -> np.ndarray:
     """Each vertex's noise multiplier as it reported it (0: no DP, or never trained)."""
-    reports = strategy.node_reports
+    reports = strategy.reports.metrics
     return np.array([float(reports.get(v, {}).get(NOISE_MULTIPLIER, 0.0)) for v in range(n)])
 
 

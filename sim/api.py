@@ -258,6 +258,7 @@ def sweep(
     timeout: float = 3600,
     parallel_cells: int | None = None,
     ray_address: str | None = None,
+    gpus_per_node: float | None = None,
     run_per_cell: bool = False,
     dry_run: bool = False,
     target_accuracy: float | None = None,
@@ -271,13 +272,14 @@ def sweep(
     `--strategies fedavg,gossip`, `set={"gossip:topology": "ring"}` is `--set
     gossip:topology=ring`, `sweep={"lr": [0.05, 0.1]}`, `variants=[{...}, ...]`); any other
     keyword is a run-config key, fixed (`samples_per_node=200`) or swept (`lr=[0.05, 0.1]`).
+    `gpus_per_node=0.25` gives each simulated node a quarter of a GPU (`--gpus-per-node`).
     `dry_run=True` checks everything, lists the cells and returns None. `link`: a running
     `SimulationLink` to use instead of starting one. Bad input raises SweepError.
     """
     grid = {"preset": preset, "nodes": nodes, "strategies": strategies, "eps": eps}
     grid |= {"seeds": seeds, "rounds": rounds, "set": set, "sweep": sweep, "variants": variants}
     where = {"timeout": timeout, "parallel_cells": parallel_cells, "ray_address": ray_address}
-    where |= {"run_per_cell": run_per_cell, "dry_run": dry_run}
+    where |= {"gpus_per_node": gpus_per_node, "run_per_cell": run_per_cell, "dry_run": dry_run}
     where |= {"target_accuracy": target_accuracy}
     argv = ["run", *_grid(spec, grid, keys), *option_flags(where)]
     argv += ["--out", str(_out(out, preset or "sweep", "results/sweeps"))]
@@ -326,6 +328,7 @@ _SWEEP_ONLY = (
     "variants",
     "parallel_cells",
     "ray_address",
+    "gpus_per_node",
     "run_per_cell",
 )
 

@@ -1,9 +1,9 @@
-"""What both strategies share: node bookkeeping, central evaluation, the ServerApp's hooks."""
+"""What both strategies share: node reports, central evaluation, the ServerApp's hooks."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from logging import WARNING
@@ -47,20 +47,15 @@ PRIVACY_KEYS = (
 class Diagnostics(Protocol):
     """What the ServerApp reads from a strategy for `rounds.csv` and `summary.json`."""
 
+    # Each node's reports and ε (`summary.json`'s privacy section, the audit's bounds).
+    reports: NodeReports
+
     def round_diagnostics(self) -> dict[str, Any]:
         """Per-round columns beyond accuracy and loss (`eps_spent` among them)."""
         ...
 
     def run_summary(self) -> dict[str, Any]:
         """Strategy facts for `summary.json` (`aggregation`, maybe `topology`)."""
-        ...
-
-    def privacy_by_node(self) -> dict[str, dict[str, Any]]:
-        """Each node's privacy parameters as it last reported them."""
-        ...
-
-    def eps_spent(self, *, strict: bool = False) -> float:
-        """Largest cumulative ε over all nodes asked to train so far."""
         ...
 
     def own_models(self) -> dict[int, list[np.ndarray]]:
@@ -148,38 +143,40 @@ def _log_error_replies(server_round: int, replies: list[Message]) -> None:
             )
 
 
-class NodeReportsMixin:
+class NodeReports:
     """Each node's latest training metrics by partition id, and who holds which partition.
 
-    A partition id (the node's shard, and its gossip vertex) is bound to the node id the
-    run's `partition-nodes` names (`bind`), else to the first Flower node that reports it;
-    a reply from any other node claiming it is refused, so no node can overwrite another's
-    privacy report or receive its gossip model.
+    One per run, built by the strategy that owns it (as flwr's DP wrappers hold the strategy
+    they wrap). A partition id (the node's shard, and its gossip vertex) is bound to the node
+    id the run's `partition-nodes` names (`bindings`), else to the first Flower node that
+    reports it; a reply from any other node claiming it is refused, so no node can overwrite
+    another's privacy report or receive its gossip model.
     """
 
-    node_reports: dict[int, dict[str, Any]]
-    min_available_nodes: int
-    bounds: PrivacyBounds
-    # Nodes this round's train messages went to (set by configure_train): a node that never
-    # replied within round-timeout has no reply at all, not an error reply.
-    sent_to: frozenset[int] = frozenset()
-    nodes_failed: int = 0
+    def __init__(
+        self, bounds: PrivacyBounds, *, quorum: int, bindings: Mapping[int, int] | None = None
+    ) -> None:
+        """No reports yet; `bindings` (partition id -> node id) bound before any reply.
 
-    def init_reports(self, bounds: PrivacyBounds) -> None:
-        """Empty reports and bindings."""
+        `quorum`: the fewest answers a round may have (`min-available-nodes`).
+        """
         self.bounds = bounds
-        self.node_reports = {}
-        self.partition_of: dict[int, int] = {}  # Flower node id -> partition id
-        self.node_of: dict[int, int] = {}  # partition id -> Flower node id
+        self.quorum = quorum
+        self.metrics: dict[int, dict[str, Any]] = {}  # partition id -> its latest metrics
+        self.node_of: dict[int, int] = dict(bindings or {})  # partition id -> Flower node id
+        self.partition_of = {node: pid for pid, node in self.node_of.items()}  # node -> pid
         # Rounds a node was asked to train since its last report (its reply was lost):
         # it may have spent them, so its ε is bounded as if it had.
         self.lost_rounds: dict[int, int] = {}
         self.lost_unknown: set[int] = set()  # node ids lost before they ever reported
+        # Nodes this round's train messages went to (`asked`): a node that never replied
+        # within round-timeout has no reply at all, not an error reply.
+        self.sent_to: frozenset[int] = frozenset()
+        self.nodes_failed = 0
 
-    def bind(self, bindings: dict[int, int]) -> None:
-        """Bind partition ids to the node ids the operator registered, before any reply."""
-        self.node_of.update(bindings)
-        self.partition_of.update({node: pid for pid, node in bindings.items()})
+    def asked(self, node_ids: Iterable[int]) -> None:
+        """Remember whom this round's train messages went to (from `configure_train`)."""
+        self.sent_to = frozenset(node_ids)
 
     def _claim(self, server_round: int, reply: Message) -> bool:
         node, pid = reply.metadata.src_node_id, int(reply.content[METRICS][PARTITION_ID])
@@ -205,7 +202,7 @@ class NodeReportsMixin:
 
         A refusal by any node (its policy, its data) stops the run with that node's reason. A
         node that failed or timed out is left out of the round (and logged, and counted in
-        `nodes_failed`); the run stops only when fewer than `min_available_nodes` answered.
+        `nodes_failed`); the run stops only when fewer than `quorum` answered.
         """
         _stop_on_refusal(server_round, replies)
         _log_error_replies(server_round, replies)
@@ -215,7 +212,7 @@ class NodeReportsMixin:
         for r in ok:
             m = r.content[METRICS]
             pid = int(m[PARTITION_ID])
-            self.node_reports[pid] = dict(m)
+            self.metrics[pid] = dict(m)
             self.lost_rounds.pop(pid, None)
             self.lost_unknown.discard(r.metadata.src_node_id)
         return ok
@@ -234,11 +231,11 @@ class NodeReportsMixin:
         self.nodes_failed = len(failed) if self.sent_to else len(replies) - len(ok)
 
     def _check_quorum(self, server_round: int, ok: list[Message]) -> None:
-        """Stop the run when fewer than `min_available_nodes` answered."""
-        if len(ok) < self.min_available_nodes:
+        """Stop the run when fewer than `quorum` (`min-available-nodes`) answered."""
+        if len(ok) < self.quorum:
             raise QuorumError(
                 f"round {server_round}: only {len(ok)} node(s) answered, fewer than "
-                f"min-available-nodes={self.min_available_nodes}"
+                f"min-available-nodes={self.quorum}"
             )
 
     def node_eps(self, pid: int, *, strict: bool = False) -> float:
@@ -246,7 +243,7 @@ class NodeReportsMixin:
 
         `strict`: against the server (update mode: replacing the node's data, 2C).
         """
-        m = self.node_reports[pid]
+        m = self.metrics[pid]
         key = EPS_STRICT if strict else EPS
         lost = self.lost_rounds.get(pid, 0)
         if key not in m or not lost:
@@ -271,7 +268,7 @@ class NodeReportsMixin:
 
         Counts every node that may have trained, including one whose reply was lost.
         """
-        spent = [self.node_eps(pid, strict=strict) for pid in self.node_reports]
+        spent = [self.node_eps(pid, strict=strict) for pid in self.metrics]
         if self.lost_unknown:
             spent.append(math.inf if strict else self.bounds.run_bound)
         return max(spent, default=0.0)
@@ -279,7 +276,7 @@ class NodeReportsMixin:
     def privacy_by_node(self) -> dict[str, dict[str, Any]]:
         """Each node's privacy parameters as it last reported them, for `summary.json`."""
         out: dict[str, dict[str, Any]] = {}
-        for pid, m in sorted(self.node_reports.items()):
+        for pid, m in sorted(self.metrics.items()):
             out[str(pid)] = {k: m[k] for k in PRIVACY_KEYS if k in m}
             if lost := self.lost_rounds.get(pid, 0):
                 out[str(pid)] |= {"lost-rounds": lost, "eps-bound": self.node_eps(pid)}
@@ -287,7 +284,10 @@ class NodeReportsMixin:
 
 
 class CentralEvaluationMixin:
-    """No federated evaluation round: the ServerApp evaluates models on its test set."""
+    """No federated evaluation round: the ServerApp evaluates models on its test set.
+
+    It holds no state: it only fills in Flower's two evaluation hooks.
+    """
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

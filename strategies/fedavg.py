@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO
 from typing import Any
 
@@ -27,7 +27,7 @@ from flower_app.wire import (
 )
 from strategies.base import (
     CentralEvaluationMixin,
-    NodeReportsMixin,
+    NodeReports,
     PrivacyBounds,
     registration_order,
     reply_order,
@@ -49,7 +49,7 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
     return MetricRecord(out)
 
 
-class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
+class CentralFedAvg(CentralEvaluationMixin, FedAvg):
     """Global example-weighted average of the sampled nodes' models (McMahan et al.).
 
     Evaluation happens on the server, on the central test set, so there is no federated
@@ -64,10 +64,12 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
         min_available_nodes: int = 2,
         seed: int = 0,
         bounds: PrivacyBounds | None = None,
+        bindings: Mapping[int, int] | None = None,
         keep_uploads: bool = False,
     ) -> None:
         """Store the knobs; weights come from each reply's `num-examples`.
 
+        `bindings`: partition id -> the node id that alone may report it (`partition-nodes`).
         `keep_uploads`: remember each node's latest upload as the server received it (what
         a privacy audit scores from the server's view).
         """
@@ -82,7 +84,9 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
         )
         self.num_nodes = num_nodes
         self.seed = seed
-        self.init_reports(bounds or PrivacyBounds())
+        self.reports = NodeReports(
+            bounds or PrivacyBounds(), quorum=min_available_nodes, bindings=bindings
+        )
         self.last_round: dict[str, Any] = {}
         self.keep_uploads = keep_uploads
         self.uploads: dict[int, list[np.ndarray]] = {}
@@ -108,7 +112,7 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
             Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
             for node in node_ids
         ]
-        self.sent_to = frozenset(node_ids)
+        self.reports.asked(node_ids)
         return messages
 
     def aggregate_train(
@@ -119,7 +123,7 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
         # then differ in the last bits, and this chaotic training amplified that to runs of
         # one config ending 6 points apart. A fixed order makes a seed reproduce bit for bit.
         replies = sorted(replies, key=reply_order)
-        ok = self.remember(server_round, replies)
+        ok = self.reports.remember(server_round, replies)
         if self.keep_uploads:
             for r in ok:
                 pid = int(r.content[METRICS][PARTITION_ID])
@@ -127,7 +131,7 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
         arrays, metrics = super().aggregate_train(server_round, ok)
         self.last_round = {
             "nodes_trained": len(ok),
-            "nodes_failed": self.nodes_failed,
+            "nodes_failed": self.reports.nodes_failed,
             # Only non-private nodes report a training loss.
             "train_loss": float(metrics[TRAIN_LOSS]) if metrics and TRAIN_LOSS in metrics else None,
             # Every node ends the round holding the same global model.
@@ -143,7 +147,7 @@ class CentralFedAvg(CentralEvaluationMixin, NodeReportsMixin, FedAvg):
 
     def round_diagnostics(self) -> dict[str, Any]:
         """Per-round columns beyond accuracy and loss."""
-        return {**self.last_round, "eps_spent": self.eps_spent()}
+        return {**self.last_round, "eps_spent": self.reports.eps_spent()}
 
     def own_models(self) -> dict[int, list[np.ndarray]]:
         """Each node's latest upload, by partition id (empty unless `keep_uploads`)."""

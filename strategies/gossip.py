@@ -8,7 +8,7 @@ the models between rounds only because Flower's nodes cannot talk to each other 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 from typing import Any
 
@@ -38,6 +38,7 @@ from flower_app.gossip import (
     metropolis_weights,
     random_edges,
     random_matching,
+    schedule_rng,
 )
 from flower_app.gossip_schedule import ScheduleLog
 from flower_app.topology import graph_facts
@@ -51,7 +52,7 @@ from flower_app.wire import (
     SERVER_ROUND,
     TRAIN_LOSS,
 )
-from strategies.base import CentralEvaluationMixin, NodeReportsMixin, PrivacyBounds
+from strategies.base import CentralEvaluationMixin, NodeReports, PrivacyBounds
 
 # Evaluates one model given as the list of its arrays: returns (loss, accuracy).
 ArraysEvaluator = Callable[[list[np.ndarray]], tuple[float, float]]
@@ -96,7 +97,7 @@ class Layout:
         return ArrayRecord({k: Array(a) for k, a in zip(self.keys, arrays, strict=True)})
 
 
-class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
+class Gossip(CentralEvaluationMixin, Strategy):
     """Decentralised learning on a graph: train locally, then average with neighbours.
 
     Modes: `matching` (a random maximal matching, pairs average at once), `edges` (k random
@@ -118,20 +119,27 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         min_available_nodes: int = 2,
         evaluate_arrays: ArraysEvaluator | None = None,
         bounds: PrivacyBounds | None = None,
+        bindings: Mapping[int, int] | None = None,
     ) -> None:
-        """Store the knobs; models appear once the first round's replies arrive."""
+        """Store the knobs; models appear once the first round's replies arrive.
+
+        `bindings`: vertex (partition id) -> the node id that alone may report it.
+        """
         self.graph = graph
         self.mode = mode
         self.edges_per_round = edges_per_round
         self.steps_per_round = steps_per_round
-        self.rng = np.random.default_rng([seed, 0x6055])
+        self.rng = schedule_rng(seed)
         self.min_available_nodes = min_available_nodes
         self.evaluate_arrays = evaluate_arrays
         self.models: dict[int, np.ndarray] = {}
         self.layout: Layout | None = None
         self.initial: ArrayRecord | None = None
-        # Binds each vertex (partition id) to the first Flower node that reports it.
-        self.init_reports(bounds or PrivacyBounds())
+        # Binds each vertex (partition id) unbound by `bindings` to the first Flower node
+        # that reports it.
+        self.reports = NodeReports(
+            bounds or PrivacyBounds(), quorum=min_available_nodes, bindings=bindings
+        )
         self.last_round: dict[str, Any] = {}
         # Who trained and every step applied, for the network accountant (network_dp).
         self.schedule_log = ScheduleLog(graph.number_of_nodes())
@@ -166,7 +174,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         }
 
     def _record_for(self, node_id: int) -> ArrayRecord:
-        vertex = self.partition_of.get(node_id)
+        vertex = self.reports.partition_of.get(node_id)
         if vertex is None or vertex not in self.models or self.layout is None:
             # Not heard from yet: its own model is still the common initial one.
             assert self.initial is not None
@@ -182,7 +190,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         # Every node that is connected now trains; absent ones keep their model.
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         node_ids = list(grid.get_node_ids())
-        self.sent_to = frozenset(node_ids)
+        self.reports.asked(node_ids)
         config[SERVER_ROUND] = server_round
         return [
             Message(
@@ -202,7 +210,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         no node ever receives it.
         """
         replies = list(replies)
-        ok = self.remember(server_round, replies)
+        ok = self.reports.remember(server_round, replies)
         trained: dict[int, np.ndarray] = {}
         for r in ok:
             vertex = self._vertex_of(server_round, r)
@@ -210,7 +218,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
             self.layout = self.layout or Layout(record)
             trained[vertex] = self.layout.flatten(record)
         if self.layout is None:
-            self.last_round = {"nodes_trained": 0, "nodes_failed": self.nodes_failed}
+            self.last_round = {"nodes_trained": 0, "nodes_failed": self.reports.nodes_failed}
             return None, None
         if not self.models:  # vertices never heard from hold the initial model
             start = self.layout.flatten(self.initial)
@@ -221,7 +229,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
         messages_sent = sum(self._gossip(set(trained)) for _ in range(self.steps_per_round))
         self.last_round = {
             "nodes_trained": len(trained),
-            "nodes_failed": self.nodes_failed,
+            "nodes_failed": self.reports.nodes_failed,
             "train_loss": mean_loss(ok),
             "consensus_distance": consensus_distance(self.models),
             "bytes_sent_per_node": messages_sent * self.layout.nbytes / len(self.models),
@@ -279,7 +287,7 @@ class Gossip(CentralEvaluationMixin, NodeReportsMixin, Strategy):
 
     def round_diagnostics(self) -> dict[str, Any]:
         """Per-round columns: each node's own accuracy on the node test set, consensus, bytes."""
-        out = {**self.last_round, "eps_spent": self.eps_spent()}
+        out = {**self.last_round, "eps_spent": self.reports.eps_spent()}
         if self.evaluate_arrays is not None and self.models and self.layout is not None:
             accs = [self.evaluate_arrays(self.layout.unflatten(m))[1] for m in self.models.values()]
             out |= {

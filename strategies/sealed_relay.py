@@ -146,7 +146,7 @@ class SealedGossip(Gossip):
         self.grid = grid
         sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         node_ids = list(grid.get_node_ids())
-        self.sent_to = frozenset(node_ids)
+        self.reports.asked(node_ids)
         config["server-round"] = server_round
         out = []
         for n in node_ids:
@@ -160,7 +160,7 @@ class SealedGossip(Gossip):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Learn who trained and their public keys, then route the round's exchanges."""
-        ok = self.remember(server_round, list(replies))
+        ok = self.reports.remember(server_round, list(replies))
         active: set[int] = set()
         for r in ok:
             vertex = self._vertex_of(server_round, r)
@@ -178,7 +178,7 @@ class SealedGossip(Gossip):
         sent = self._relay(server_round, exchanges)
         self.last_round = {
             "nodes_trained": len(active),
-            "nodes_failed": self.nodes_failed,
+            "nodes_failed": self.reports.nodes_failed,
             "train_loss": mean_loss(ok),
             "consensus_distance": None,  # needs every model: gossip-relay=open only
             "bytes_sent_per_node": sent / self.graph.number_of_nodes(),
@@ -222,7 +222,7 @@ class SealedGossip(Gossip):
         return routed
 
     def _node_and_key(self, vertex: int) -> tuple[int, bytes]:
-        return self.node_of[vertex], self.public_keys[vertex]
+        return self.reports.node_of[vertex], self.public_keys[vertex]
 
     def _apply_fields(self, vertex: int) -> dict[str, Any]:
         """What `vertex` needs to open and mix the previous exchange's blobs for it."""
@@ -253,7 +253,7 @@ class SealedGossip(Gossip):
         return Message(
             content=RecordDict({SEALED: ConfigRecord(fields_)}),
             message_type=GOSSIP_STEP,
-            dst_node_id=self.node_of[vertex],
+            dst_node_id=self.reports.node_of[vertex],
         )
 
     def _collect(
@@ -265,7 +265,7 @@ class SealedGossip(Gossip):
         """
         routed, answered = 0, set()
         for r in replies:
-            vertex = self.partition_of.get(r.metadata.src_node_id)
+            vertex = self.reports.partition_of.get(r.metadata.src_node_id)
             if r.has_error() or vertex is None or SEALED not in r.content:
                 log(
                     WARNING,
@@ -307,7 +307,7 @@ class SealedGossip(Gossip):
                     {SEALED: ConfigRecord({SERVER_ROUND: server_round, **self._apply_fields(v)})}
                 ),
                 message_type=MessageType.EVALUATE,
-                dst_node_id=self.node_of[v],
+                dst_node_id=self.reports.node_of[v],
             )
             for v in sorted(self.answering)
         ]
@@ -363,15 +363,15 @@ class SealedGossip(Gossip):
             Message(
                 content=RecordDict({SEALED: ConfigRecord({CANARIES: [int(i) for i in idx]})}),
                 message_type=AUDIT_QUERY,
-                dst_node_id=self.node_of[v],
+                dst_node_id=self.reports.node_of[v],
             )
             for v, idx in requests.items()
-            if v in self.node_of
+            if v in self.reports.node_of
         ]
         assert self.grid is not None, "configure_train keeps the run's grid"
         out: dict[int, np.ndarray] = {}
         for r in self.grid.send_and_receive(msgs, timeout=self.timeout):
-            v = self.partition_of.get(r.metadata.src_node_id)
+            v = self.reports.partition_of.get(r.metadata.src_node_id)
             got = [] if r.has_error() or v is None else list(r.content[SEALED][SCORES])
             if v is None or len(got) != len(requests[v]):
                 log(WARNING, "audit: no canary scores from node %s", r.metadata.src_node_id)
@@ -382,7 +382,7 @@ class SealedGossip(Gossip):
 
     def round_diagnostics(self) -> dict[str, Any]:
         """The round's columns: node accuracy from the nodes' counts, no consensus."""
-        return {**self.last_round, "eps_spent": self.eps_spent()}
+        return {**self.last_round, "eps_spent": self.reports.eps_spent()}
 
     def own_models(self) -> dict[int, list[np.ndarray]]:
         """None: the server holds no node model under a sealed relay."""

@@ -46,8 +46,8 @@ def test_eps_spent_remembers_nodes_not_sampled_this_round():
     strategy = CentralFedAvg(num_nodes=2, min_available_nodes=1)
     strategy.aggregate_train(1, [reply(0, 1.0, 10, eps=0.9), reply(1, 1.0, 10, eps=0.4)])
     strategy.aggregate_train(2, [reply(1, 1.0, 10, eps=0.6)])
-    assert strategy.eps_spent() == pytest.approx(0.9)
-    assert set(strategy.privacy_by_node()) == {"0", "1"}
+    assert strategy.reports.eps_spent() == pytest.approx(0.9)
+    assert set(strategy.reports.privacy_by_node()) == {"0", "1"}
 
 
 def test_metrics_without_dp_have_no_eps():

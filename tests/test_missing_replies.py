@@ -53,7 +53,7 @@ def test_fedavg_counts_a_silent_node_and_an_error_reply(flower_warnings):
     strategy = CentralFedAvg(num_nodes=4, min_available_nodes=2)
     initial = ArrayRecord([np.zeros(3, dtype=np.float32)])
     msgs = list(strategy.configure_train(1, initial, ConfigRecord(), grid_of([10, 11, 12, 13])))
-    assert strategy.sent_to == {10, 11, 12, 13} == {m.metadata.dst_node_id for m in msgs}
+    assert strategy.reports.sent_to == {10, 11, 12, 13} == {m.metadata.dst_node_id for m in msgs}
     # Node 12 answered with an error, node 13 not at all.
     strategy.aggregate_train(1, [reply(10, 0), reply(11, 1), reply(12, 2, error=True)])
     assert strategy.last_round["nodes_trained"] == 2

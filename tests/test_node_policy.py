@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 from unittest import mock
 
 import numpy as np
@@ -11,6 +12,8 @@ from flower_app.config import RunConfig
 from flower_app.data import to_tensors
 from flower_app.ledger import FileLedger, LedgerError, ledger_key
 from flower_app.model import build_model
+from flower_app.network_calibration import network_plan, planned_schedule
+from flower_app.network_dp import ORDERS, by_distance, pairwise_rdp, rdp_to_eps
 from flower_app.node import Refused, plan, serve_train
 from flower_app.policy import NodePolicy, PolicyError, refusal
 from flower_app.privacy import PrivacyLedger, epsilon, lifetime_epsilon
@@ -222,7 +225,7 @@ def test_the_ledger_never_records_fewer_steps(tmp_path):
 
 
 def test_a_private_reply_carries_no_train_loss():
-    from flower_app.records import train_reply
+    from client_app.replies import train_reply
 
     cfg = RunConfig(**SMALL)
     out = serve(cfg, NodePolicy(), MemoryStore(), 1)
@@ -398,7 +401,7 @@ def test_the_client_app_replies_a_bad_torch_threads_in_one_line(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     from client_app.app import train
-    from flower_app.records import REFUSAL
+    from flower_app.wire import REFUSAL
 
     for name, value in (("_task_id", 1), ("_run_id", 5), ("_node_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
@@ -539,3 +542,106 @@ def test_two_partitions_sharing_a_ledger_dir_keep_separate_entries(tmp_path):
         }
     )
     assert all(e["steps"] == 3 for e in saved.values())
+
+
+# --- observer classes: a partner limit and privacy-unit=network (issue 29) ------------------
+
+NODES = 20  # a ring of 20: observers up to 10 hops away
+NETWORK = dict(strategy="gossip", dp_mode="update", num_server_rounds=20, eps=8.0)
+
+
+def _network_refusal(cfg, policy):
+    net = network_plan(cfg, NODES)
+    ledger = plan(cfg, N, network=net)
+    return refusal(policy, cfg, num_samples=N, ledger=ledger, other_runs=(), steps=1, network=net)
+
+
+def _replacement_eps(sigma, rounds=20):
+    """What the node's own releases cost at 2C, by Opacus: independent of the policy's code."""
+    return epsilon(noise_multiplier=sigma / 2, sample_rate=1.0, steps=rounds, delta=1e-5)
+
+
+def test_a_node_refuses_a_network_run_whose_partner_eps_exceeds_its_limit():
+    """The attack: eps within max-eps, but privacy-unit=network so far out that σ is small.
+
+    Observers 8 hops away get ε=8, but the node's partners (who receive its own releases)
+    get far more. A node whose operator set no partner limit counts max-eps for them too.
+    """
+    policy = NodePolicy(max_eps=20, has_policy=True)
+    assert _refusal(RunConfig(**NETWORK), policy) is None  # the local eps=8 run: 18.8 at 2C
+    attack = RunConfig(**NETWORK, privacy_unit="network", network_min_distance=8)
+    sigma = network_plan(attack, NODES).noise_multiplier
+    partner = _replacement_eps(sigma)
+    assert sigma < 2.0 and partner > 30  # local calibration takes σ=2.86
+    reason = _network_refusal(attack, policy)
+    assert reason == (
+        "this run would give observers of the node's own releases (its gossip partners, and "
+        f"every node nearer than network-min-distance) ε={partner:.4g} at δ=1e-05, over its "
+        "max-eps=20 (its partner limit: no max-partner-eps is set)"
+    )
+    # An explicit partner limit is checked the same way: below that ε refused, above it not.
+    below = NodePolicy(max_eps=20, max_partner_eps=partner - 0.1, has_policy=True)
+    assert f"over its max-partner-eps={partner - 0.1:g}" in _network_refusal(attack, below)
+    above = NodePolicy(max_eps=20, max_partner_eps=partner + 0.1, has_policy=True)
+    assert _network_refusal(attack, above) is None
+
+
+def test_the_far_class_is_checked_against_max_eps_by_the_nodes_own_accounting():
+    cfg = RunConfig(**NETWORK, privacy_unit="network")
+    net = network_plan(cfg, NODES)
+    graph, schedule = planned_schedule(cfg, NODES)
+    # Independent of the calibration's σ = 1 shortcut: the accountant at σ, sensitivity 2C.
+    eps = rdp_to_eps(pairwise_rdp(schedule, net.noise_multiplier, sensitivity=2), ORDERS, 1e-5)
+    far = max(r["eps_max"] for r in by_distance(eps, graph) if r["distance"] >= 2)
+    policy = NodePolicy(max_eps=far - 0.01, max_partner_eps=100, has_policy=True)
+    assert _network_refusal(cfg, policy) == (
+        f"this run would give observers 2 or more hops away ε={far:.4g} at δ=1e-05 (the "
+        "node's own accounting of the schedule drawn from seed), over its "
+        f"max-eps={far - 0.01:g}"
+    )
+    assert _network_refusal(cfg, replace(policy, max_eps=far + 0.01)) is None
+
+
+def test_a_partner_limit_binds_local_runs_too():
+    policy = NodePolicy(max_eps=30, max_partner_eps=10, has_policy=True)
+    reason = _refusal(RunConfig(**NETWORK), policy)
+    assert reason is not None and reason.endswith("over its max-partner-eps=10")
+    none = NodePolicy(max_eps=math.inf, max_partner_eps=10, has_policy=True)
+    assert _refusal(RunConfig(eps=math.inf), none, ledger=None) == (
+        "eps=inf (no DP) exceeds this node's max-partner-eps=10"
+    )
+
+
+def test_max_partner_eps_parses_needs_a_ledger_and_defaults_to_max_eps():
+    policy = parse(**{"max-eps": 8, "max-partner-eps": 12, "ledger-dir": ABS})
+    assert (policy.max_partner_eps, policy.partner_limit) == (12, 12)
+    assert "max-partner-eps=12 " in policy.describe()
+    default = parse(**{"max-eps": 8, "ledger-dir": ABS})
+    assert default.max_partner_eps is None and default.partner_limit == 8
+    assert "max-partner-eps=8 (= max-eps)" in default.describe()
+    with pytest.raises(PolicyError, match="max-partner-eps=12 needs an absolute ledger-dir"):
+        parse(**{"max-eps": math.inf, "max-partner-eps": 12})
+    with pytest.raises(PolicyError, match="max-partner-eps=0 is not valid"):
+        parse(**{"max-partner-eps": 0})
+
+
+def test_a_node_computes_its_network_sigma_itself_and_a_refusal_spends_nothing():
+    cfg = RunConfig(**NETWORK, privacy_unit="network", network_min_distance=8)
+    weights = build_model(cfg.model, seed=0).state_dict()
+
+    def serve20(policy, store):
+        with mock.patch("flower_app.node.load_shard", return_value=shard()):
+            return serve_train(cfg, policy, store, run_id="run-1", partition_id=3,
+                               num_partitions=NODES, weights=weights, server_round=1)  # fmt: skip
+
+    store = MemoryStore()
+    out = serve20(NodePolicy(max_eps=20, has_policy=True), store)
+    assert isinstance(out, Refused) and "no max-partner-eps is set" in out.reason
+    assert store.data == {}
+    out = serve20(NodePolicy(max_eps=20, max_partner_eps=50, has_policy=True), store)
+    sigma = network_plan(cfg, NODES).noise_multiplier
+    assert not isinstance(out, Refused) and out.ledger.noise_multiplier == sigma
+    # The ledger charges the local ε (its own releases), not the far class's ε=8.
+    assert out.ledger.epsilon() == pytest.approx(
+        epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=1, delta=1e-5)
+    )

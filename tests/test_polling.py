@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 from unittest.mock import Mock
 
-from server_app.polling import PromptGrid, collect_replies
+from server_app.polling import SIMULATION_WINDOW, PromptGrid, collect_replies, prompt_grid
 
 
 def reply_to(msg_id):
@@ -75,3 +75,47 @@ def test_no_messages_no_round_trip():
     assert PromptGrid(grid).send_and_receive([], timeout=5) == []
     grid.push_messages.assert_not_called()
     grid.pull_messages.assert_not_called()
+
+
+class WindowedGrid:
+    """Replies to each pushed message on the next pull; records what was in flight."""
+
+    def __init__(self):
+        self.pushed, self.in_flight, self.peak = [], set(), 0
+
+    def push_messages(self, messages):
+        ids = [f"id-{m}" for m in messages]
+        self.pushed.append(list(messages))
+        self.in_flight |= set(ids)
+        self.peak = max(self.peak, len(self.in_flight))
+        return ids
+
+    def pull_messages(self, pending):
+        done = sorted(self.in_flight & set(pending))[:2]  # two "actors": two replies a pull
+        self.in_flight -= set(done)
+        return [reply_to(i) for i in done]
+
+
+def test_a_window_keeps_at_most_that_many_messages_in_flight_and_sends_them_all():
+    grid = WindowedGrid()
+    replies = PromptGrid(grid, interval=0.0, window=5).send_and_receive(range(23), timeout=60)
+    assert sorted(m.metadata.reply_to_message_id for m in replies) == sorted(
+        f"id-{i}" for i in range(23)
+    )
+    assert grid.peak == 5
+    assert [m for batch in grid.pushed for m in batch] == list(range(23))  # in order, once each
+    assert grid.pushed[0] == [0, 1, 2, 3, 4] and all(len(b) <= 2 for b in grid.pushed[1:])
+
+
+def test_without_a_window_every_message_is_pushed_at_once():
+    grid = WindowedGrid()
+    PromptGrid(grid, interval=0.0).send_and_receive(range(23), timeout=60)
+    assert grid.pushed == [list(range(23))]
+
+
+def test_only_simulation_gets_a_window():
+    class InMemoryGrid(WindowedGrid):
+        pass
+
+    assert prompt_grid(InMemoryGrid()).window == SIMULATION_WINDOW
+    assert prompt_grid(WindowedGrid()).window is None  # a deployment's grid

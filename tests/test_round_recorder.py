@@ -95,6 +95,11 @@ def test_the_round_line_leads_with_node_accuracy_under_gossip():
     )
     audited = round_line(RunConfig(eps=2.0, num_server_rounds=5, audit_canaries=50), row)
     assert "(δ=1e-05, sample-level, AUDIT: 50 canaries per node)" in audited
+    network = RunConfig(strategy="gossip", dp_mode="update", privacy_unit="network", eps=2.0)
+    # eps is the far class's target; the node's own ε, which is larger, is the one spent.
+    assert "local ε spent 0.750 (target 2 at distance >= 2) (δ=1e-05" in round_line(
+        network, sealed_row
+    )
 
 
 def test_the_summary_has_the_fields_summary_json_always_had(tmp_path):
@@ -104,9 +109,11 @@ def test_the_summary_has_the_fields_summary_json_always_had(tmp_path):
     recorder(1, ArrayRecord(model.state_dict()))
     strategy = Mock()
     strategy.run_summary.return_value = {"aggregation": "mean"}
-    strategy.privacy_by_node.return_value = {}
-    cfg = RunConfig(model="mlp", num_server_rounds=1)
+    strategy.reports.privacy_by_node.return_value = {}
+    strategy.reports.metrics = {0: {"device": -1}, 1: {"device": -1}}  # both trained on a CPU
+    cfg = RunConfig(model="mlp", num_server_rounds=1, device="cpu")
     summary = summarize(cfg, strategy, recorder, run_name="r", num_nodes=2, wall_s=1.23456)
+    assert summary.devices == {"requested": "cpu", "server": "cpu", "nodes": {"cpu": 2}}
     assert summary.status == "completed" and summary.wall_s == 1.235
     assert summary.rounds_completed == 1 and summary.final_accuracy == recorder.last_row["accuracy"]
     assert "topology" not in summary.to_dict() and summary.to_dict()["aggregation"] == "mean"

@@ -193,7 +193,7 @@ def test_nodes_score_on_the_servers_node_test_set():
 def test_a_sealed_audit_is_scored_by_the_nodes_and_matches_the_open_one():
     """Under sealed the nodes are the observers (their own models); the server scores
     nothing and receives scores only. Same seeds: the same bounds as the open relay's."""
-    from flower_app.records import ARRAYS
+    from flower_app.wire import ARRAYS
     from server_app.audit import run_audit, sealed_audit_scores
 
     audit = {**TINY, "num-server-rounds": 1, "audit-canaries": 6, "audit-seed": 3}
@@ -215,7 +215,7 @@ def test_a_sealed_audit_is_scored_by_the_nodes_and_matches_the_open_one():
             own_models=strategy.own_models(),
             shared=None,
             graph=strategy.graph,
-            node_eps={p: strategy.node_eps(p) for p in range(NODES)},
+            node_eps={p: strategy.reports.node_eps(p) for p in range(NODES)},
             scores_by_node=scores,
         )["observers"]
     names = [o["observer"] for o in results["sealed"]]

@@ -9,10 +9,10 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from client_app.replies import refusal_reply
 from flower_app.config import RunConfig
 from flower_app.node import Refused
 from flower_app.privacy import epsilon
-from flower_app.records import refusal_reply
 from flower_app.topology import build_topology
 from server_app.rejections import OneLineRejections, RunRejected
 from strategies import privacy_bounds
@@ -95,12 +95,13 @@ def test_a_second_node_claiming_a_partition_is_refused(caplog):
     strategy = fedavg([10, 11, 12])
     list(strategy.configure_train(1, INITIAL, ConfigRecord(), mock_grid([10, 11, 12])))
     strategy.aggregate_train(1, [reply(10, 0, 2), reply(11, 1, 2)])
-    honest = strategy.eps_spent()
+    honest = strategy.reports.eps_spent()
     list(strategy.configure_train(2, INITIAL, ConfigRecord(), mock_grid([10, 11, 12])))
     arrays, _ = strategy.aggregate_train(2, [reply(10, 0, 2), reply(11, 1, 2), reply(12, 0, 1)])
     logging.getLogger("flwr").removeHandler(caplog.handler)
     assert "node 12 claims partition-id=0, which is bound to node 10" in caplog.text
-    assert strategy.eps_spent() == honest  # the impostor's lower ε did not replace node 10's
+    # The impostor's lower ε did not replace node 10's.
+    assert strategy.reports.eps_spent() == honest
     assert strategy.last_round["nodes_trained"] == 2
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], 0.5)  # mean of pids 0 and 1
 
@@ -115,8 +116,21 @@ def test_a_node_racing_to_claim_a_registered_partition_first_is_refused():
     strategy = STRATEGIES["gossip"](cfg, 3, lambda arrays: {})
     list(strategy.configure_train(1, INITIAL, ConfigRecord(), mock_grid([10, 11, 12])))
     strategy.aggregate_train(1, [reply(12, 0, value=-100.0), reply(11, 1), reply(10, 0)])
-    assert strategy.partition_of == {10: 0, 11: 1, 12: 2}
+    assert strategy.reports.partition_of == {10: 0, 11: 1, 12: 2}
     assert -100.0 not in np.concatenate(list(strategy.models.values()))
+
+
+def test_fedavg_built_with_bindings_refuses_an_unbound_claimant_from_the_first_reply():
+    """The bindings are the reports' from construction: no call after it sets them up."""
+    strategy = CentralFedAvg(num_nodes=2, min_available_nodes=1, bindings={0: 10, 1: 11})
+    assert strategy.reports.node_of == {0: 10, 1: 11}
+    list(strategy.configure_train(1, INITIAL, ConfigRecord(), mock_grid([10, 11, 12])))
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(12, 0, value=-100.0), reply(10, 0), reply(11, 1)]
+    )
+    assert strategy.reports.node_of == {0: 10, 1: 11}
+    assert strategy.last_round["nodes_trained"] == 2
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], 0.5)  # mean of pids 0 and 1
 
 
 @pytest.mark.parametrize("text", ["0:10,0:11", "0:10,1:10", "0=10", "a:1", "-1:3", "1:2:3"])
@@ -135,7 +149,7 @@ def test_a_gossip_node_cannot_take_over_another_vertex_and_receive_its_model():
     # Node 12 now claims vertex 0 (node 10's); it must keep getting its own vertex's model.
     list(strategy.configure_train(2, INITIAL, ConfigRecord(), mock_grid([10, 11, 12])))
     strategy.aggregate_train(2, [reply(11, 1), reply(12, 0, value=-100.0)])
-    assert strategy.partition_of == {10: 0, 11: 1, 12: 2}
+    assert strategy.reports.partition_of == {10: 0, 11: 1, 12: 2}
     assert -100.0 not in np.concatenate(list(strategy.models.values()))
     sent = {
         m.metadata.dst_node_id: m
@@ -154,20 +168,20 @@ def test_a_lost_reply_still_counts_the_round_the_node_may_have_spent():
     list(strategy.configure_train(2, INITIAL, ConfigRecord(), mock_grid([10, 11])))
     strategy.aggregate_train(2, [reply(10, 0, 1)])  # node 10 answers late data; 11 is lost
     two_rounds = epsilon(noise_multiplier=SIGMA, sample_rate=Q, steps=40, delta=1e-5)
-    assert strategy.node_eps(1) == pytest.approx(two_rounds)
-    assert strategy.eps_spent() == pytest.approx(two_rounds)
-    assert strategy.privacy_by_node()["1"]["lost-rounds"] == 1
+    assert strategy.reports.node_eps(1) == pytest.approx(two_rounds)
+    assert strategy.reports.eps_spent() == pytest.approx(two_rounds)
+    assert strategy.reports.privacy_by_node()["1"]["lost-rounds"] == 1
     # The node comes back: its own (durable) ledger is the truth again.
     list(strategy.configure_train(3, INITIAL, ConfigRecord(), mock_grid([10, 11])))
     strategy.aggregate_train(3, [reply(10, 0, 3), reply(11, 1, 3)])
-    assert "lost-rounds" not in strategy.privacy_by_node()["1"]
+    assert "lost-rounds" not in strategy.reports.privacy_by_node()["1"]
 
 
 def test_a_node_lost_before_it_ever_reported_counts_at_the_runs_bound():
     strategy = fedavg([10, 11], bounds=PrivacyBounds(run_bound=2.0))
     list(strategy.configure_train(1, INITIAL, ConfigRecord(), mock_grid([10, 11])))
     strategy.aggregate_train(1, [reply(10, 0, 1)])
-    assert strategy.eps_spent() == 2.0
+    assert strategy.reports.eps_spent() == 2.0
 
 
 def test_the_run_bound_is_the_plan_and_per_round_labels_compose():
@@ -255,8 +269,8 @@ def test_gossip_with_num_partitions_other_than_its_node_count_stops_in_one_line(
 
 
 def test_a_node_reports_its_num_partitions():
+    from client_app.replies import train_reply
     from flower_app.node import NodeRound
-    from flower_app.records import train_reply
 
     out = NodeRound({}, 10, 0.5, None, num_partitions=4)
     assert train_reply(out, 3)["metrics"]["num-partitions"] == 4

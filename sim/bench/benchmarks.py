@@ -12,6 +12,8 @@
 6. `deploy_round_vs_sim_round`: the steady round of a 3-SuperNode loopback deployment (TLS,
    node auth, the warm `fdg-superexec`) over the same run config simulated with 3 nodes;
    Flower's own subprocess isolation is timed beside it.
+7. `gpu_dp_epoch_speedup`, `gpu_round_speedup` (`--only gpu`, `scripts/gpu-check`): a DP
+   epoch and a 20-node round on the CPU over the same on CUDA (`sim.bench.gpu`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from sim.bench.flower_runs import (
     sealed_vs_open,
     steady,
 )
+from sim.bench.gpu import gpu_results
 from sim.bench.local_epoch import epoch_ratios, fastest_correct, keyed_randomness
 from sim.bench.sizes import FULL, QUICK, Sizes, run_config_for
 from sim.bench.sweep_timing import sweep_vs_cells
@@ -65,6 +68,9 @@ def run_bench(
         return results | sweep_results(sizes, log) | environment(sizes)
     if only == "sealed":
         return results | sealed_results(sizes, log) | environment(sizes)
+    if only == "gpu":
+        with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
+            return gpu_results(sizes, Path(tmp), log) | environment(sizes)
     cfg_default = RunConfig.from_run_config(dict(sizes.run_config))
     log("one DP epoch: the share its keyed randomness (ChaCha20) takes")
     keyed = keyed_randomness(cfg_default, sizes.epoch_repeats)

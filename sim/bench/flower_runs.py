@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 
 from sim.bench.plain_loop import raw_run
-from sim.bench.sizes import OPEN_RELAY, Sizes, run_config_for
+from sim.bench.sizes import ON_CPU, OPEN_RELAY, Sizes, run_config_for
 from sim.launch.deployment import Deployment
 from sim.launch.simulation import SimulationLink
 
@@ -143,6 +143,7 @@ def scale(
             "strategy": "gossip",
             "eps": sizes.eps,
             "num-server-rounds": sizes.scale_rounds,
+            **ON_CPU,
             **sizes.scale_config,
             **OPEN_RELAY,
         }

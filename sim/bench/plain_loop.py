@@ -12,11 +12,11 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from client_app.replies import train_reply
 from flower_app.config import RunConfig
 from flower_app.gossip import apply_pairs, mean_model, random_matching
 from flower_app.model import build_model
 from flower_app.node import local_round
-from flower_app.records import train_reply
 from flower_app.topology import build_topology
 from flower_app.wire import ARRAYS, NUM_EXAMPLES
 from server_app.evaluation import central_test_sets, model_evaluator

@@ -29,6 +29,7 @@ class Sizes:
         default_factory=lambda: {
             "strategy": "fedavg",
             "eps": 8.0,
+            "device": "cpu",
             "num-server-rounds": 5,
             "samples-per-node": 500,
             "test-samples": 1000,
@@ -61,6 +62,9 @@ QUICK = Sizes(
 # The plain loop averages gossip models on the server, as the open relay does: gossip runs
 # here pin it, so the ratios keep measuring what they measured before gossip-relay existed.
 OPEN_RELAY = {"gossip-relay": "open"}
+# The CPU ratios stay CPU ratios on a machine with a GPU: `device=auto` would put the
+# ServerApp's evaluation and the plain loop on it (`fl-bench --only gpu` sets `device` itself).
+ON_CPU = {"device": "cpu"}
 
 
 def run_config_for(sizes: Sizes, strategy: str) -> dict[str, Any]:
@@ -69,6 +73,7 @@ def run_config_for(sizes: Sizes, strategy: str) -> dict[str, Any]:
         "strategy": strategy,
         "eps": sizes.eps,
         "num-server-rounds": sizes.rounds,
+        **ON_CPU,
         **sizes.run_config,
         **OPEN_RELAY,
     }

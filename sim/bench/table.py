@@ -63,12 +63,37 @@ def randomness_lines(results: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def gpu_lines(results: Mapping[str, Any]) -> list[str]:
+    """The GPU rows (`--only gpu`): CPU against CUDA, or the CUDA half marked skipped."""
+    if "gpu_round_speedup" not in results:
+        return []
+    g = results["details"]["gpu"]
+    cpu_e, cpu_r = g["epoch_cpu"], g["round_cpu"]
+    lines = [
+        f"| DP epoch, CPU (1 thread, {cpu_e['examples']} examples, {cpu_e['mode']}) "
+        f"| {cpu_e['dp_s']:.3f} s (plain {cpu_e['plain_s']:.3f} s) | |",
+        f"| 20-node FedAvg steady round, device=cpu | {cpu_r['round_s_steady']:.2f} s | |",
+    ]
+    if results["gpu_round_speedup"] is None:
+        return [*lines, f"| CUDA half | SKIPPED: {g['cuda']} | not checked on a GPU |"]
+    cuda_e, cuda_r = g["epoch_cuda"], g["round_cuda"]
+    return [
+        *lines,
+        f"| DP epoch, CUDA | {cuda_e['dp_s']:.3f} s (plain {cuda_e['plain_s']:.3f} s) | |",
+        f"| 20-node FedAvg steady round, device=cuda, 1/20 GPU per node "
+        f"| {cuda_r['round_s_steady']:.2f} s (nodes on {cuda_r['devices'].get('nodes')}) | |",
+        f"| gpu_dp_epoch_speedup (CPU / CUDA) | {results['gpu_dp_epoch_speedup']:.2f} | > 1 |",
+        f"| gpu_round_speedup (CPU / CUDA) | {results['gpu_round_speedup']:.2f} | > 1 |",
+    ]
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     """The results as a Markdown table (what `fl-bench` prints)."""
     if "flower_vs_raw" not in results:  # --only deploy / randomness / sweep / sealed
         return "\n".join(["| measurement | value | target |", "| --- | --- | --- |",
                           *deploy_lines(results), *randomness_lines(results),
-                          *sweep_lines(results), *sealed_lines(results)])  # fmt: skip
+                          *sweep_lines(results), *sealed_lines(results),
+                          *gpu_lines(results)])  # fmt: skip
     d = results["details"]
     lines = [
         "| measurement | value | target |",

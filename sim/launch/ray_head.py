@@ -64,10 +64,17 @@ class RayHead:
         env: dict[str, str],
         *,
         num_cpus: int | None = None,
+        gpus: bool = False,
         startup_timeout: float = 90.0,
     ) -> None:
-        """Prepare (not start); `env` is the environment its processes inherit."""
-        self.env = env
+        """Prepare (not start); `env` is the environment its processes inherit.
+
+        `gpus`: offer the machine's GPUs to the runs (Ray counts the visible ones); without,
+        the head offers none and hides them from its workers (CUDA_VISIBLE_DEVICES=''), so a
+        simulated node that was given no GPU share cannot use one unscheduled.
+        """
+        self.env = env if gpus else {**env, "CUDA_VISIBLE_DEVICES": ""}
+        self.gpus = gpus
         self.root: Path | None = None
         self.num_cpus = num_cpus or os.cpu_count() or 1
         self.startup_timeout = startup_timeout
@@ -80,6 +87,26 @@ class RayHead:
         """What `ray.init(address=...)` and RAY_ADDRESS take."""
         return f"127.0.0.1:{self.port}"
 
+    def command(self, temp_dir: Path) -> list[str]:
+        """The `ray start --head` command line (GPUs: those Ray finds, or none)."""
+        return [
+            console_script("ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.port}",
+            f"--num-cpus={self.num_cpus}",
+            *([] if self.gpus else ["--num-gpus=0"]),
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--min-worker-port={self.worker_ports[0]}",
+            f"--max-worker-port={self.worker_ports[1]}",
+            f"--temp-dir={temp_dir}",
+        ]
+
     def start(self) -> RayHead:
         """Start the head and wait until it says it runs."""
         # Short, under /tmp: Ray's socket paths must stay under 107 bytes.
@@ -87,23 +114,7 @@ class RayHead:
         log_path = self.root / "ray-head.out"
         log = open(log_path, "wb")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
-            [
-                console_script("ray"),
-                "start",
-                "--head",
-                "--block",
-                "--node-ip-address=127.0.0.1",
-                f"--port={self.port}",
-                f"--num-cpus={self.num_cpus}",
-                "--num-gpus=0",
-                "--include-dashboard=false",
-                "--disable-usage-stats",
-                f"--ray-client-server-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}",
-                f"--min-worker-port={self.worker_ports[0]}",
-                f"--max-worker-port={self.worker_ports[1]}",
-                f"--temp-dir={self.root / 'ray'}",
-            ],
+            self.command(self.root / "ray"),
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -49,12 +49,16 @@ class SimulationLink(Connection):
         *,
         ray_address: str | None = None,
         ray_cpus: int | None = None,
+        gpus_per_node: float = 0.0,
         startup_timeout: float = 60.0,
     ) -> None:
         """Prepare (not start) a SuperLink with its own FLWR_HOME and port.
 
         Runs join the Ray cluster at `ray_address`; without one, a Ray head this link
         starts and stops, paid once for all its runs, with `ray_cpus` CPUs (default: all).
+        `gpus_per_node`: Flower's `client-resources-num-gpus`, the share of a GPU each
+        simulated node takes (0.25: four nodes per GPU; 0: none, and the local head hides
+        the GPUs from the nodes).
         """
         self._tmp = None if flwr_home else tempfile.TemporaryDirectory(prefix="flwr-home-")
         self.home = Path(flwr_home or self._tmp.name).resolve()  # type: ignore[union-attr]
@@ -64,8 +68,11 @@ class SimulationLink(Connection):
         self.watchdog: subprocess.Popen[bytes] | None = None
         self._staged: Path | None = None
         self.ray_head: RayHead | None = None
+        self.gpus_per_node = gpus_per_node
         if ray_address is None:
-            self.ray_head = RayHead(flower_env(self.home), num_cpus=ray_cpus)
+            self.ray_head = RayHead(
+                flower_env(self.home), num_cpus=ray_cpus, gpus=gpus_per_node > 0
+            )
             ray_address = self.ray_head.address
         self.ray_address = ray_address
         # ray.init() in the simulation joins RAY_ADDRESS when it is set.
@@ -154,7 +161,7 @@ class SimulationLink(Connection):
             self.staged_app() if app_dir == PROJECT_DIR else app_dir,
             run_config,
             federation_config=f"num-supernodes={num_nodes} client-resources-num-cpus=1 "
-            "client-resources-num-gpus=0.0",
+            f"client-resources-num-gpus={float(self.gpus_per_node)!r}",
         )
 
     def run(

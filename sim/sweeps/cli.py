@@ -26,6 +26,7 @@ from sim.sweeps.flags import (
     build_parser,
     cell_slots,
     check_args,
+    check_gpus,
     spec_from_args,
     tune_spec_from_args,
 )
@@ -119,6 +120,7 @@ def command_run(
     cells = expand(spec)
     slots = cell_slots(args)
     check_cells(cells, spec.nodes)
+    check_gpus(args.gpus_per_node, [str(c.params.get("device", "auto")) for c in cells])
     name = args.preset or "sweep"
     out, command = out_and_command(args, argv, prog, name, out_root)
     check_out(out)
@@ -175,7 +177,7 @@ def _run_sweep(
             if runner is not None or not sweep.todo:  # nothing to run: no SuperLink needed
                 sweep.run(runner or _no_runner, console)
             else:
-                links = make_links(*slots)
+                links = make_links(*slots, gpus_per_node=args.gpus_per_node)
                 record_links(out, [link.home for link in links])
                 with ExitStack() as stack:
                     for link in links:
@@ -213,6 +215,7 @@ def command_tune(
     search_spec, cells = search_cells(tune)
     slots = cell_slots(args)
     check_cells(cells, search_spec.nodes)
+    check_gpus(args.gpus_per_node, [str(c.params.get("device", "auto")) for c in cells])
     out, command = out_and_command(args, argv, "fl-sweep", args.preset or "tune", "results/tune")
     check_out(out)
     if args.dry_run:
@@ -286,12 +289,22 @@ def _tune_stages(
     return code
 
 
-def make_links(k: int, addresses: Sequence[str | None]) -> list[SimulationLink]:
-    """One SimulationLink per concurrent cell; local heads split the CPUs evenly."""
+def make_links(
+    k: int, addresses: Sequence[str | None], *, gpus_per_node: float = 0.0
+) -> list[SimulationLink]:
+    """One SimulationLink per concurrent cell; local heads split the CPUs evenly.
+
+    `gpus_per_node`: each simulated node's share of a GPU (`--gpus-per-node`).
+    """
     from sim.launch.simulation import SimulationLink
 
     cpus = max(1, (os.cpu_count() or 1) // k)
-    return [SimulationLink(ray_address=a, ray_cpus=None if k == 1 else cpus) for a in addresses]
+    return [
+        SimulationLink(
+            ray_address=a, ray_cpus=None if k == 1 else cpus, gpus_per_node=gpus_per_node
+        )
+        for a in addresses
+    ]
 
 
 def _no_runner(run_config: dict[str, Any], **_: Any) -> RunOutcome:

@@ -208,6 +208,14 @@ def _where_options(run: argparse.ArgumentParser) -> None:
         "one per --ray-address); locally each cluster gets CPUs/K CPUs",
     )
     run.add_argument(
+        "--gpus-per-node",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="share of a GPU each simulated node takes (Flower's client-resources-num-gpus; "
+        "0.25: four nodes per GPU; default 0: no GPU, nodes with device=auto train on CPUs)",
+    )
+    run.add_argument(
         "--timeout", type=float, default=3600, metavar="S", help="stop a cell after S seconds"
     )
     run.add_argument(
@@ -356,3 +364,26 @@ def cell_slots(args: argparse.Namespace) -> tuple[int, list[str | None]]:
             "(each cell's local Ray cluster needs at least one CPU)"
         )
     return k, [None] * k
+
+
+def check_gpus(gpus_per_node: float, cells_devices: Sequence[str]) -> None:
+    """`--gpus-per-node` against this machine and the cells' `device`; SweepError, one line.
+
+    A share of a GPU needs a GPU (Flower would start no node at all), and a cell that asks
+    for `cuda` needs a share (the local Ray head hides GPUs from nodes given none).
+    """
+    if not 0 <= gpus_per_node <= 1:
+        raise SweepError(f"--gpus-per-node {gpus_per_node:g} is not valid: a share in [0, 1]")
+    if gpus_per_node > 0:
+        import torch  # only when a GPU is asked for
+
+        if not torch.cuda.is_available():
+            raise SweepError(
+                f"--gpus-per-node {gpus_per_node:g} needs a GPU, and torch sees none on this "
+                "machine; use --gpus-per-node 0"
+            )
+    elif cuda := sorted({d for d in cells_devices if d.startswith("cuda")}):
+        raise SweepError(
+            f"device={cuda[0]!r} needs --gpus-per-node > 0 (e.g. 0.25: four nodes per GPU); "
+            "without it the simulated nodes get no GPU"
+        )

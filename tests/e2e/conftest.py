@@ -40,6 +40,6 @@ def lent_superlink(superlink, monkeypatch):
     import sim.sweeps.cli
 
     monkeypatch.setattr(
-        sim.sweeps.cli, "make_links", lambda k, addresses: [Borrowed(superlink)] * k
+        sim.sweeps.cli, "make_links", lambda k, addresses, **_: [Borrowed(superlink)] * k
     )
     return superlink

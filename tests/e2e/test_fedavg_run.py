@@ -88,3 +88,30 @@ def test_dp_noise_is_secret_unless_noise_seed_is_set(superlink, tmp_path):
         assert summary["privacy"]["noise_seed"] is None
         assert "SEEDED" not in summary["privacy"]["noise"]
     assert losses["a"] != losses["b"], "two runs drew the same noise from the same run config"
+
+
+def test_the_summary_says_where_nodes_trained_and_cuda_is_refused_without_a_gpu(
+    superlink, tmp_path
+):
+    """device=cpu through Flower: every node's reply carries its device into summary.json."""
+    import torch
+
+    outcome = superlink.run(
+        {**SMALL, "num-server-rounds": 1, "eps": 8.0, "device": "cpu",
+         "results-dir": str(tmp_path), "run-name": "cpu"},
+        num_nodes=2,
+        timeout=600,
+    )  # fmt: skip
+    assert outcome.completed, f"{outcome.status}: {outcome.details}"
+    _, summary = read_run(tmp_path / "cpu")
+    assert summary["devices"] == {"requested": "cpu", "server": "cpu", "nodes": {"cpu": 2}}
+    if torch.cuda.is_available():
+        return
+    outcome = superlink.run(
+        {**SMALL, "device": "cuda", "results-dir": str(tmp_path), "run-name": "cuda"},
+        num_nodes=2,
+        timeout=300,
+    )
+    assert outcome.status == "finished:failed"
+    assert "invalid run: device='cuda' is not available" in superlink.logs(outcome.run_id)
+    assert not (tmp_path / "cuda").exists()
