@@ -114,3 +114,15 @@ def test_a_whitebox_audit_says_its_canaries_are_update_directions(tmp_path):
     text = (folder / "audit.md").read_text()
     assert "whitebox: directions C·c_i added to the owner's clipped update" in text
     assert "canaries: images of random sparse pixels" in text
+
+
+def test_whitebox_puts_update_canaries_and_update_mode_in_every_cell(tmp_path):
+    out = tmp_path / "a"
+    argv = ["run", "--strategies", "gossip", "--eps", "8", "--nodes", "3", "--rounds", "2"]
+    argv += ["--whitebox", "--out", str(out)]
+    assert main(argv, runner=FakeRunner()) == 0
+    cells = json.loads((out / "manifest.json").read_text())["cells"]
+    assert cells and all(
+        c["params"]["audit-mode"] == "whitebox" and c["params"]["dp-mode"] == "update"
+        for c in cells
+    )
