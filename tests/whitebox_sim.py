@@ -5,7 +5,8 @@ node's keyed stream), the project's mixing (`flower_app.gossip.apply_metropolis`
 each step of a schedule drawn by `network_dp.draw_schedule`), the canaries inserted into
 each clipped update, and every observer's view recorded as the audit scores it. The
 "training" is a pull towards a node-specific target, clipped like any update.
-`python -m tests.whitebox_sim` prints the table for a 20-node ring at ε = 8, 2 and ∞.
+`python -m tests.whitebox_sim` prints the table for a 20-node ring at ε = 8, 2 and ∞;
+`python -m tests.whitebox_sim graphs` each distance's bound and accountant ε per graph.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flower_app.gossip import apply_metropolis
 from flower_app.network_dp import ORDERS, draw_schedule, pairwise_rdp, rdp_to_eps, view_map
 from flower_app.privacy import plan_update_ledger, privatize_update
 from flower_app.rng import PrivacyRandomness
+from flower_app.topology import build_topology
 from flower_app.whitebox_audit import (
     draw_plan,
     insert_canaries,
@@ -85,12 +87,14 @@ def run(graph, plan, schedule, *, sigma, clip, observers, seed=0, noise_seed=1):
     return views, project(x0, plan)
 
 
-def audit(graph, *, eps, rounds=20, per_node=500, observers=(0,), delta=1e-5, seed=0):
-    """The white-box audit's rows for one in-process run on `graph` (matching gossip)."""
+def audit(
+    graph, *, eps, rounds=20, per_node=500, observers=(0,), delta=1e-5, seed=0, mode="matching"
+):
+    """The white-box audit's rows for one in-process run on `graph` (`mode` gossip)."""
     n, clip = graph.number_of_nodes(), 1.0
     sigma = sigma_for(eps, rounds, delta)
     plan = draw_plan(n, per_node, n * per_node + 256, audit_seed=seed)
-    schedule = draw_schedule(graph, "matching", rounds=rounds, rng=np.random.default_rng(seed))
+    schedule = draw_schedule(graph, mode, rounds=rounds, rng=np.random.default_rng(seed))
     views, initial = run(graph, plan, schedule, sigma=sigma, clip=clip, observers=observers)
     owner_inc = views.increments[:, plan.owner, np.arange(len(plan.owner))]
     trained = np.ones((rounds, n), dtype=bool)
@@ -121,8 +125,23 @@ def _table(rows) -> str:
     return "\n".join(out)
 
 
+def _graphs() -> None:
+    """Per graph and gossip mode: each distance's bound / the accountant's ε, at ε 8 and 2."""
+    for topo in ("ring", "torus", "exponential"):
+        graph = build_topology(topo, 20, seed=7)
+        for mode in ("matching", "metropolis"):
+            for e in (8.0, 2.0):
+                rows = [r for r in audit(graph, eps=e, per_node=1000, mode=mode) if r["canaries"]]
+                pairs = [f"{r['eps_lower']:.2f} / {r['eps_accountant']:.2f}" for r in rows]
+                cells = " | ".join(pairs)
+                sys.stdout.write(f"| {topo} | {mode} | {e:g} | {cells} |\n")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)  # as the tests run: torch's thread pool only contends here
+    if sys.argv[1:] == ["graphs"]:
+        _graphs()
+        sys.exit(0)
     for e in (8.0, 2.0, math.inf):
         rows = audit(nx.cycle_graph(20), eps=e, per_node=1000)
         sys.stdout.write(f"\nring of 20, matching, 20 rounds, eps={e}\n{_table(rows)}\n")
