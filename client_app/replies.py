@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flower_app.device import cuda_index
 from flower_app.node import NodeRound, Refused
 from flower_app.wire import (
     ARRAYS,
+    CANARY_INCREMENTS,
     DEVICE,
     EPS,
     EPS_STRICT,
@@ -52,7 +54,12 @@ def train_reply(out: NodeRound, partition_id: int) -> RecordDict:
         }
         if out.lifetime_eps is not None:
             metrics[LIFETIME_EPS] = out.lifetime_eps
-    return RecordDict({ARRAYS: ArrayRecord(out.state_dict), METRICS: MetricRecord(metrics)})
+    content = RecordDict({ARRAYS: ArrayRecord(out.state_dict), METRICS: MetricRecord(metrics)})
+    if out.canary_increments is not None:  # a white-box audit (flower_app/whitebox_audit.py)
+        content[CANARY_INCREMENTS] = ArrayRecord(
+            {CANARY_INCREMENTS: Array(np.ascontiguousarray(out.canary_increments))}
+        )
+    return content
 
 
 def refusal_reply(refused: Refused, partition_id: int) -> RecordDict:

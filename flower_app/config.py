@@ -233,6 +233,10 @@ class RunConfig:
     # auditor's seed for choosing them and flipping their coins (never the DP noise's).
     audit_canaries: int = field(default=0, metadata=_ints(0, 10_000, " (0 = no audit)"))
     audit_seed: int = field(default=0, metadata=_SEED)
+    # `canaries`: images in the training data, scored by loss (flower_app/audit.py);
+    # `whitebox`: directions added to each clipped update of dp-mode=update, scored by
+    # projection of what each observer receives (flower_app/whitebox_audit.py).
+    audit_mode: str = field(default="canaries", metadata=_choice("canaries", "whitebox"))
     results_dir: str = ""
     # A sweep's cell list (flower_app/cells.py, written by fl-sweep): the ServerApp runs each
     # cell in turn in this one Flower run. "" = this run is one experiment.
@@ -301,6 +305,11 @@ class RunConfig:
                 f"{key} is not valid with dataset={self.dataset!r}: {why}; use {key}={fix}, "
                 "or a built-in dataset"
             )
+        if self.whitebox_audit and (self.dp_mode != "update" or self.strategy != "gossip"):
+            raise ConfigError(
+                "audit-mode='whitebox' needs dp-mode='update' and strategy='gossip' (its "
+                "canaries are added to the released update, scored per gossip observer)"
+            )
         if reason := _network_unit_refusal(self):
             raise ConfigError(reason)
         if self.fraction_train < 1 and self.strategy != "fedavg":
@@ -342,6 +351,11 @@ class RunConfig:
     def audited(self) -> bool:
         """Whether this is an audit run (canaries in the nodes' training data)."""
         return self.audit_canaries > 0
+
+    @property
+    def whitebox_audit(self) -> bool:
+        """Whether the audit's canaries are update directions (not training images)."""
+        return self.audited and self.audit_mode == "whitebox"
 
     @property
     def sealed_relay(self) -> bool:

@@ -359,6 +359,16 @@ def _joint_rows(schedule: Schedule, v: int, carry: list) -> np.ndarray:
     return np.vstack(blocks) if blocks else np.zeros((0, rounds * n))
 
 
+def view_map(schedule: Schedule, v: int) -> np.ndarray:
+    """Everything v receives over the run as a linear map of every round's ξ (updates + noise).
+
+    Rows in the order v receives them (round, step, then sender ascending: the partners'
+    models before each step), columns r * n + w (node w's ξ of round r); a model is the
+    public initial one plus this map of ξ. The white-box audit scores v's view with it.
+    """
+    return _joint_rows(schedule, v, _carries(schedule))
+
+
 def _box_max(q: np.ndarray, up_to: int) -> float:
     """The largest sᵀ Q s over s ∈ {±1}^k: exact by enumeration up to k = `up_to`.
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
 import torch
 
 from flower_app.config import ConfigError, RunConfig
@@ -32,6 +33,7 @@ from flower_app.privacy import (
 from flower_app.rng import PrivacyRandomness, privacy_randomness, shuffle_generator
 from flower_app.shards import ShardSpec, load_shard
 from flower_app.train import train_dp, train_plain
+from flower_app.whitebox_audit import draw_plan, insert_canaries, project
 
 T = TypeVar("T")
 
@@ -49,6 +51,8 @@ class NodeRound:
     lifetime_eps: float | None = None  # the node's composed ε over every run it trained in
     num_partitions: int = 0  # the node's node-config num-partitions (0: not reported)
     device: str = "cpu"  # where it trained: run-config `device` resolved on this node
+    # A white-box audit: the release minus the model trained from, along every canary.
+    canary_increments: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ def train_round(
     data = data_on(device, data)  # once per round, not once per batch
     if ledger is None:
         loss = _round_plain(cfg, model, data, shuffle_generator(cfg, pid, server_round))
+        inc = _whitebox(cfg, spec, weights, model)
         return NodeRound(
             _detached(model),
             len(data),
@@ -161,6 +166,7 @@ def train_round(
             None,
             num_partitions=spec.num_partitions,
             device=str(device),
+            canary_increments=inc,
         )
     rand = privacy_randomness(cfg, pid, server_round)
     if cfg.dp_mode == "update":
@@ -168,6 +174,7 @@ def train_round(
         loss, steps = _round_update(cfg, model, data, weights, ledger, shuffle, rand)
     else:
         loss, steps = _round_sample(cfg, model, data, ledger, rand)
+    inc = _whitebox(cfg, spec, weights, model)
     return NodeRound(
         _detached(model),
         len(data),
@@ -176,7 +183,39 @@ def train_round(
         steps,
         num_partitions=spec.num_partitions,
         device=str(device),
+        canary_increments=inc,
     )
+
+
+def _flat(state: dict[str, torch.Tensor], keys: list[str]) -> np.ndarray:
+    return np.concatenate([state[k].detach().double().cpu().numpy().ravel() for k in keys])
+
+
+def _whitebox(
+    cfg: RunConfig, spec: ShardSpec, start: dict[str, torch.Tensor], model: torch.nn.Module
+) -> np.ndarray | None:
+    """A white-box audit: the node's included canaries added to its release, C each.
+
+    Only in a run whose audit the node's policy allowed (`policy.refusal` ran before). Added
+    after clipping and noise, the same release as before the noise
+    (`flower_app/whitebox_audit.py`). Returns the release minus `start` along every canary.
+    """
+    if not cfg.whitebox_audit:
+        return None
+    end = model.state_dict()
+    keys = [k for k, v in end.items() if torch.is_floating_point(v)]
+    released = _flat(end, keys)
+    plan = draw_plan(spec.num_partitions, cfg.audit_canaries, released.size, cfg.audit_seed)
+    released = insert_canaries(released, plan, spec.partition_id, cfg.max_grad_norm)
+    parts = np.split(released, np.cumsum([end[k].numel() for k in keys])[:-1])
+    model.load_state_dict(
+        {
+            k: torch.from_numpy(p.reshape(end[k].shape)).to(end[k].dtype)
+            for k, p in zip(keys, parts, strict=True)
+        },  # fmt: skip
+        strict=False,
+    )
+    return project(_flat(model.state_dict(), keys) - _flat(start, keys), plan)
 
 
 def _sgd(cfg: RunConfig) -> dict[str, Any]:

@@ -268,9 +268,14 @@ def _consent_refusal(policy: NodePolicy, cfg: RunConfig) -> str | None:
             "it; this node's allow-seeded-noise=false"
         )
     if cfg.audit_canaries > 0 and not policy.allow_audit:
+        what = (
+            "vectors to the update this node releases"
+            if cfg.whitebox_audit
+            else "examples to this node's training data"
+        )
         return (
-            f"audit-canaries={cfg.audit_canaries} adds the auditor's examples to this node's "
-            "training data (a privacy audit); this node's allow-audit=false"
+            f"audit-canaries={cfg.audit_canaries} adds the auditor's {what} (a privacy "
+            "audit); this node's allow-audit=false"
         )
     return None
 

@@ -70,7 +70,8 @@ class ShardSpec:
             shards_per_node=cfg.shards_per_node if cut else 0,
             samples_per_node=cfg.samples_per_node if cut else 0,
             validation_samples=cfg.validation_samples if cut else 0,
-            audit_canaries=cfg.audit_canaries,
+            # A white-box audit's canaries are in the update, not in the data.
+            audit_canaries=0 if cfg.whitebox_audit else cfg.audit_canaries,
             audit_seed=cfg.audit_seed,
         )
 

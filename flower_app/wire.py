@@ -60,6 +60,9 @@ CORRECT = "correct"  # node accuracy as counts, on the public node test set
 TOTAL = "total"
 CANARIES = "canaries"  # an audit query: which canaries the node scores on its own model
 SCORES = "scores"  # its reply: one score per canary asked
+# A white-box audit's train reply: the release minus the model trained from, along every
+# canary (an ArrayRecord with one array under this key).
+CANARY_INCREMENTS = "canary-increments"
 
 # One cell of a sweep run (flower_app/cells.py): the cell's id and its run-config keys, on
 # every message of that cell (a ConfigRecord under CELL). A message without it belongs to

@@ -47,6 +47,7 @@ from server_app.polling import prompt_grid, simulated
 from server_app.privacy_report import privacy_line, privacy_summary
 from server_app.rejections import fail, one_line_rejections
 from server_app.sim_runtime import speed_up_message_lookup
+from server_app.whitebox import whitebox_audit
 from strategies import STRATEGIES
 from strategies.base import NodeRefused, QuorumError, RunStrategy
 
@@ -159,18 +160,25 @@ def audit_and_write(
     """Score the canaries from every observer's view; audit.json; summary.json's `audit`."""
     t0 = time.monotonic()
     pids, reports = range(num_nodes), strategy.reports
-    node_scores = sealed_audit_scores(cfg, strategy, num_nodes) if cfg.sealed_relay else None
-    audit = run_audit(
-        cfg,
-        num_nodes=num_nodes,
-        own_models=strategy.own_models(),
-        shared=recorder.last_arrays,
-        graph=getattr(strategy, "graph", None),
-        node_eps={p: reports.node_eps(p) for p in pids if p in reports.metrics},
-        scores_by_node=node_scores,
-    )
+    if cfg.whitebox_audit:  # canaries in the updates: scored from the nodes' increments
+        audit = whitebox_audit(cfg, strategy)
+    else:
+        node_scores = sealed_audit_scores(cfg, strategy, num_nodes) if cfg.sealed_relay else None
+        audit = run_audit(
+            cfg,
+            num_nodes=num_nodes,
+            own_models=strategy.own_models(),
+            shared=recorder.last_arrays,
+            graph=getattr(strategy, "graph", None),
+            node_eps={p: reports.node_eps(p) for p in pids if p in reports.metrics},
+            scores_by_node=node_scores,
+        )
     write_audit(files.folder, audit)
-    for o in audit["observers"]:
+    for d in audit.get("by_distance", []):  # a white-box audit: one line per distance
+        log(INFO, "Audit distance %d: ε >= %.3f over %d tests (95%% jointly; accountant: "
+            "ε <= %s)", d["distance"], d["eps_lower_joint_max"], d["tests"],
+            format_eps(d["eps_accountant_max"]))  # fmt: skip
+    for o in [] if "by_distance" in audit else audit["observers"]:
         log(
             INFO,
             "Audit %s: %d of %d guesses correct, ε >= %.3f (accountant: ε <= %s)",
@@ -182,6 +190,7 @@ def audit_and_write(
         )
     log(INFO, "Audit: %s (%.1fs)", files.folder / AUDIT, time.monotonic() - t0)
     return {
+        "mode": cfg.audit_mode,
         "canaries_per_node": cfg.audit_canaries,
         "audit_seed": cfg.audit_seed,
         "file": AUDIT,

@@ -55,7 +55,8 @@ def privacy_line(cfg: RunConfig, num_nodes: int = 0) -> str:
     """
     audit = (
         f"AUDIT RUN ({cfg.audit_canaries} canaries per node, audit-seed={cfg.audit_seed}, "
-        "each in its owner's data with probability 1/2). "
+        f"each in its owner's {'update' if cfg.whitebox_audit else 'data'} with probability "
+        "1/2). "
         if cfg.audited
         else ""
     )

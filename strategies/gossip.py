@@ -44,6 +44,7 @@ from flower_app.gossip_schedule import ScheduleLog
 from flower_app.topology import graph_facts
 from flower_app.wire import (
     ARRAYS,
+    CANARY_INCREMENTS,
     CONFIG,
     METRICS,
     NUM_PARTITIONS,
@@ -142,6 +143,8 @@ class Gossip(CentralEvaluationMixin, Strategy):
         self.last_round: dict[str, Any] = {}
         # Who trained and every step applied, for the network accountant (network_dp).
         self.schedule_log = ScheduleLog(graph.number_of_nodes())
+        # A white-box audit: per logged round, each trained vertex's canary increments.
+        self.canary_increments: list[dict[int, np.ndarray]] = []
 
     def summary(self) -> None:
         """Log the topology and the gossip mode."""
@@ -222,6 +225,7 @@ class Gossip(CentralEvaluationMixin, Strategy):
             self.models = {v: start for v in self.graph.nodes}
         self.models.update(trained)
         self.schedule_log.start_round(trained)
+        self.keep_canary_increments(server_round, ok, set(trained))
         messages_sent = sum(self._gossip(set(trained)) for _ in range(self.steps_per_round))
         self.last_round = {
             "nodes_trained": len(trained),
@@ -233,6 +237,16 @@ class Gossip(CentralEvaluationMixin, Strategy):
         mean = self.layout.to_record(mean_model(self.models))
         loss = self.last_round["train_loss"]
         return mean, MetricRecord({} if loss is None else {TRAIN_LOSS: loss})
+
+    def keep_canary_increments(
+        self, server_round: int, replies: list[Message], active: set[int]
+    ) -> None:
+        """A white-box audit: what each vertex of `active` released along every canary."""
+        got = {}
+        for r in replies:
+            if CANARY_INCREMENTS in r.content and (v := self._vertex_of(server_round, r)) in active:
+                got[v] = r.content[CANARY_INCREMENTS][CANARY_INCREMENTS].numpy()
+        self.canary_increments.append(got)
 
     def _vertex_of(self, server_round: int, reply: Message) -> int:
         """The reply's graph vertex: its partition id, of as many partitions as graph nodes.

@@ -172,6 +172,7 @@ class SealedGossip(Gossip):
             active.add(vertex)
         self.answering = set(active)  # vertices still answering this round
         self.schedule_log.start_round(active)
+        self.keep_canary_increments(server_round, ok, active)
         exchanges = [ex for _ in range(self.steps_per_round) for ex in self._draw(active)]
         self.refused = 0
         sent = self._relay(server_round, exchanges)

@@ -99,3 +99,30 @@ def test_every_cell_of_an_audit_grid_carries_the_canaries_and_the_seed(tmp_path)
         c["params"]["audit-canaries"] == 40 and c["params"]["audit-seed"] == 9 for c in cells
     )
     assert "fl-audit run" in json.loads((out / "manifest.json").read_text())["command"]
+
+
+def test_a_whitebox_audit_says_its_canaries_are_update_directions(tmp_path):
+    folder = audit_folder(tmp_path)
+    path = folder / "runs" / "gossip-eps8.0-seed7" / "audit.json"
+    audit = json.loads(path.read_text())
+    path.write_text(to_json(audit | {"mode": "whitebox"}))
+    df, _ = write_audit_report(folder)
+    assert df.groupby("strategy")["mode"].first().to_dict() == {
+        "fedavg": "canaries",
+        "gossip": "whitebox",
+    }
+    text = (folder / "audit.md").read_text()
+    assert "whitebox: directions C·c_i added to the owner's clipped update" in text
+    assert "canaries: images of random sparse pixels" in text
+
+
+def test_whitebox_puts_update_canaries_and_update_mode_in_every_cell(tmp_path):
+    out = tmp_path / "a"
+    argv = ["run", "--strategies", "gossip", "--eps", "8", "--nodes", "3", "--rounds", "2"]
+    argv += ["--whitebox", "--out", str(out)]
+    assert main(argv, runner=FakeRunner()) == 0
+    cells = json.loads((out / "manifest.json").read_text())["cells"]
+    assert cells and all(
+        c["params"]["audit-mode"] == "whitebox" and c["params"]["dp-mode"] == "update"
+        for c in cells
+    )

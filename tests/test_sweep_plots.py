@@ -243,3 +243,25 @@ def test_eps_vs_distance_draws_each_gossip_series_against_local_dp(stored):
     for line in lines:  # the fake's ε: the target at distance 0, falling by 0.6 a hop
         assert list(line.get_xdata()) == [0, 1, 2, 3]
         assert line.get_ydata()[0] in (8.0, 2.0) and np.all(np.diff(line.get_ydata()) < 0)
+
+
+def test_eps_vs_distance_draws_a_whitebox_audit_below_the_accountant(stored, tmp_path):
+    """A cell with a white-box audit.json gets its lower bound per distance, dashed."""
+    import json
+    import shutil
+
+    from sim.analysis.network_figures import AUDIT, NETWORK_PRIVACY
+
+    if not HAS_GOSSIP:
+        pytest.skip("no gossip strategy")
+    out = tmp_path / "s"
+    shutil.copytree(stored, out)
+    for doc in out.glob(f"runs/*/{NETWORK_PRIVACY}"):
+        rows = [{"distance": d, "eps_lower_joint_max": 0.5 / (d + 1)} for d in range(4)]
+        (doc.parent / AUDIT).write_text(json.dumps({"mode": "whitebox", "by_distance": rows}))
+    figure = next(f for f in draw_all(SweepData.load(out)) if f.name == "eps_vs_distance")
+    text = " ".join(_texts(figure.figure).split())
+    assert "white-box audit's empirical lower bound" in text and "not audited" not in text
+    lines = [ln for ax in figure.figure.axes for ln in ax.get_lines()]
+    dashed = [ln for ln in lines if ln.get_label() == "_audit"]
+    assert dashed and all(list(ln.get_ydata()) == [0.5, 0.25, 0.5 / 3, 0.125] for ln in dashed)

@@ -38,6 +38,7 @@ COLUMNS = [
     "correct",
     "eps_lower",
     "eps_accountant",
+    "mode",  # canaries (images in the data) or whitebox (directions in the update)
 ]
 
 
@@ -63,6 +64,7 @@ def collect(out: Path) -> pd.DataFrame:
                     **{k: o.get(k) for k in COLUMNS[4:9]},
                     "eps_lower": float(o["eps_lower"]),
                     "eps_accountant": _eps(o["eps_accountant"]),
+                    "mode": audit.get("mode", "canaries"),
                 }
             )
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -197,11 +199,17 @@ def write_audit_report(out: Path) -> tuple[pd.DataFrame, list[Path]]:
     df = collect(out)
     atomic_write_text(out / AUDIT_CSV, df.to_csv(index=False))
     bad = violations(df)
+    kinds = {
+        "canaries": "images of random sparse pixels with a random label, each in its owner's "
+        "data with probability ½",
+        "whitebox": "directions C·c_i added to the owner's clipped update every round, each "
+        "with probability ½, scored by projection (docs/privacy-audit.md, white-box audit)",
+    }
+    what = "; ".join(f"{m}: {kinds[m]}" for m in sorted(set(df["mode"])) if m in kinds)
     text = [
         "# Privacy audit (one run, Steinke et al. 2023)\n",
-        "Canaries: images of random sparse pixels with a random label, each in its owner's "
-        "data with probability ½. A lower bound is a 95% one (union bound over the guessing "
-        "rules); it can only show leakage, never its absence.\n",
+        f"Canaries ({what or 'none'}). A lower bound is a 95% one (union bound over the "
+        "guessing rules); it can only show leakage, never its absence.\n",
         markdown(df),
     ]
     if len(bad):

@@ -21,6 +21,7 @@ from sim.analysis.sweep_data import SweepData
 from sim.analysis.tidy import eps_order, series_tuple
 
 NETWORK_PRIVACY = "network_privacy.json"  # the ServerApp's name for it (a test keeps them equal)
+AUDIT = "audit.json"  # a white-box audit's by-distance bounds (server_app/whitebox.py)
 
 
 def read_network(out: Path, cell: str) -> dict[str, Any] | None:
@@ -29,6 +30,28 @@ def read_network(out: Path, cell: str) -> dict[str, Any] | None:
         return dict(json.loads((out / RUNS / cell / NETWORK_PRIVACY).read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return None
+
+
+def read_whitebox(out: Path, cell: str) -> list[dict[str, Any]] | None:
+    """A cell's white-box audit bounds by distance (audit-mode=whitebox), or None."""
+    try:
+        doc = json.loads((out / RUNS / cell / AUDIT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if doc.get("mode") != "whitebox" or not doc.get("by_distance"):
+        return None
+    return list(doc["by_distance"])
+
+
+def _audit_curve(audits: list[list[dict[str, Any]]]) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, the largest jointly valid 95% lower bound over the runs) per distance."""
+    best: dict[int, float] = {}
+    for rows in audits:
+        for d in rows:
+            k = int(d["distance"])
+            best[k] = max(best.get(k, 0.0), float(d["eps_lower_joint_max"]))
+    dist = np.array(sorted(best))
+    return dist, np.array([best[k] for k in dist])
 
 
 def _curve(docs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -48,14 +71,21 @@ def _curve(docs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return dist, np.array([low[k] for k in dist]), np.array([high[k] for k in dist])
 
 
-def _draw_panel(ax: Any, data: SweepData, finals: Any) -> set[str]:
-    """One ε's series: a line (max over pairs and seeds) and its min band; the methods used."""
+def _draw_panel(ax: Any, data: SweepData, finals: Any) -> tuple[set[str], bool]:
+    """One ε's series: a line (max over pairs and seeds), its band, and any audit's bound.
+
+    Where the run was a white-box audit, the audit's lower bound by distance is drawn dashed
+    with triangles. Returns the methods used and whether any audit was drawn.
+    """
     methods: set[str] = set()
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    audits: dict[tuple[Any, ...], list[list[dict[str, Any]]]] = {}
     for _, row in finals.iterrows():
         if (doc := read_network(data.out, str(row["cell"]))) is not None:
             groups.setdefault(series_tuple(row, data.by), []).append(doc)
             methods.add(str(doc["method"]).split(" (")[0].split(":")[0])
+            if (rows := read_whitebox(data.out, str(row["cell"]))) is not None:
+                audits.setdefault(series_tuple(row, data.by), []).append(rows)
     for series, docs in groups.items():
         if (curve := _curve(docs)) is None:
             continue
@@ -64,8 +94,11 @@ def _draw_panel(ax: Any, data: SweepData, finals: Any) -> set[str]:
         ax.plot(dist, high, label=data.label(series), **style)
         ax.fill_between(dist, low, high, color=style["color"], alpha=0.12, linewidth=0)
         ax.axhline(high[0], color="#777777", linestyle=":", linewidth=1.2)
+        if series in audits:
+            at, bound = _audit_curve(audits[series])
+            ax.plot(at, bound, color=style["color"], linestyle="--", marker="v", label="_audit")
     ax.set_xlabel("graph distance from the node (0: its own releases)")
-    return methods
+    return methods, bool(audits)
 
 
 def _seed_text(seeds: list[int]) -> str:
@@ -90,8 +123,10 @@ def eps_vs_distance(data: SweepData) -> Figure | Skipped:
         return Skipped(name, "no private gossip cell (ε = ∞ bounds no observer)")
     fig, axes = panels(len(eps_values))
     methods: set[str] = set()
+    audited = False
     for ax, eps in zip(axes, eps_values, strict=True):
-        methods |= _draw_panel(ax, data, finals[finals["eps"] == eps])
+        drawn, with_audit = _draw_panel(ax, data, finals[finals["eps"] == eps])
+        methods, audited = methods | drawn, audited or with_audit
         ax.set_title(f"target ε = {eps_label(eps)}")
     axes[0].set_ylabel(f"ε against the observer (δ = {data.delta_text()})")
     notes = [
@@ -99,8 +134,12 @@ def eps_vs_distance(data: SweepData) -> Figure | Skipped:
         "band reaches the smallest. Dotted: local DP, what the node's own noisy model gives "
         "away (distance 0). "
         f"Method: {'; '.join(sorted(methods))} (see each run's network_privacy.json).",
-        "Accounted, not audited: no empirical lower bound per distance is drawn (the canary "
-        "audit finds nothing under DP at these ε).",
+        "Dashed with triangles: the white-box audit's empirical lower bound per distance "
+        "(largest over its tests, 95% jointly over all of them; audit.json). The accountant's "
+        "line must lie above it everywhere."
+        if audited
+        else "Accounted, not audited: no empirical lower bound per distance is drawn (the "
+        "canary audit finds nothing under DP at these ε; audit-mode=whitebox draws one).",
         _seed_text(data.seeds()),
     ]
     finish(fig, axes, notes)

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the auditor's seed: which canaries and their coin flips (default 0; never the "
         "DP noise's)",
     )
+    run.add_argument(
+        "--whitebox",
+        action="store_true",
+        help="canaries as directions in each node's clipped update, scored per observer "
+        "(audit-mode=whitebox with dp-mode=update; gossip only): sees DP where data "
+        "canaries do not (docs/privacy-audit.md)",
+    )
     run.add_argument("--target-accuracy", type=float, help=argparse.SUPPRESS)
     report = sub.add_parser("report", help="audit.csv, audit.md and figures from a folder")
     report.add_argument("results_dir", metavar="RESULTS_DIR")
@@ -81,6 +88,8 @@ def audit_grid(args: argparse.Namespace, argv: list[str]) -> list[str]:
         (f"--canaries {args.canaries}", f"audit-canaries={args.canaries}"),
         (f"--audit-seed {args.audit_seed}", f"audit-seed={args.audit_seed}"),
     ]
+    if args.whitebox:
+        args.forced += [("--whitebox", "audit-mode=whitebox"), ("--whitebox", "dp-mode=update")]
     if args.out is None:
         args.out = default_out(args.preset or "audit", root="results/audits")
         argv = [*argv, "--out", str(args.out)]
