@@ -68,6 +68,8 @@ def run_bench(
         return results | sweep_results(sizes, log) | environment(sizes)
     if only == "sealed":
         return results | sealed_results(sizes, log) | environment(sizes)
+    if only == "scale":
+        return results | scale_results(sizes, log) | environment(sizes)
     if only == "gpu":
         with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
             return gpu_results(sizes, Path(tmp), log) | environment(sizes)
@@ -98,16 +100,10 @@ def run_bench(
         dp_round = results["details"]["fedavg"]["flower_round_s_steady"]
         results["dp_round_vs_plain_round"] = dp_round / steady(plain.rows)
         results["details"]["fedavg_plain_round_s_steady"] = steady(plain.rows)
-        results["scale"] = scale(sizes, link, Path(tmp), log)
+        results |= scale_growth(scale(sizes, link, Path(tmp), log))
         deploy = deploy_vs_sim(sizes, link, Path(tmp), log)
         results["deploy_round_vs_sim_round"] = deploy.pop("ratio")
         results["details"]["deploy"] = deploy
-        # The first node count's round also pays what later ones find warm: skip it if it can.
-        scale_rows = results["scale"]
-        small, large = scale_rows[1 if len(scale_rows) > 2 else 0], scale_rows[-1]
-        results["scale_per_node_growth"] = (large["s_per_round"] / large["nodes"]) / (
-            small["s_per_round"] / small["nodes"]
-        ) - 1
     sweep = sweep_results(sizes, log)
     results["details"] |= sweep.pop("details")
     return results | sweep | environment(sizes)
@@ -139,6 +135,23 @@ def sealed_results(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
         details = sealed_vs_open(sizes, link, Path(tmp), log, open_round)
     details["flower_round_s_steady"] = open_round
     return {"sealed_vs_open_round": details.pop("ratio"), "details": {"gossip": details}}
+
+
+def scale_growth(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """`scale` and `scale_per_node_growth` (per-node round cost, largest count / second).
+
+    The second smallest count, not the first: the first run's round also pays what later
+    ones find warm.
+    """
+    small, large = rows[1 if len(rows) > 2 else 0], rows[-1]
+    growth = (large["s_per_round"] / large["nodes"]) / (small["s_per_round"] / small["nodes"])
+    return {"scale": rows, "scale_per_node_growth": growth - 1}
+
+
+def scale_results(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
+    """`scale` alone, on a SuperLink of its own."""
+    with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp, SimulationLink() as link:
+        return scale_growth(scale(sizes, link, Path(tmp), log))
 
 
 def sweep_results(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:

@@ -154,3 +154,12 @@ def test_bench_checks_every_opacus_mode_and_the_sweep(bench_results):
     assert sweep["one_run_vs_steady_rounds"] > 0 and sweep["run_per_cell_vs_steady_rounds"] > 0
     table = markdown(results)
     assert all(k in table for k in ("flower_vs_raw", "deploy_round_vs_sim_round", "sweep_vs_cells"))
+
+
+def test_bench_only_scale_reports_the_growth(bench_results, tmp_path):
+    out = tmp_path / "scale.json"
+    assert main(["--quick", "--only", "scale", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [s["nodes"] for s in results["scale"]] == [3, 4]
+    assert results["scale_per_node_growth"] == pytest.approx(3 / 4 - 1)
+    assert "flower_vs_raw" not in results
