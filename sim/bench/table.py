@@ -63,6 +63,27 @@ def randomness_lines(results: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def scale_growth_line(results: Mapping[str, Any]) -> list[str]:
+    """The per-node round cost's growth from the second smallest node count to the largest."""
+    if "scale" not in results:
+        return []
+    rows = results["scale"]
+    return [
+        f"| gossip per-node round cost, {rows[-1]['nodes']} vs "
+        f"{rows[1 if len(rows) > 2 else 0]['nodes']} nodes "
+        f"| {results['scale_per_node_growth']:+.0%} | <= +20% |"
+    ]
+
+
+def scale_lines(results: Mapping[str, Any]) -> list[str]:
+    """Gossip's seconds per round and peak memory at each node count."""
+    return [
+        f"| gossip {s['nodes']} nodes | {s['s_per_round']:.2f} s/round, "
+        f"peak {s['peak_rss_mb']:.0f} MB | linear |"
+        for s in results.get("scale", [])
+    ]
+
+
 def gpu_lines(results: Mapping[str, Any]) -> list[str]:
     """The GPU rows (`--only gpu`): CPU against CUDA, or the CUDA half marked skipped."""
     if "gpu_round_speedup" not in results:
@@ -93,6 +114,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         return "\n".join(["| measurement | value | target |", "| --- | --- | --- |",
                           *deploy_lines(results), *randomness_lines(results),
                           *sweep_lines(results), *sealed_lines(results),
+                          *scale_growth_line(results), *scale_lines(results),
                           *gpu_lines(results)])  # fmt: skip
     d = results["details"]
     lines = [
@@ -107,9 +129,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"| {results['dp_round_vs_plain_round']:.2f} "
         f"({d['fedavg']['flower_round_s_steady']:.2f} s / "
         f"{d['fedavg_plain_round_s_steady']:.2f} s) | <= 1.5 |",
-        f"| gossip per-node round cost, {results['scale'][-1]['nodes']} vs "
-        f"{results['scale'][1 if len(results['scale']) > 2 else 0]['nodes']} nodes "
-        f"| {results['scale_per_node_growth']:+.0%} | <= +20% |",
+        *scale_growth_line(results),
         *sealed_lines(results),
         f"| eval_share (gossip, rounds 2+) | {results['eval_share']:.1%} | small |",
         *randomness_lines(results),
@@ -136,9 +156,4 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"({r['flower_round_s_steady']:.2f} s / {r['raw_round_s_steady']:.2f} s) | |"
         )
     lines += deploy_lines(results)
-    for s in results["scale"]:
-        lines.append(
-            f"| gossip {s['nodes']} nodes | {s['s_per_round']:.2f} s/round, "
-            f"peak {s['peak_rss_mb']:.0f} MB | linear |"
-        )
-    return "\n".join(lines)
+    return "\n".join(lines + scale_lines(results))

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from flower_app.cells import Cell, read_status, write_cells
+
 pytestmark = pytest.mark.e2e
 
 SMALL = {"num-server-rounds": 2, "samples-per-node": 500, "test-samples": 1000}
@@ -74,8 +76,9 @@ def test_bad_run_config_fails_the_run_with_one_clear_line_and_writes_nothing(sup
 
 
 def test_dp_noise_is_secret_unless_noise_seed_is_set(superlink, tmp_path):
-    """Same run config twice: different models. (Same noise-seed twice gives identical
-    models: tests/e2e/test_sealed_run.py, whose two runs share one noise-seed.)"""
+    """Same run config twice (two cells of one Flower run, as fl-sweep runs them): different
+    models. (Same noise-seed twice gives identical models: tests/e2e/test_sealed_run.py,
+    whose two runs share one noise-seed.)"""
     tiny = {
         "num-server-rounds": 1,
         "samples-per-node": 200,
@@ -83,10 +86,16 @@ def test_dp_noise_is_secret_unless_noise_seed_is_set(superlink, tmp_path):
         "eps": 4.0,
         "results-dir": str(tmp_path),
     }
+    cells = tmp_path / "cells.json"
+    write_cells(cells, [Cell(name, {"run-name": name}) for name in ("a", "b")])
+    outcome = superlink.run({**tiny, "cells": str(cells)}, num_nodes=2, timeout=600)
+    assert outcome.completed, f"{outcome.status}: {outcome.details}"
+    assert {c: s["status"] for c, s in read_status(cells).items()} == {
+        "a": "completed",
+        "b": "completed",
+    }
     losses = {}
-    for name, extra in (("a", {}), ("b", {})):
-        outcome = superlink.run({**tiny, **extra, "run-name": name}, num_nodes=2, timeout=600)
-        assert outcome.completed, f"{outcome.status}: {outcome.details}"
+    for name in ("a", "b"):
         rows, summary = read_run(tmp_path / name)
         losses[name] = rows[-1]["loss"]  # full float repr of the evaluated global model
         assert summary["privacy"]["noise_seed"] is None
