@@ -58,7 +58,8 @@ def test_dp_sgd_gets_local_dp_for_every_observer_and_says_so():
     assert np.allclose(eps, eps[:, :1]) and eps[0, 0] == strategy.reports.node_eps(0) > 0
 
 
-def test_a_dropped_sealed_exchange_leaves_only_local_dp():
+def drop_first_sealed_step():
+    """A relay that loses the first sealed gossip message: (the dropped list, the hook)."""
     dropped = []
 
     def drop(msg):
@@ -67,6 +68,11 @@ def test_a_dropped_sealed_exchange_leaves_only_local_dp():
             return True
         return False
 
+    return dropped, drop
+
+
+def test_a_dropped_sealed_exchange_leaves_only_local_dp():
+    dropped, drop = drop_first_sealed_step()
     config = {**TINY, "gossip-mode": "matching"}
     strategy, _ = run_gossip(config, NODES, drop=drop)
     doc = network_privacy(RunConfig.from_run_config(config), strategy)
@@ -117,14 +123,7 @@ def test_a_network_unit_run_uses_the_planned_schedule_and_reports_every_class():
 
 def test_a_network_run_whose_schedule_broke_says_it_missed_its_target():
     """A dropped sealed exchange: local ε for everyone, so the far class's target is missed."""
-    dropped = []
-
-    def drop(msg):
-        if SEALED in msg.content and not dropped and "seal-step" in msg.content[SEALED]:
-            dropped.append(msg)
-            return True
-        return False
-
+    dropped, drop = drop_first_sealed_step()
     config = {**TINY, "gossip-mode": "matching", "privacy-unit": "network"}
     strategy, _ = run_gossip(config, NODES, drop=drop)
     doc = network_privacy(RunConfig.from_run_config(config), strategy)
