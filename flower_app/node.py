@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import logging
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -34,6 +36,8 @@ from flower_app.rng import PrivacyRandomness, privacy_randomness, shuffle_genera
 from flower_app.shards import ShardSpec, load_shard
 from flower_app.train import train_dp, train_plain
 from flower_app.whitebox_audit import draw_plan, insert_canaries, project
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -248,13 +252,15 @@ def _round_update(
     """dp-mode=update: plain SGD, then the round's update clipped and noised once (1 step)."""
     loss = _round_plain(cfg, model, data, shuffle)
     # On the CPU, as the noise is drawn: one float64 sum per round, the same on any device.
-    private, _ = privatize_update(
+    private, norm = privatize_update(
         weights,
         _detached(model),
         clip=cfg.max_grad_norm,
         noise_multiplier=ledger.noise_multiplier,
         noise=rand.noise,
     )
+    if not math.isfinite(norm):  # this node's log only: the release says nothing of it
+        log.warning("local training diverged (update not finite): released noise alone")
     model.load_state_dict(private)
     return loss, 1
 

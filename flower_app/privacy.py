@@ -382,11 +382,15 @@ def privatize_update(
 
     The L2 norm is taken over all floating-point tensors together (the whole model), as the
     Gaussian mechanism's sensitivity needs; other tensors (counters) come from `end` as is.
+    A non-finite update (NaN or inf anywhere) is released as the zero update: `clip / norm`
+    would skip the clip (NaN) or mark the overflowing coordinates (inf · 0), un-noised.
     """
     keys = [k for k, v in end.items() if torch.is_floating_point(v)]
     deltas = {k: end[k].detach().double() - start[k].detach().double() for k in keys}
     norm = float(torch.sqrt(sum(((d**2).sum() for d in deltas.values()), torch.tensor(0.0))))
-    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    if not math.isfinite(norm):
+        deltas = {k: torch.zeros_like(d) for k, d in deltas.items()}
+    scale = min(1.0, clip / norm) if math.isfinite(norm) and norm > 0 else 1.0
     out = {k: v.detach().clone() for k, v in end.items()}
     for k in keys:
         drawn = noise.gaussian(noise_multiplier * clip, deltas[k])
