@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 from sweep_fakes import FakeRunner
 
@@ -64,6 +65,15 @@ def test_the_table_has_a_row_per_observer_of_every_completed_cell(tmp_path):
     text = markdown(df)
     assert "| gossip | 8 | distance-1 | 1 | 100 | 80 | 0.60 | 8 |" in text
     assert "| fedavg | ∞ | global | – |" in text
+
+
+def test_runs_that_share_strategy_and_eps_are_named_in_the_table(tmp_path):
+    df = collect(audit_folder(tmp_path))
+    assert "| run |" not in markdown(df)  # one run per (strategy, ε, seed): no column
+    twin = df[df["strategy"] == "gossip"].assign(cell="gossip-eps8.0-seed7-topology-torus")
+    text = markdown(pd.concat([df, twin], ignore_index=True))
+    assert text.startswith("| run | strategy |")
+    assert "| gossip-eps8.0-seed7-topology-torus | gossip | 8 | distance-1 | 1 |" in text
 
 
 def test_a_bound_above_the_accountant_is_flagged(tmp_path):

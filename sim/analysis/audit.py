@@ -81,15 +81,19 @@ def violations(df: pd.DataFrame) -> pd.DataFrame:
 
 def markdown(df: pd.DataFrame) -> str:
     """The audit table: per strategy, ε and observer, the bound beside the accountant's ε."""
+    # A swept key (topology, ...) makes several runs share strategy and ε: name the run.
+    named = bool(len(df)) and df.groupby(["strategy", "eps", "seed"])["cell"].nunique().max() > 1
     lines = [
-        "| strategy | ε target | observer | distance | guesses | correct | ε lower (95%) "
+        ("| run " if named else "")
+        + "| strategy | ε target | observer | distance | guesses | correct | ε lower (95%) "
         "| ε accountant |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ("| --- " if named else "") + "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, r in df.iterrows():
         distance = "–" if pd.isna(r["distance"]) else str(int(r["distance"]))
         lines.append(
-            f"| {r['strategy']} | {_shown(r['eps'])} | {r['observer']} | {distance} | "
+            (f"| {r['cell']} " if named else "")
+            + f"| {r['strategy']} | {_shown(r['eps'])} | {r['observer']} | {distance} | "
             f"{r['guesses']} | {r['correct']} | {r['eps_lower']:.2f} | "
             f"{_shown(r['eps_accountant'])} |"
         )

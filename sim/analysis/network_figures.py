@@ -97,7 +97,7 @@ def _draw_panel(ax: Any, data: SweepData, finals: Any) -> tuple[set[str], bool]:
         if series in audits:
             at, bound = _audit_curve(audits[series])
             ax.plot(at, bound, color=style["color"], linestyle="--", marker="v", label="_audit")
-    ax.set_xlabel("graph distance from the node (0: its own releases)")
+    ax.set_xlabel("graph distance (0: the node itself)")
     return methods, bool(audits)
 
 
