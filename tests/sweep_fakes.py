@@ -131,6 +131,9 @@ class FakeRunner:
                     "delta": cfg.delta,
                     "noise": "seeded" if cfg.seeded_noise else "secret",
                     "noise_seed": cfg.noise_seed if cfg.seeded_noise else None,
+                    "network_plan": {"min_distance": cfg.network_min_distance}
+                    if cfg.privacy_unit == "network"
+                    else None,
                 },
             }
             if gossip:

@@ -313,3 +313,16 @@ def test_ctrl_c_stops_the_block_even_when_started_with_sigint_ignored():
     finally:
         proc.kill()
     assert out.strip() == "stopped" and proc.returncode == 0
+
+
+def test_the_report_says_a_network_unit_cell_spends_more_than_its_eps(tmp_path):
+    def report(name, unit):
+        argv = ["run", "--strategies", "gossip", "--eps", "8", "--nodes", "8", "--rounds", "8"]
+        argv += ["--set", "dp-mode=update", "--set", f"privacy-unit={unit}"]
+        argv += ["--set", "network-min-distance=3", "--out", str(tmp_path / name)]
+        assert main(argv, runner=FakeRunner()) == 0
+        return (tmp_path / name / "report.md").read_text()
+
+    says = "privacy-unit=network`** calibrate σ so that every observer at graph distance ≥ 3"
+    assert says in report("network", "network")
+    assert "privacy-unit=network" not in report("local", "local")

@@ -210,8 +210,22 @@ def _privacy_section(data: SweepData) -> list[str]:
         f"- Trust model: {TRUST_MODEL}.",
         f"- δ = {data.delta_text()} per node. ε = ∞ means no DP: plain SGD, no clipping, no noise.",
         budget,
+        *_network_unit_note(data),
         noise_note(data),
         "",
+    ]
+
+
+def _network_unit_note(data: SweepData) -> list[str]:
+    """privacy-unit=network cells: their ε column is an observer class's, not the spend."""
+    if not _has_values(data.cells, "network_min_distance"):
+        return []
+    far = sorted({int(d) for d in data.cells["network_min_distance"].dropna()})
+    return [
+        "- **Cells with `privacy-unit=network`** calibrate σ so that every observer at "
+        f"graph distance ≥ {' or '.join(map(str, far))} gets at most ε; closer observers, "
+        "and anyone holding a node's own releases, get more: `ε spent` below is that local "
+        "ε, and each run's network_privacy.json has every distance's."
     ]
 
 

@@ -162,6 +162,8 @@ def cell_table(out: Path, manifest: Mapping[str, Any]) -> pd.DataFrame:
         row["delta"] = privacy.get("delta")
         row["privacy_unit"] = privacy.get("unit")
         row["eps_per_round_claimed"] = privacy.get("eps_per_round_claimed")
+        # privacy-unit=network: ε is the target beyond this distance, not each node's spend.
+        row["network_min_distance"] = (privacy.get("network_plan") or {}).get("min_distance")
         row["noise_seed"] = privacy.get("noise_seed")
         row["noise"] = privacy.get("noise")  # absent in runs from before noise was secret
         row["evaluate_on"] = _evaluated_on(out / RUNS / cell["id"])
