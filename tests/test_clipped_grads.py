@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
 from flower_app import clipped_grads
@@ -15,7 +15,12 @@ from flower_app.data import to_tensors
 from flower_app.model import MODELS, build_model
 from flower_app.privacy import plan_ledger
 from flower_app.rng import PrivacyRandomness
-from flower_app.train import GRADIENT_CHECK_FAILED, GradientCheckError, train_dp
+from flower_app.train import (
+    GRADIENT_CHECK_FAILED,
+    GradientCheckError,
+    _take_clipped_sums,
+    train_dp,
+)
 
 
 def _batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,3 +177,22 @@ def test_opacus_adds_the_calibrated_noise_and_counts_every_step():
     # little too, as the models drift apart).
     expected = 0.1 * ledger.noise_multiplier * 1.0 / 32 * math.sqrt(result.steps)
     assert float(diff.std()) == pytest.approx(expected, rel=0.1)
+
+
+def test_the_optimizer_takes_the_clipped_sum_as_it_is_and_still_accumulates():
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2))]
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+        expected_batch_size=4,
+    )  # fmt: skip
+    _take_clipped_sums(opt)
+    sums = [torch.ones(3), torch.full((2, 2), 2.0)]
+    for p, s in zip(params, sums, strict=True):
+        p.grad = s
+    opt.accumulate()
+    assert all(p.summed_grad is s and p.grad is None for p, s in zip(params, sums, strict=True))
+    for p in params:  # Opacus's gradient accumulation: a second sum before the step
+        p.grad = torch.ones_like(p)
+    opt.accumulate()
+    assert torch.equal(params[0].summed_grad, torch.full((3,), 2.0))
+    assert torch.equal(params[1].summed_grad, torch.full((2, 2), 3.0))
