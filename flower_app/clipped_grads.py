@@ -56,21 +56,43 @@ def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> _Grads:
 
 
 def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> _Grads:
-    # Per-example weight gradients as one grouped convolution's weight gradient: the batch
-    # becomes the groups (faster here than unfold + bmm, which forms every patch).
-    n, c_out = len(a), layer.out_channels
-    w = torch.nn.grad.conv2d_weight(
-        a.reshape(1, -1, *a.shape[2:]),
-        (n * c_out, *layer.weight.shape[1:]),
-        g.reshape(1, -1, *g.shape[2:]),
-        stride=layer.stride,
-        padding=layer.padding,
-        dilation=layer.dilation,
-        groups=n,
-    ).view(n, -1)
+    n = len(a)
+    if layer.in_channels == 1:
+        w = _conv_weights_from_slices(layer, a, g)
+    else:
+        # Per-example weight gradients as one grouped convolution's weight gradient: the
+        # batch becomes the groups (faster here than unfold + bmm, which forms every patch).
+        w = torch.nn.grad.conv2d_weight(
+            a.reshape(1, -1, *a.shape[2:]),
+            (n * layer.out_channels, *layer.weight.shape[1:]),
+            g.reshape(1, -1, *g.shape[2:]),
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=n,
+        ).view(n, -1)
     b = g.flatten(2).sum(2)
     sq = w.pow(2).sum(1) + (b.pow(2).sum(1) if layer.bias is not None else 0)
     return _Grads(sq, lambda c: [(c @ w).view_as(layer.weight), c @ b])
+
+
+def _conv_weights_from_slices(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example conv weight gradients as one batched product with the input's patches.
+
+    The patches are the kernel's shifted, strided slices of the zero-padded input, stacked in
+    the weight's (in channel, kernel row, kernel column) order. With one input channel this
+    was 1.7x faster here than the grouped convolution (which wins from 8 channels on).
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+        layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    )  # fmt: skip
+    n, h, w = len(a), g.shape[2], g.shape[3]
+    padded = F.pad(a, (pw, pw, ph, ph))
+    rows = [slice(i * dh, i * dh + sh * (h - 1) + 1, sh) for i in range(kh)]
+    cols = [slice(j * dw, j * dw + sw * (w - 1) + 1, sw) for j in range(kw)]
+    # (n, in channels, kh * kw, h, w)
+    patches = torch.stack([padded[:, :, r, c] for r in rows for c in cols], dim=2)
+    return torch.bmm(g.flatten(2), patches.view(n, -1, h * w).transpose(1, 2)).view(n, -1)
 
 
 def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> _Grads:

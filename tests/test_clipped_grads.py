@@ -68,6 +68,28 @@ def test_clipped_sum_and_norms_equal_opacus_on_every_model(name):
     assert float(fast.loss) == pytest.approx(loss, rel=1e-6)
 
 
+def _odd_convs(bias: bool) -> nn.Module:
+    """One-channel and three-channel convs (the two ways per-example weights are formed)."""
+    torch.manual_seed(0)
+    first = nn.Conv2d(1, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=bias)
+    second = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=bias)
+    features = nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), nn.Flatten())
+    width = features(torch.zeros(1, 1, 28, 28)).shape[1]
+    return nn.Sequential(features, nn.Linear(width, 10))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_convs_of_other_shapes_equal_opacus(bias):
+    model = _odd_convs(bias)
+    x, y = _batch(16)
+    clip = float(clipped_grads.clipped_sum(model, x, y, max_grad_norm=1.0).norms.median())
+    fast = clipped_grads.clipped_sum(model, x, y, max_grad_norm=clip)
+    reference, norms = _opacus(model, x, y, clip)
+    assert torch.allclose(fast.norms, norms, rtol=1e-5, atol=1e-6)
+    for got, want in zip([fast.sums[p] for p in model.parameters()], reference, strict=True):
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
 def test_an_empty_batch_gives_zero_sums_for_every_parameter():
     model = build_model("cnn", seed=0)
     x, y = _batch(0)
