@@ -38,7 +38,7 @@ _NORM_EPS = 1e-6
 
 @dataclass(frozen=True)
 class _Grads:
-    """One layer's per-example squared gradient norms and a way to sum them clipped."""
+    """A linear layer's per-example squared gradient norms and a way to sum them clipped."""
 
     sq_norms: torch.Tensor  # (batch,)
     clipped: Callable[[torch.Tensor], list[torch.Tensor]]  # clip factors -> [weight, bias]
@@ -55,7 +55,7 @@ def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> _Grads:
     return _Grads(sq, clipped)
 
 
-def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> _Grads:
+def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
     n = len(a)
     if layer.in_channels == 1:
         w = _conv_weights_from_slices(layer, a, g)
@@ -71,9 +71,7 @@ def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> _Grads:
             dilation=layer.dilation,
             groups=n,
         ).view(n, -1)
-    b = g.flatten(2).sum(2)
-    sq = w.pow(2).sum(1) + (b.pow(2).sum(1) if layer.bias is not None else 0)
-    return _Grads(sq, lambda c: [(c @ w).view_as(layer.weight), c @ b])
+    return [w, g.flatten(2).sum(2)] if layer.bias is not None else [w]
 
 
 def _conv_weights_from_slices(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -95,14 +93,16 @@ def _conv_weights_from_slices(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor
     return torch.bmm(g.flatten(2), patches.view(n, -1, h * w).transpose(1, 2)).view(n, -1)
 
 
-def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> _Grads:
+def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
     normed = F.group_norm(a, layer.num_groups, eps=layer.eps).flatten(2)
     g = g.flatten(2)
-    w, b = (g * normed).sum(2), g.sum(2)
-    return _Grads(w.pow(2).sum(1) + b.pow(2).sum(1), lambda c: [c @ w, c @ b])
+    return [(g * normed).sum(2), g.sum(2)]
 
 
-_RULES: dict[type[nn.Module], tuple[Callable[[nn.Module], bool], Callable[..., _Grads]]] = {
+# A rule gives a linear layer's `_Grads`, or the per-example gradients of a small layer's
+# parameters outright, (batch, parameter size) each, in `_params` order.
+_Rule = Callable[..., "_Grads | list[torch.Tensor]"]
+_RULES: dict[type[nn.Module], tuple[Callable[[nn.Module], bool], _Rule]] = {
     nn.Linear: (lambda m: True, _linear),
     nn.Conv2d: (
         lambda m: m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str),
@@ -112,7 +112,7 @@ _RULES: dict[type[nn.Module], tuple[Callable[[nn.Module], bool], Callable[..., _
 }
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
+def trainable_layers(model: nn.Module) -> list[nn.Module]:
     """The modules that own trainable parameters directly."""
     return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
@@ -129,7 +129,7 @@ def supports(model: nn.Module) -> bool:
 
 def uncovered(model: nn.Module) -> list[str]:
     """The layers with trainable parameters not handled here, as 'name (Type)'."""
-    owners = {id(m) for m in _layers(model)}
+    owners = {id(m) for m in trainable_layers(model)}
     out = []
     for name, layer in model.named_modules():
         if id(layer) not in owners:
@@ -167,14 +167,20 @@ class ClippedStep:
 
 
 def clipped_sum(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    max_grad_norm: float,
+    *,
+    layers: list[nn.Module] | None = None,
 ) -> ClippedStep:
     """Σ_i clip(∇_i) for every parameter, ∇_i the gradient of example i's cross-entropy.
 
     The model must pass `supports`; linear layers need 2-D inputs (the models flatten first).
-    An empty batch (Poisson sampling draws them) gives zero sums.
+    An empty batch (Poisson sampling draws them) gives zero sums. `layers` is
+    `trainable_layers(model)`, for a caller that takes many steps to compute once.
     """
-    layers = _layers(model)
+    layers = trainable_layers(model) if layers is None else layers
     if len(y) == 0:
         return ClippedStep(
             x.new_zeros(()),
@@ -191,10 +197,38 @@ def clipped_sum(
         if isinstance(layer, nn.Linear) and a.dim() != 2:
             raise ValueError("clipped_grads needs 2-D inputs to linear layers")
         per_layer.append(_RULES[type(layer)][1](layer, a, g))
-    norms = torch.stack([grads.sq_norms for grads in per_layer]).sum(0).sqrt()
+    norms, sums = _clip(layers, per_layer, max_grad_norm)
+    return ClippedStep(loss_sum.detach() / len(y), norms, sums)
+
+
+def _clip(
+    layers: list[nn.Module], per_layer: list, max_grad_norm: float
+) -> tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]:
+    """Every example's whole-model norm, and every parameter's sum of clipped gradients.
+
+    The small layers' per-example gradients are joined into one (batch, size) matrix, so
+    their norms and their clipped sums take one product each.
+    """
+    pairs = list(zip(layers, per_layer, strict=True))
+    ghosts = [(layer, r) for layer, r in pairs if isinstance(r, _Grads)]
+    owned = [
+        (p, block)
+        for layer, r in pairs
+        if not isinstance(r, _Grads)
+        for p, block in zip(_params(layer), r, strict=True)
+    ]
+    joined = torch.cat([block for _, block in owned], 1) if owned else None
+    squares = [r.sq_norms for _, r in ghosts]
+    if joined is not None:
+        squares.append((joined * joined).sum(1))
+    norms = torch.stack(squares).sum(0).sqrt()
     factors = (max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0)
-    sums: dict[nn.Parameter, torch.Tensor] = {}
-    for layer, grads in zip(layers, per_layer, strict=True):
-        for p, s in zip(_params(layer), grads.clipped(factors), strict=False):
+    sums: dict[nn.Parameter, torch.Tensor] = {p: p for layer in layers for p in _params(layer)}
+    if joined is not None:
+        flat = factors @ joined
+        for (p, _), s in zip(owned, flat.split([b.shape[1] for _, b in owned]), strict=True):
+            sums[p] = s.view_as(p)
+    for layer, r in ghosts:
+        for p, s in zip(_params(layer), r.clipped(factors), strict=False):
             sums[p] = s
-    return ClippedStep(loss_sum.detach() / len(y), norms.detach(), sums)
+    return norms, sums

@@ -326,10 +326,11 @@ def _fast_epochs(dp: _Private, model: nn.Module, batches: Iterable, max_grad_nor
     dp.model.remove_hooks()
     _take_clipped_sums(dp.optimizer)
     model.train()
+    layers = clipped_grads.trainable_layers(model)
     total, counted, checked = 0.0, 0, False
     for x, y in batches:
         dp.optimizer.zero_grad(set_to_none=True)
-        step = clipped_grads.clipped_sum(model, x, y, max_grad_norm)
+        step = clipped_grads.clipped_sum(model, x, y, max_grad_norm, layers=layers)
         if not checked and len(y):
             _check_against_opacus(model, x, y, max_grad_norm, step)
             checked = True

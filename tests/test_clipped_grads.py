@@ -165,8 +165,8 @@ def test_a_model_it_does_not_cover_trains_with_opacus_hooks_and_is_still_clipped
 def test_a_mismatch_with_opacus_stops_before_any_step(monkeypatch):
     real = clipped_grads.clipped_sum
 
-    def doubled(model, x, y, max_grad_norm):
-        step = real(model, x, y, max_grad_norm)
+    def doubled(model, x, y, max_grad_norm, **kwargs):
+        step = real(model, x, y, max_grad_norm, **kwargs)
         return clipped_grads.ClippedStep(
             step.loss, step.norms, {p: 2 * s for p, s in step.sums.items()}
         )
