@@ -8,7 +8,9 @@ linear layer neither is needed (Bu et al., ICML 2023, "book-keeping"; Li et al.,
 gradient is the outer product g_i a_iᵀ, so its norm is ‖g_i‖·‖a_i‖ and the clipped sum is
 one matrix product Σ c_i g_i a_iᵀ, the cost of the ordinary weight gradient. The two conv
 layers and the GroupNorms are small (72, 1,152 and 48 weights), so their per-example
-gradients are formed outright (a conv's as one grouped convolution over the batch).
+gradients are formed outright (a conv's as one grouped convolution over the batch, or from
+the input's shifted slices with one input channel), and joined into one matrix whose
+norms and clipped sum take one product each.
 
 Here one forward pass keeps each layer's input and output (forward hooks), one
 `torch.autograd.grad` of the summed loss gives the gradients with respect to the layer
