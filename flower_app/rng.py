@@ -47,14 +47,25 @@ class KeyedStream:
         # cryptography's 16-byte nonce: a 64-bit block counter (from 0), then the nonce.
         nonce = struct.pack("<QQ", 0, stream)
         self._cipher = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        self._zeros = b""  # the plaintext: the keystream is what encrypting zeros gives
 
     def words(self, count: int) -> np.ndarray:
         """The next `count` 64-bit words of the keystream."""
-        return np.frombuffer(self._cipher.update(bytes(8 * count)), dtype=np.uint64)
+        return self._signed_words(count).numpy().view(np.uint64)
+
+    def _signed_words(self, count: int) -> torch.Tensor:
+        """`words` as int64, written straight into a fresh tensor's memory."""
+        if count == 0:
+            return torch.empty(0, dtype=torch.int64)
+        if len(self._zeros) < 8 * count:
+            self._zeros = bytes(8 * count)
+        out = bytearray(8 * count)
+        self._cipher.update_into(memoryview(self._zeros)[: len(out)], out)
+        return torch.frombuffer(out, dtype=torch.int64)
 
     def uniform(self, count: int) -> torch.Tensor:
         """`count` float64 uniforms in (0, 1), 53 random bits each (never 0, never 1)."""
-        bits = torch.from_numpy(self.words(count).view(np.int64).copy()) & _LOW_53
+        bits = self._signed_words(count).bitwise_and_(_LOW_53)
         return bits.double().add_(0.5).mul_(2.0**-53)
 
     def standard_normal(self, count: int) -> torch.Tensor:

@@ -324,11 +324,13 @@ def _fast_epochs(dp: _Private, model: nn.Module, batches: Iterable, max_grad_nor
     `FAST_PATH_TOLERANCE` raises `GradientCheckError` before any step is taken.
     """
     dp.model.remove_hooks()
+    _take_clipped_sums(dp.optimizer)
     model.train()
+    layers = clipped_grads.trainable_layers(model)
     total, counted, checked = 0.0, 0, False
     for x, y in batches:
         dp.optimizer.zero_grad(set_to_none=True)
-        step = clipped_grads.clipped_sum(model, x, y, max_grad_norm)
+        step = clipped_grads.clipped_sum(model, x, y, max_grad_norm, layers=layers)
         if not checked and len(y):
             _check_against_opacus(model, x, y, max_grad_norm, step)
             checked = True
@@ -339,6 +341,23 @@ def _fast_epochs(dp: _Private, model: nn.Module, batches: Iterable, max_grad_nor
             total += float(step.loss)
             counted += 1
     return total / max(counted, 1)
+
+
+def _take_clipped_sums(optimizer: DPOptimizer) -> None:
+    """Opacus's `accumulate` without its deep copy (about 1 ms a step here).
+
+    Each step's clipped sum is a fresh tensor the fast path made, so it becomes
+    `p.summed_grad` as it is; `add_noise` then sets `p.grad` anew.
+    """
+
+    def accumulate() -> None:
+        for p in optimizer.params:
+            if p.summed_grad is None:
+                p.summed_grad, p.grad = p.grad, None
+            else:
+                p.summed_grad.add_(p.grad)
+
+    optimizer.accumulate = accumulate
 
 
 def _opacus_clipped_sum(

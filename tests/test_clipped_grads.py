@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
 from flower_app import clipped_grads
@@ -15,7 +15,12 @@ from flower_app.data import to_tensors
 from flower_app.model import MODELS, build_model
 from flower_app.privacy import plan_ledger
 from flower_app.rng import PrivacyRandomness
-from flower_app.train import GRADIENT_CHECK_FAILED, GradientCheckError, train_dp
+from flower_app.train import (
+    GRADIENT_CHECK_FAILED,
+    GradientCheckError,
+    _take_clipped_sums,
+    train_dp,
+)
 
 
 def _batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +66,28 @@ def test_clipped_sum_and_norms_equal_opacus_on_every_model(name):
     with torch.no_grad():
         loss = float(nn.functional.cross_entropy(model(x), y))
     assert float(fast.loss) == pytest.approx(loss, rel=1e-6)
+
+
+def _odd_convs(bias: bool) -> nn.Module:
+    """One-channel and three-channel convs (the two ways per-example weights are formed)."""
+    torch.manual_seed(0)
+    first = nn.Conv2d(1, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=bias)
+    second = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=bias)
+    features = nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), nn.Flatten())
+    width = features(torch.zeros(1, 1, 28, 28)).shape[1]
+    return nn.Sequential(features, nn.Linear(width, 10))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_convs_of_other_shapes_equal_opacus(bias):
+    model = _odd_convs(bias)
+    x, y = _batch(16)
+    clip = float(clipped_grads.clipped_sum(model, x, y, max_grad_norm=1.0).norms.median())
+    fast = clipped_grads.clipped_sum(model, x, y, max_grad_norm=clip)
+    reference, norms = _opacus(model, x, y, clip)
+    assert torch.allclose(fast.norms, norms, rtol=1e-5, atol=1e-6)
+    for got, want in zip([fast.sums[p] for p in model.parameters()], reference, strict=True):
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
 
 
 def test_an_empty_batch_gives_zero_sums_for_every_parameter():
@@ -138,8 +165,8 @@ def test_a_model_it_does_not_cover_trains_with_opacus_hooks_and_is_still_clipped
 def test_a_mismatch_with_opacus_stops_before_any_step(monkeypatch):
     real = clipped_grads.clipped_sum
 
-    def doubled(model, x, y, max_grad_norm):
-        step = real(model, x, y, max_grad_norm)
+    def doubled(model, x, y, max_grad_norm, **kwargs):
+        step = real(model, x, y, max_grad_norm, **kwargs)
         return clipped_grads.ClippedStep(
             step.loss, step.norms, {p: 2 * s for p, s in step.sums.items()}
         )
@@ -172,3 +199,22 @@ def test_opacus_adds_the_calibrated_noise_and_counts_every_step():
     # little too, as the models drift apart).
     expected = 0.1 * ledger.noise_multiplier * 1.0 / 32 * math.sqrt(result.steps)
     assert float(diff.std()) == pytest.approx(expected, rel=0.1)
+
+
+def test_the_optimizer_takes_the_clipped_sum_as_it_is_and_still_accumulates():
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2))]
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+        expected_batch_size=4,
+    )  # fmt: skip
+    _take_clipped_sums(opt)
+    sums = [torch.ones(3), torch.full((2, 2), 2.0)]
+    for p, s in zip(params, sums, strict=True):
+        p.grad = s
+    opt.accumulate()
+    assert all(p.summed_grad is s and p.grad is None for p, s in zip(params, sums, strict=True))
+    for p in params:  # Opacus's gradient accumulation: a second sum before the step
+        p.grad = torch.ones_like(p)
+    opt.accumulate()
+    assert torch.equal(params[0].summed_grad, torch.full((3,), 2.0))
+    assert torch.equal(params[1].summed_grad, torch.full((2, 2), 3.0))

@@ -10,6 +10,8 @@ the unknown high bits changed nothing, and the whole key space was 2^32.
 from __future__ import annotations
 
 import hashlib
+import math
+import struct
 from collections.abc import Callable
 from dataclasses import replace
 from unittest import mock
@@ -17,6 +19,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from flower_app.config import RunConfig
 from flower_app.data import to_tensors
@@ -148,6 +151,23 @@ def test_keyed_gaussians_have_the_asked_spread(std):
     assert stats.kstest(draws / std, "norm").pvalue > 1e-3
     coins = PrivacyRandomness.replayable(2).sampling.bernoulli(200_000, 0.1)
     assert abs(coins.mean() - 0.1) < 5 * (0.1 * 0.9 / 200_000) ** 0.5
+
+
+def test_the_draws_are_the_chacha20_keystream_as_the_docstring_says():
+    """Recomputed from cryptography's keystream with numpy: 53-bit uniforms (exactly), then
+    Box-Muller, radii from the first half of a draw's uniforms and angles from the second,
+    four summed and halved (numpy's log and cos differ from torch's in the last bits)."""
+    key = bytes(range(KEY_BYTES))
+    cipher = Cipher(algorithms.ChaCha20(key, struct.pack("<QQ", 0, 2)), mode=None).encryptor()
+    words = np.frombuffer(cipher.update(bytes(8 * 46)), dtype=np.uint64)
+    uniform = ((words & np.uint64(2**53 - 1)).astype(np.float64) + 0.5) * 2.0**-53
+    stream = KeyedStream(key, 2)
+    assert np.array_equal(stream.uniform(6).numpy(), uniform[:6])
+    assert stream.uniform(0).numel() == 0
+    u = uniform[6:46]  # 10 Gaussians: 20 pairs of uniforms, taken right after the 6 above
+    r, angle = np.sqrt(-2.0 * np.log(u[:20])), 2.0 * math.pi * u[20:]
+    z = ((r * np.cos(angle)).reshape(2, 10).sum(0) + (r * np.sin(angle)).reshape(2, 10).sum(0)) / 2
+    np.testing.assert_allclose(stream.standard_normal(10).numpy(), z, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "fast"])

@@ -13,7 +13,7 @@ from flower_app.results import package_version
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`fl-bench [--quick] [--json PATH] [--only deploy|randomness|sweep|sealed|scale|gpu]`."""
+    """`fl-bench [--quick] [--json PATH] [--only deploy|epoch|randomness|...|gpu]`."""
     parser = argparse.ArgumentParser(
         prog="fl-bench",
         description="Where the time of private federated training goes, as ratios from one "
@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="write the results as JSON here (default: none)")
     parser.add_argument(
         "--only",
-        choices=["deploy", "randomness", "sweep", "sealed", "scale", "gpu"],
-        help="only this measurement (deploy: a few minutes; randomness: seconds; sweep: "
+        choices=["deploy", "epoch", "randomness", "sweep", "sealed", "scale", "gpu"],
+        help="only this measurement (deploy: a few minutes; epoch: dp_vs_plain, one local "
+        "epoch of plain SGD against every Opacus mode, about a minute; randomness: seconds; sweep: "
         "sweep_vs_cells, minutes; sealed: sealed_vs_open_round, minutes; scale: gossip per "
         "round at 20, 100 and 1,000 nodes, about 10 minutes; gpu: a DP epoch and "
         "a 20-node round, CPU against CUDA, the CUDA half skipped without one; default: all "

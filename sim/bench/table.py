@@ -51,6 +51,32 @@ def sweep_lines(results: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def dp_vs_plain_line(results: Mapping[str, Any]) -> list[str]:
+    """The `dp_vs_plain` row, when measured."""
+    if "dp_vs_plain" not in results:
+        return []
+    return [f"| dp_vs_plain (one epoch, default mode) | {results['dp_vs_plain']:.2f} | <= 1.5 |"]
+
+
+def epoch_lines(results: Mapping[str, Any]) -> list[str]:
+    """Every mode's epoch and the fastest correct one, when measured."""
+    if "dp_vs_plain" not in results:
+        return []
+    d = results["details"]
+    lines = []
+    for mode, r in d["epoch"].items():
+        extra = ""
+        if "diff" in r:
+            empty = "ok" if r["empty_batches_ok"] else "FAILS"
+            extra = f"; Δ vs hooks {r['diff']:.0e}; empty batches {empty}"
+        lines.append(f"| one epoch, {mode} | {r['s']:.3f} s (x{r['ratio']:.2f}{extra}) | |")
+    lines.append(
+        f"| fastest correct Opacus mode | {d['fastest_correct_mode']} "
+        f"(default: {d['default_mode']}) | default |"
+    )
+    return lines
+
+
 def randomness_lines(results: Mapping[str, Any]) -> list[str]:
     """The keyed-randomness row, when measured."""
     if "keyed_randomness_share" not in results:
@@ -110,9 +136,10 @@ def gpu_lines(results: Mapping[str, Any]) -> list[str]:
 
 def markdown(results: Mapping[str, Any]) -> str:
     """The results as a Markdown table (what `fl-bench` prints)."""
-    if "flower_vs_raw" not in results:  # --only deploy / randomness / sweep / sealed
+    if "flower_vs_raw" not in results:  # --only deploy / epoch / randomness / sweep / sealed
         return "\n".join(["| measurement | value | target |", "| --- | --- | --- |",
-                          *deploy_lines(results), *randomness_lines(results),
+                          *deploy_lines(results), *dp_vs_plain_line(results),
+                          *epoch_lines(results), *randomness_lines(results),
                           *sweep_lines(results), *sealed_lines(results),
                           *scale_growth_line(results), *scale_lines(results),
                           *gpu_lines(results)])  # fmt: skip
@@ -124,7 +151,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"({d['fedavg']['flower_wall_s']:.1f} s / {d['fedavg']['raw_wall_s']:.1f} s) | <= 0.8 |",
         f"| gossip_flower_vs_raw (whole run) | {results['gossip_flower_vs_raw']:.2f} "
         f"({d['gossip']['flower_wall_s']:.1f} s / {d['gossip']['raw_wall_s']:.1f} s) | <= 0.8 |",
-        f"| dp_vs_plain (one epoch, default mode) | {results['dp_vs_plain']:.2f} | <= 1.5 |",
+        *dp_vs_plain_line(results),
         f"| dp_round_vs_plain_round (FedAvg steady round, eps={results['sizes']['eps']:g} vs inf) "
         f"| {results['dp_round_vs_plain_round']:.2f} "
         f"({d['fedavg']['flower_round_s_steady']:.2f} s / "
@@ -135,16 +162,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         *randomness_lines(results),
         *sweep_lines(results),
     ]
-    for mode, r in d["epoch"].items():
-        extra = ""
-        if "diff" in r:
-            empty = "ok" if r["empty_batches_ok"] else "FAILS"
-            extra = f"; Δ vs hooks {r['diff']:.0e}; empty batches {empty}"
-        lines.append(f"| one epoch, {mode} | {r['s']:.3f} s (x{r['ratio']:.2f}{extra}) | |")
-    lines.append(
-        f"| fastest correct Opacus mode | {d['fastest_correct_mode']} "
-        f"(default: {d['default_mode']}) | default |"
-    )
+    lines += epoch_lines(results)
     for strategy in ("fedavg", "gossip"):
         r = d[strategy]
         lines.append(
