@@ -27,9 +27,8 @@ def _end(bad: float) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_a_non_finite_update_is_released_as_the_zero_update(bad):
-    out, norm = privatize_update(
-        START, _end(bad), clip=1.0, noise_multiplier=0.0, noise=PrivacyRandomness.replayable(0).noise
-    )
+    noise = PrivacyRandomness.replayable(0).noise
+    out, norm = privatize_update(START, _end(bad), clip=1.0, noise_multiplier=0.0, noise=noise)
     assert not math.isfinite(norm)  # the node may log it; it never leaves in the release
     for k, v in out.items():
         assert torch.isfinite(v).all(), (k, v)
