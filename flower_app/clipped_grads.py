@@ -225,12 +225,13 @@ def _clip(
         squares.append((joined * joined).sum(1))
     norms = torch.stack(squares).sum(0).sqrt()
     factors = (max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0)
-    sums: dict[nn.Parameter, torch.Tensor] = {p: p for layer in layers for p in _params(layer)}
+    found: dict[nn.Parameter, torch.Tensor] = {}
     if joined is not None:
         flat = factors @ joined
         for (p, _), s in zip(owned, flat.split([b.shape[1] for _, b in owned]), strict=True):
-            sums[p] = s.view_as(p)
+            found[p] = s.view_as(p)
     for layer, r in ghosts:
         for p, s in zip(_params(layer), r.clipped(factors), strict=False):
-            sums[p] = s
-    return norms, sums
+            found[p] = s
+    # In the layers' parameter order; a parameter without a sum is a KeyError, never a guess.
+    return norms, {p: found[p] for layer in layers for p in _params(layer)}
